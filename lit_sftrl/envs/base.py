@@ -1,0 +1,76 @@
+"""What every lit-sftrl environment shares: an episode is a conversation with the model.
+
+The environment states the task in a user turn; the model answers (the action is that text); after a failed
+attempt with budget left, the conversation continues with the answer and a user turn that says why it
+failed (the paper's sequential revision). Observations are plain dicts so that any model can consume them:
+
+    {"messages": [{"role": "user" | "assistant", "content": str}, ...],   # the next call's chat
+     "image": np.ndarray (H, W, 3) uint8 or None}                          # belongs to the first user turn
+
+Environments know nothing of models: turning messages and image into tokens is the backbone's job.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from lit_sftrl.envs.parsing import MAX_ANSWER_CHARS
+
+REVISION_PREFIX = "You failed this trial because "
+
+
+def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Reject a constructor argument outside ``allowed`` with a message naming both."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not valid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer")
+
+
+class ChatEnv(gym.Env):
+    """Base class: holds the conversation and builds observations; subclasses decide rewards."""
+
+    metadata = {"render_modes": []}
+    action_space = spaces.Text(max_length=MAX_ANSWER_CHARS, charset=string.printable)
+
+    def __init__(self, image_size: int | None = None) -> None:
+        super().__init__()
+        self._messages: list[dict[str, str]] = []
+        self._image: np.ndarray | None = None
+        # Observations are chat transcripts, not tensors; the space documents the image part only.
+        self.observation_space = spaces.Dict(
+            {
+                "messages": spaces.Sequence(
+                    spaces.Dict({"role": spaces.Text(16), "content": spaces.Text(1 << 16, charset=string.printable)})
+                ),
+                **(
+                    {"image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)}
+                    if image_size is not None
+                    else {}
+                ),
+            }
+        )
+
+    def _start_conversation(self, prompt: str, image: np.ndarray | None = None) -> None:
+        self._messages = [{"role": "user", "content": prompt}]
+        self._image = image
+
+    def _revise(self, answer: str, feedback: str) -> None:
+        """Continue the conversation after a failed attempt: the answer, then why it failed."""
+        self._messages.append({"role": "assistant", "content": answer})
+        self._messages.append({"role": "user", "content": REVISION_PREFIX + feedback})
+
+    def _observation(self) -> dict[str, Any]:
+        return {"messages": [dict(message) for message in self._messages], "image": self._image}
+
+    def expert_answer(self) -> str:
+        """The optimal answer text for the current state (what SFT trains on; always earns the top reward)."""
+        raise NotImplementedError

@@ -1,0 +1,47 @@
+"""Turn a model's free-form answer into a JSON object, never raising and never evaluating code.
+
+Both environments ask for a JSON object. Models wrap it in code fences, add prose around it, or write
+Python-style single-quoted dicts; all of that is accepted. Anything else yields ``None`` and a reason that
+the environment turns into a reward and a feedback message.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+
+MAX_ANSWER_CHARS = 4096
+_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
+
+
+def extract_json_object(text: object) -> tuple[dict | None, str | None]:
+    """Return ``(object, None)`` for the first JSON object in ``text``, else ``(None, reason)``.
+
+    Keys are lower-cased and stripped so ``"Formula "`` and ``"formula"`` mean the same.
+    """
+    if not isinstance(text, str):
+        return None, f"the answer is not text (got {type(text).__name__})"
+    if len(text) > MAX_ANSWER_CHARS:
+        return None, f"the answer is longer than {MAX_ANSWER_CHARS} characters"
+    fenced = _FENCE.search(text)
+    body = fenced.group(1) if fenced else text
+    start, end = body.find("{"), body.rfind("}")
+    if start < 0 or end <= start:
+        return None, "the answer contains no JSON object"
+    candidate = body[start : end + 1]
+    parsed = _loads(candidate)
+    if not isinstance(parsed, dict):
+        return None, "the answer's JSON object could not be parsed"
+    return {str(key).strip().lower(): value for key, value in parsed.items()}, None
+
+
+def _loads(candidate: str) -> object:
+    try:
+        return json.loads(candidate)
+    except (ValueError, RecursionError):
+        pass
+    try:  # single-quoted pseudo-JSON; literal_eval only builds literals, it never runs code
+        return ast.literal_eval(candidate)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
