@@ -1,0 +1,52 @@
+"""Reader for the released LLaVA-style SFT JSON: ``[{"image"?: path, "conversations": [{"from", "value"}]}]``.
+
+The image belongs to the first human turn; ``<image>`` markers are removed from the text because the backbone
+places the image itself, in whatever way its family expects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+IMAGE_MARKER = "<image>"
+
+
+def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[dict[str, Any]]:
+    """Return ``[{"messages": [...], "image": ndarray | None}]``; malformed entries are errors naming the entry."""
+    path = Path(path)
+    folder = Path(image_folder) if image_folder else path.parent
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read LLaVA-style JSON {path}: {error}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON array of samples, got {type(entries).__name__}")
+    return [_conversation(entry, folder, f"{path}[{i}]") for i, entry in enumerate(entries)]
+
+
+def _conversation(entry: Any, folder: Path, where: str) -> dict[str, Any]:
+    turns = entry.get("conversations") if isinstance(entry, dict) else None
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: needs a non-empty 'conversations' list")
+    messages = []
+    for turn in turns:
+        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: each turn needs 'from' (human or gpt) and a string 'value', got {turn!r}")
+        messages.append({"role": role, "content": turn["value"].replace(IMAGE_MARKER, "").strip()})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last turn must be the model's ('gpt')")
+    image = None
+    if entry.get("image"):
+        image_path = folder / entry["image"]
+        try:
+            image = np.asarray(Image.open(image_path).convert("RGB"))
+        except OSError as error:
+            raise ValueError(f"{where}: cannot read image {image_path}: {error}") from None
+    return {"messages": messages, "image": image}
