@@ -1,0 +1,289 @@
+"""Paper-style reports from run directories (SPEC §6-§8; Chu et al. 2025, Figs. 5-8).
+
+Input: each run directory holds ``eval/*.json`` records written by the trainer (stage ``sanity``/``val``/``test``,
+``step``, cumulative ``flops``, ``module``, ``init_from``, ``metrics[variant]``, optional ``task``).
+``make_report`` writes into ``out``, headless (matplotlib Agg; no torch import):
+
+* ``curves.png`` (1000x400 px): headline metric vs training GFLOPs per variant, sanity + val records (Fig. 5).
+* ``bars.png`` (1000x400 px): Init / SFT / RL at matched compute with stderr error bars (Figs. 6-7).
+* ``recognition.png`` (1000x400 px): recognition vs success per run and variant, only if some record has
+  ``recognition`` (Fig. 8).
+* ``report.md``: the Init / SFT / RL table, the matched compute, the runs used, links to the figures, and every
+  run's last record.
+
+Headline metric (SPEC §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``) where it
+is per-step accuracy on ``id`` and ``rule_ood`` and route success on ``visual_ood``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIGSIZE, DPI = (10.0, 4.0), 100  # every figure is 1000x400 pixels
+VARIANTS = ("id", "rule_ood", "visual_ood")
+STAGE_ORDER = {"sanity": 0, "val": 1, "test": 2}
+KINDS = {"SFTModule": "SFT", "PPOModule": "RL"}
+STYLES = {"SFT": ("Blues", "--", "s"), "RL": ("Oranges", "-", "o"), "other": ("Greys", ":", "^")}
+BAR_COLOURS = {"Init": "tab:gray", "SFT": "tab:blue", "RL": "tab:orange"}
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory: its records sorted by (flops, step, stage), its kind (SFT / RL / other) and task."""
+
+    name: str
+    records: list[Record]
+    kind: str
+    task: str | None
+    init_from: str | None
+
+    @property
+    def eval_only(self) -> bool:
+        """Only test records at step 0: an evaluation of an untrained checkpoint (an Init candidate)."""
+        return all(r.get("stage") == "test" and r.get("step") == 0 for r in self.records)
+
+    def series(self, stages: Iterable[str]) -> list[Record]:
+        """The run's records of the given stages, in compute order."""
+        return [r for r in self.records if r.get("stage") in set(stages)]
+
+    def metric(self, variant: str) -> str:
+        """The headline metric's name for this run and variant (SPEC §8)."""
+        if (self.task or "").startswith("virl") and variant != "visual_ood":
+            return "per_step_accuracy"
+        return "success"
+
+    def value(self, record: Record, variant: str, metric: str | None = None) -> tuple[float, float] | None:
+        """(p, stderr) of a metric (default: the headline) in one record, None when the variant is absent."""
+        metrics = record["metrics"].get(variant)
+        metric = metric or self.metric(variant)
+        if not metrics or metric not in metrics:
+            return None
+        return float(metrics[metric]), float(metrics.get(f"{metric}_stderr", 0.0))
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The record chosen for one bar."""
+
+    run: Run
+    record: Record
+
+
+def load_run(path: Path) -> Run:
+    """Read ``path/eval/*.json``; ValueError naming the directory when there are none."""
+    files = sorted((Path(path) / "eval").glob("*.json"))
+    if not files:
+        raise ValueError(f"{path}: no evaluation records (expected {Path(path) / 'eval'}/*.json)")
+    records = []
+    for file in files:
+        try:
+            records.append(json.loads(file.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: unreadable evaluation record {file.name}: {error}") from error
+        if not isinstance(records[-1], dict) or "flops" not in records[-1] or "metrics" not in records[-1]:
+            raise ValueError(f"{path}: evaluation record {file.name} lacks 'flops' or 'metrics'")
+    records.sort(key=lambda r: (float(r["flops"]), int(r.get("step", 0)), STAGE_ORDER.get(r.get("stage"), 3)))
+    def first(key: str) -> Any:
+        return next((r[key] for r in records if r.get(key)), None)
+
+    kind = KINDS.get(first("module"), "other")
+    return Run(Path(path).resolve().name, records, kind, first("task"), first("init_from"))
+
+
+def savgol(y: Sequence[float], window: int, order: int = 3) -> np.ndarray:
+    """Savitzky-Golay smoothing (scipy's ``mode="interp"``) with numpy only: each point is the value of the
+    order-``order`` polynomial least-squares fit over the ``window`` points around it (shifted inward at the
+    edges), on the point index. The window is made odd and clipped to the series; with too few points for a
+    window larger than ``order`` + 1 the series is returned unchanged."""
+    y = np.asarray(y, dtype=float)
+    window = min(window + (window % 2 == 0), len(y) - (len(y) % 2 == 0))
+    if window <= order + 1:
+        return y
+    half, out = window // 2, np.empty_like(y)
+    for i in range(len(y)):
+        lo = min(max(i - half, 0), len(y) - window)
+        index = np.arange(lo, lo + window)
+        out[i] = np.polyval(np.polyfit(index, y[index], order), i)
+    return out
+
+
+def variants_of(runs: Sequence[Run], metric: str | None = None) -> list[str]:
+    """Variants present in any record (those carrying ``metric`` if given), paper order first."""
+    found = {variant for run in runs for r in run.records for variant, m in r["metrics"].items()
+             if metric is None or metric in m}
+    return [v for v in VARIANTS if v in found] + sorted(found - set(VARIANTS))
+
+
+def run_styles(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
+    """Line style per run: one colour family per kind (SFT blues, RL oranges), shades within it."""
+    styles = {}
+    for kind, (cmap, linestyle, marker) in STYLES.items():
+        names = [run.name for run in runs if run.kind == kind]
+        shades = plt.get_cmap(cmap)(np.linspace(0.55, 0.9, max(len(names), 1)))
+        for name, colour in zip(names, shades):
+            styles[name] = {"color": colour, "linestyle": linestyle, "marker": marker, "label": f"{name} ({kind})"}
+    return styles
+
+
+def matched_compute(runs: Sequence[Run]) -> tuple[float | None, dict[str, Pick]]:
+    """The matched compute budget and the Init / SFT / RL records for the bars (see ``make_report``)."""
+    trained = [run for run in runs if not run.eval_only]
+    chosen = {kind: next((run for run in trained if run.kind == kind), None) for kind in ("SFT", "RL")}
+    present = [run for run in chosen.values() if run]
+    budget = min(run.records[-1]["flops"] for run in present) if present else None
+    picks: dict[str, Pick] = {}
+    init = next(((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None)
+    init = init or next(((run, run.records) for run in runs if run.eval_only), None)
+    if init:
+        picks["Init"] = Pick(init[0], init[1][0])
+    for kind, run in chosen.items():
+        for stage in ("test", "val", "sanity"):
+            within = [r for r in run.series([stage]) if r["flops"] <= budget * (1 + 1e-9)] if run else []
+            if within:
+                picks[kind] = Pick(run, within[-1])
+                break
+    return budget, picks
+
+
+def metric_label(runs: Sequence[Run], variant: str) -> str:
+    """The headline metric's name for a variant, or 'headline' where the runs disagree."""
+    names = {run.metric(variant) for run in runs} or {"success"}
+    return names.pop() if len(names) == 1 else "headline"
+
+
+def new_figure(n: int, title: str) -> tuple[Any, list[Any]]:
+    """A 1000x400-pixel figure with ``n`` subplots side by side."""
+    fig, axes = plt.subplots(1, max(n, 1), figsize=FIGSIZE, dpi=DPI, squeeze=False, layout="constrained")
+    fig.suptitle(title)
+    return fig, list(axes[0])
+
+
+def save(fig: Any, path: Path) -> Path:
+    """Save at the fixed size (no tight bbox, so the pixel size is exactly FIGSIZE * DPI) and close."""
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: int) -> Path:
+    """Fig. 5: headline metric (%) vs GFLOPs, sanity + val records, SFT and RL on shared axes."""
+    smoothing = f" (Savitzky-Golay, order 3, window {smooth})" if smooth > 1 else ""
+    fig, axes = new_figure(len(variants), "Headline metric vs training compute" + smoothing)
+    styles = run_styles(runs)
+    for ax, variant in zip(axes, variants):
+        for run in runs:
+            points = [(r["flops"] / 1e9, v[0]) for r in run.series(["sanity", "val"]) if (v := run.value(r, variant))]
+            if points:
+                x, y = np.array(points).T
+                y = np.clip(savgol(y, smooth), 0.0, 1.0) if smooth > 1 else y
+                ax.plot(x, 100 * y, markersize=4, **styles[run.name])
+        ax.set(title=variant, xlabel="training GFLOPs", ylabel=f"{metric_label(runs, variant)} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return save(fig, path)
+
+
+def plot_bars(picks: dict[str, Pick], variants: list[str], budget: float | None, path: Path) -> Path:
+    """Figs. 6-7: Init / SFT / RL headline metric (%) at matched compute with stderr error bars."""
+    title = "Init / SFT / RL" + (f" at matched compute {budget / 1e9:.4g} GFLOPs" if budget is not None else "")
+    fig, axes = new_figure(len(variants), title)
+    for ax, variant in zip(axes, variants):
+        bars = [(label, value) for label, pick in picks.items() if (value := pick.run.value(pick.record, variant))]
+        for i, (label, (p, se)) in enumerate(bars):
+            ax.bar(i, 100 * p, yerr=100 * se, capsize=4, color=BAR_COLOURS[label])
+            ax.annotate(f"{100 * p:.1f}", (i, 100 * p + 100 * se), ha="center", va="bottom", fontsize="small")
+        ax.set_xticks(range(len(bars)), [label for label, _ in bars])
+        used = [pick.run for pick in picks.values()]
+        ax.set(title=variant, ylabel=f"{metric_label(used, variant)} (%)", ylim=(0, 105))
+    return save(fig, path)
+
+
+def plot_recognition(runs: Sequence[Run], variants: list[str], path: Path) -> Path:
+    """Fig. 8: recognition accuracy vs success (%) through each run's checkpoints in compute order."""
+    fig, axes = new_figure(len(variants), "Recognition vs success (checkpoints in compute order; large marker = last)")
+    styles = run_styles(runs)
+    for ax, variant in zip(axes, variants):
+        for run in runs:
+            records = run.series(["sanity", "val"]) or run.series(["test"])
+            pairs = [(run.value(r, variant, "recognition"), run.value(r, variant, "success")) for r in records]
+            points = np.array([(rec[0], suc[0]) for rec, suc in pairs if rec and suc]) * 100
+            if len(points):
+                ax.plot(points[:, 0], points[:, 1], markersize=4, **styles[run.name])
+                ax.plot(*points[-1], marker=styles[run.name]["marker"], markersize=9, color=styles[run.name]["color"])
+        ax.set(title=variant, xlabel="recognition accuracy (%)", ylabel="success (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    return save(fig, path)
+
+
+def percent(value: tuple[float, float] | None) -> str:
+    """``p ± se`` in percent with one decimal, or an em dash."""
+    return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}" if value else "—"
+
+
+def describe(pick: Pick) -> str:
+    """Which record a bar uses."""
+    r = pick.record
+    return f"`{pick.run.name}` ({r.get('stage')}, step {r.get('step')}, {r['flops'] / 1e9:.4g} GFLOPs)"
+
+
+def markdown(
+    runs: Sequence[Run], variants: list[str], budget: float | None, picks: dict[str, Pick], figures: list[str]
+) -> str:
+    """The report: Init / SFT / RL table at matched compute, provenance, figures, every run's last record."""
+    lines = ["# lit-sftrl report", "", "Runs: " + ", ".join(f"`{run.name}` ({run.kind})" for run in runs), ""]
+    lines += [f"Matched compute: {budget / 1e9:.4g} GFLOPs" if budget is not None else "Matched compute: n/a", ""]
+    lines += ["## Init / SFT / RL at matched compute (headline metric, % ± stderr)", "",
+              "| variant | metric | Init | SFT | RL |", "|---|---|---|---|---|"]
+    for variant in variants:
+        values = [(pick.run.value(pick.record, variant) if (pick := picks.get(label)) else None)
+                  for label in ("Init", "SFT", "RL")]
+        metric = metric_label([pick.run for pick in picks.values()], variant)
+        lines.append(f"| {variant} | {metric} | " + " | ".join(map(percent, values)) + " |")
+    lines += [""] + [f"- {label}: {describe(pick)}" for label, pick in picks.items()] + [""]
+    lines += [line for name in figures for line in (f"![{name}]({name})", "")] + ["## Last record per run", ""]
+    lines += ["| run | module | stage | step | GFLOPs | " + " | ".join(variants) + " |",
+              "|---" * (5 + len(variants)) + "|"]
+    for run in runs:
+        last = run.records[-1]
+        cells = [percent(run.value(last, variant)) for variant in variants]
+        lines.append(f"| {run.name} | {last.get('module')} | {last.get('stage')} | {last.get('step')} | "
+                     f"{last['flops'] / 1e9:.4g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def make_report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
+    """Write curves.png, bars.png, recognition.png (if any record has recognition) and report.md into ``out``;
+    return report.md's path.
+
+    Bars: Init is the sanity record of the first run that has ``init_from``, else the first evaluation-only run
+    (test records at step 0). SFT and RL are the first SFT and first RL run (in the order given); the matched
+    budget is the smaller of their largest FLOPs, and each bar is that run's last record within the budget,
+    preferring stage test, then val, then sanity. ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
+    """
+    if not runs:
+        raise ValueError("no run directories given")
+    loaded = [load_run(Path(path)) for path in runs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = variants_of(loaded)
+    budget, picks = matched_compute(loaded)
+    figures = [plot_curves(loaded, variants, out / "curves.png", smooth).name,
+               plot_bars(picks, variants, budget, out / "bars.png").name]
+    if recognition := variants_of(loaded, "recognition"):
+        figures.append(plot_recognition(loaded, recognition, out / "recognition.png").name)
+    else:
+        (out / "recognition.png").unlink(missing_ok=True)
+    report = out / "report.md"
+    report.write_text(markdown(loaded, variants, budget, picks, figures))
+    return report
