@@ -1,0 +1,144 @@
+"""The ``lit-sftrl`` command: LightningCLI's fit/validate/test/predict, plus the project's own tools.
+
+    lit-sftrl fit --config configs/gp_l_sft.yaml [--model.backbone.path DIR] [--trainer.devices 8 ...]
+    lit-sftrl make-tiny --family mllama --out checkpoints/tiny-mllama
+    lit-sftrl make-city --style metro --routes 1000 --seed 0 --out data/virl/metro
+    lit-sftrl export --ckpt checkpoints/gp_l_sft/checkpoints/last.ckpt --out exported/gp_l_sft
+    lit-sftrl report checkpoints/gp_l_sft checkpoints/gp_l_ppo --out reports/gp_l
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+TOOLS_HELP = {
+    "make-tiny": "build a tiny offline model of a VLM family (tokenizer trained on the environments' text)",
+    "make-city": "generate a synthetic V-IRL city in the official route format",
+    "export": "turn an SFT/PPO Lightning checkpoint into a standard Hugging Face directory",
+    "report": "plot success vs FLOPs and Init/SFT/RL bars from run directories",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (``lit-sftrl``); its return value is the process's exit status, so it returns None."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Run one command and return what it made (a path, or the LightningCLI object): what tests call."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return None
+    if argv[0] in TOOLS_HELP:
+        return _run_tool(argv[0], argv[1:])
+    if argv[0] not in LIGHTNING_COMMANDS:
+        sys.exit(f"lit-sftrl: unknown command {argv[0]!r}\n\n{_overview()}")
+    return cli_main(argv)
+
+
+def cli_main(argv: list[str]) -> Any:
+    """Run LightningCLI in-process (tests call this directly)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from lit_sftrl.trainer_cli import SftRlCLI
+
+    return SftRlCLI(args=argv)
+
+
+def _overview() -> str:
+    lines = ["usage: lit-sftrl COMMAND [options]   (lit-sftrl COMMAND --help for a command's options)", "", "training (LightningCLI):"]
+    lines += [f"  {name:<10} {what}" for name, what in (
+        ("fit", "train: SFT or PPO, as the --config file says"),
+        ("validate", "evaluate a model on the validation episodes of every variant"),
+        ("test", "evaluate a model on the paper-sized test episodes of every variant"),
+        ("predict", "LightningCLI's predict loop"),
+    )]
+    lines += ["", "tools:"] + [f"  {name:<10} {what}" for name, what in TOOLS_HELP.items()]
+    return "\n".join(lines)
+
+
+def _run_tool(name: str, argv: list[str]) -> Any:
+    parser = argparse.ArgumentParser(prog=f"lit-sftrl {name}", description=TOOLS_HELP[name])
+    command: Callable[[argparse.Namespace], Any] = {
+        "make-tiny": _make_tiny, "make-city": _make_city, "export": _export, "report": _report,
+    }[name](parser)
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"lit-sftrl {name}: {error}")
+
+
+def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
+    from lit_sftrl.models.tiny import FAMILIES, SIZES
+
+    parser.add_argument("--family", choices=FAMILIES, default="mllama")
+    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny ~4M parameters, small ~20M")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+
+    def command(args: argparse.Namespace) -> Path:
+        from lit_sftrl.corpus import build_tiny
+
+        path = build_tiny(args.out, family=args.family, size=args.size, seed=args.seed)
+        print(f"wrote {path}")
+        return path
+
+    return command
+
+
+def _make_city(parser: argparse.ArgumentParser) -> Callable:
+    from lit_sftrl.envs.city import STYLES
+
+    parser.add_argument("--style", choices=sorted(STYLES), required=True)
+    parser.add_argument("--routes", type=int, required=True, help="number of routes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+
+    def command(args: argparse.Namespace) -> Path:
+        from lit_sftrl.envs.city import make_city
+
+        path = make_city(args.out, style=args.style, num_routes=args.routes, seed=args.seed)
+        print(f"wrote {path}")
+        return path
+
+    return command
+
+
+def _export(parser: argparse.ArgumentParser) -> Callable:
+    parser.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint of an SFT or PPO run")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--adapter-only", action="store_true", help="save the LoRA adapter instead of merging it")
+
+    def command(args: argparse.Namespace) -> Path:
+        from lit_sftrl.models.export import export_checkpoint
+
+        path = export_checkpoint(args.ckpt, args.out, merge_lora=not args.adapter_only)
+        print(f"wrote {path}")
+        return path
+
+    return command
+
+
+def _report(parser: argparse.ArgumentParser) -> Callable:
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (checkpoints/<run>)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smooth", type=int, default=0, help="Savitzky-Golay window (0 = off; order 3)")
+
+    def command(args: argparse.Namespace) -> Path:
+        from lit_sftrl.report import make_report
+
+        path = make_report(args.runs, args.out, smooth=args.smooth)
+        print(f"wrote {path}")
+        return path
+
+    return command
+
+
+if __name__ == "__main__":
+    main()
