@@ -1,0 +1,407 @@
+"""V-IRL navigation (SPEC §2): follow route instructions through street views, one rail point at a time.
+
+An episode is one route. The agent only ever stands on the route's *rail* (the expert trajectory): the start,
+up to ``straight_line_length`` interpolated points per segment (each dropped with probability ``drop_rate``,
+drawn from the env's seeded RNG), every turn intersection and the destination. At each rail point the model
+answers a JSON object; a right action moves it to the next point with a fresh prompt, a wrong one earns a
+revision turn until ``verify_iter`` attempts at that point are used up.
+
+Decisions the spec leaves open (documented once, here):
+
+* **Reward order.** Right action (case/space-normalised) -> ``correct``; else a wrong claim about being at an
+  intersection -> ``wrong_observation``; else ``wrong_action``. An answer without a readable JSON object or
+  without an ``action`` key -> ``malformed`` (default -1, the same as a wrong action, so format errors are
+  not cheaper than wrong moves) with feedback saying why. The ``current instruction`` is not graded.
+* **Intersection claim.** Read from the answer's ``current observation``: it claims an intersection when the
+  text mentions "intersection" without a negation just before it ("no intersection", "not at an
+  intersection"). A missing observation claims none. The claim is compared with the true flag of the point.
+* **Budget exhaustion** ends the episode with ``truncated=True`` (as GeneralPoints): the state was not a
+  terminal of the task, the attempt budget ran out, so a learner should bootstrap from the returned state.
+  That observation holds the failed answer and its feedback, like a revision turn.
+* **Interpolation** places points strictly between milestones (fractions i/(n+1)), so no forward() point
+  coincides with the intersection that follows it (the original code duplicated it).
+* ``info["attempt"]`` counts attempts at the judged rail point (1..verify_iter; 0 after reset), and
+  ``gt_action``/``at_intersection`` in a step's info describe that judged point.
+* ``route_order="sequential"`` walks routes in file order, one per reset, independent of the seed, wrapping
+  after ``num_routes``; ``reset(options={"route_index": i})`` forces a route and does not advance that walk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int
+from lit_sftrl.envs.parsing import extract_json_object
+from lit_sftrl.envs.routes import COMPASS, NO_LANDMARK, Route, interpolate, load_route_folder, wrap_degrees
+
+ACTION_SPACES = ("absolute", "relative")
+MODALITIES = ("text", "image")
+ROUTE_ORDERS = ("random", "sequential")
+RELATIVE_WORDS = ("left", "right", "slightly left", "slightly right")
+DEFAULT_REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "malformed": -1.0}
+VIEW_ORDER = ("front", "right", "back", "left")  # grid: top-left, top-right, bottom-left, bottom-right
+FORWARD, STOP = "forward()", "stop()"
+MAX_QUOTED_CHARS = 80  # feedback quotes at most this much of a wrong action
+
+# ---------------------------------------------------------------------------------- all wording lives here
+INTERSECTION_TEXT = "You observe an intersection"
+VIEWS_TEXT = "You observe an image of 4 views"
+TASK_TEXT = (
+    "[Task]\nYou are an expert in navigation. Follow the numbered instructions below. You are given your "
+    "observations and actions so far. First identify the instruction sentence to execute now, then choose the "
+    "action to take at your current observation."
+)
+IMAGE_TEXT = (
+    "[Observation format]\nThe image is a 2x2 grid of street views around you: top left = {0} view, top right = "
+    "{1} view, bottom left = {2} view, bottom right = {3} view. Check whether landmarks from the instruction are "
+    "visible in it."
+).format(*VIEW_ORDER)
+ACTION_TEXT = (
+    '[Action space]\n"forward()": move forward one step\n"turn_direction(x)": turn towards direction x, where x is '
+    'one of {choices}\n"stop()": the navigation is finished'
+)
+OUTPUT_TEXT = (
+    "[Output]\nAnswer with only a JSON object:\n"
+    '{"current observation": "your latest observation", '
+    '"current instruction": "the instruction sentence to execute now", '
+    '"action": "the action to take, from the action space"}'
+)
+FEEDBACK_MALFORMED = (
+    'your answer could not be read ({reason}). Answer with a JSON object with the keys "current observation", '
+    '"current instruction" and "action".'
+)
+FEEDBACK_NOT_AN_ACTION = "{action!r} is not an action of the action space."
+FEEDBACK_WRONG_ACTION = "{action!r} is not the right action here."
+FEEDBACK_CLAIMED_INTERSECTION = "you are not at an intersection, but your observation says you are."
+FEEDBACK_MISSED_INTERSECTION = "you are at an intersection, but your observation does not say so."
+
+
+def turn_sentence(first: bool, relative: str, compass: str) -> str:
+    return f"{'First, turn' if first else 'Turn'} {relative} to face {compass}."
+
+
+def move_sentence(landmarks: str, last: bool) -> str:
+    if last:
+        return f"Move forward until you reach destination where {landmarks}."
+    if landmarks == NO_LANDMARK:
+        return "Move forward until you reach next intersection."
+    return f"Move forward until you reach next intersection where {landmarks}."
+
+
+# ------------------------------------------------------------------------------------------ rail and judge
+
+
+def relative_word(delta: float) -> str:
+    """Relative turn for a heading change: beyond 45 degrees a full turn, else a slight one (0 -> slightly left)."""
+    delta = wrap_degrees(delta)
+    if delta < -45:
+        return "left"
+    if delta > 45:
+        return "right"
+    return "slightly left" if delta <= 0 else "slightly right"
+
+
+@dataclass(frozen=True)
+class RailPoint:
+    geocode: tuple[float, float]
+    heading: float  # the way the agent faces here (views are cut facing it)
+    absolute_action: str
+    relative_action: str
+    landmark: str  # the landmark text observed here
+    at_intersection: bool
+    instruction: int  # index of the sentence to execute here
+
+    def observation(self) -> str:
+        return f"{self.landmark}; {INTERSECTION_TEXT}" if self.at_intersection else self.landmark
+
+
+def route_sentences(route: Route, init_heading: float) -> tuple[list[str], list[str]]:
+    """Instruction sentences (turn, move per milestone) and the relative word of each milestone's turn."""
+    sentences, relatives, previous = [], [], init_heading
+    last = len(route.milestones) - 1
+    for index, milestone in enumerate(route.milestones):
+        relatives.append(relative_word(milestone.heading - previous))
+        sentences.append(turn_sentence(index == 0, relatives[-1], milestone.compass))
+        sentences.append(move_sentence(milestone.landmarks, index == last))
+        previous = milestone.heading
+    return sentences, relatives
+
+
+def build_rail(
+    route: Route, init_heading: float, relatives: list[str], points: int, drop_rate: float, rng: np.random.Generator
+) -> list[RailPoint]:
+    """The expert trajectory: start turn, kept forward points, turns at intersections, stop at the end."""
+    milestones = route.milestones
+    rail = [
+        RailPoint(route.start, init_heading, f"turn_direction({milestones[0].compass})",
+                  f"turn_direction({relatives[0]})", NO_LANDMARK, False, 0)
+    ]
+    previous = route.start
+    for index, target in enumerate(route.geocodes):
+        heading = milestones[index].heading
+        for k in range(1, points + 1):
+            if rng.random() >= drop_rate:
+                rail.append(RailPoint(interpolate(previous, target, k / (points + 1)), heading, FORWARD, FORWARD,
+                                      NO_LANDMARK, False, 2 * index + 1))
+        arrived = milestones[index].landmarks
+        if index + 1 < len(milestones):
+            turn = milestones[index + 1]
+            rail.append(RailPoint(target, heading, f"turn_direction({turn.compass})",
+                                  f"turn_direction({relatives[index + 1]})", arrived, True, 2 * index + 2))
+        else:  # the destination shares the last move sentence
+            rail.append(RailPoint(target, heading, STOP, STOP, arrived, False, 2 * index + 1))
+        previous = target
+    return rail
+
+
+_NEGATED = re.compile(r"\b(?:no|not|without|never)\s+(?:\w+\s+){0,3}?intersection")
+
+
+def claims_intersection(observation: object) -> bool:
+    """Does a stated observation say the agent is at an intersection? (see the module docstring)"""
+    text = "" if observation is None else str(observation).lower()
+    return "intersection" in text and _NEGATED.search(text) is None
+
+
+def normalize_action(action: object) -> str:
+    """Case, quotes and spacing do not matter: ``Turn_Direction( 'North' )`` == ``turn_direction(north)``."""
+    text = re.sub(r"[\"'`]", "", str(action)).strip().lower().rstrip(".")
+    text = re.sub(r"\s+", " ", text)
+    return re.sub(r"\s*([()_])\s*", r"\1", text)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: str  # a key of DEFAULT_REWARDS
+    feedback: str | None
+
+    @property
+    def correct(self) -> bool:
+        return self.feedback is None
+
+
+def judge(answer: object, point: RailPoint, expert: str, valid: frozenset[str]) -> Verdict:
+    """Grade one answer at one rail point (see the module docstring for the order of checks)."""
+    parsed, reason = extract_json_object(answer)
+    if parsed is None or "action" not in parsed:
+        return Verdict("malformed", FEEDBACK_MALFORMED.format(reason=reason or 'it has no "action" key'))
+    action = normalize_action(parsed["action"])
+    if action == normalize_action(expert):
+        return Verdict("correct", None)
+    claimed = claims_intersection(parsed.get("current observation"))
+    if claimed != point.at_intersection:
+        return Verdict("wrong_observation", FEEDBACK_CLAIMED_INTERSECTION if claimed else FEEDBACK_MISSED_INTERSECTION)
+    template = FEEDBACK_WRONG_ACTION if action in valid else FEEDBACK_NOT_AN_ACTION
+    return Verdict("wrong_action", template.format(action=str(parsed["action"])[:MAX_QUOTED_CHARS]))
+
+
+# ------------------------------------------------------------------------------------------ the env
+
+
+def check_rail(straight_line_length: object, drop_rate: object) -> None:
+    """Interpolated points per segment: an integer >= 0; drop probability: a number in [0, 1]."""
+    if isinstance(straight_line_length, bool) or not isinstance(straight_line_length, int) or straight_line_length < 0:
+        raise ValueError(f"straight_line_length={straight_line_length!r} is not valid; it must be an integer >= 0")
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate <= 1.0:
+        raise ValueError(f"drop_rate={drop_rate!r} is not valid; it must be a number in [0, 1]")
+
+
+def check_rewards(rewards: object) -> None:
+    """``rewards`` overrides entries of DEFAULT_REWARDS with finite numbers; anything else is an error."""
+    if rewards is None:
+        return
+    allowed = ", ".join(map(repr, DEFAULT_REWARDS))
+    if not isinstance(rewards, dict):
+        raise ValueError(f"rewards={rewards!r} is not valid; it must be a dict with keys among {allowed}")
+    for key, value in rewards.items():
+        if key not in DEFAULT_REWARDS:
+            raise ValueError(f"rewards key {key!r} is not valid; allowed keys: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"rewards[{key!r}]={value!r} is not valid; it must be a finite number")
+
+
+class VIRLEnv(ChatEnv):
+    """Gymnasium env ``lit_sftrl/VIRL-v0``: text (V-IRL-L) or text + 2x2 street-view grid (V-IRL-VL)."""
+
+    def __init__(
+        self,
+        routes: str,
+        action_space: str = "absolute",
+        modality: str = "text",
+        verify_iter: int = 2,
+        straight_line_length: int = 5,
+        drop_rate: float = 0.5,
+        image_size: int = 224,
+        route_order: str = "random",
+        rewards: dict[str, float] | None = None,
+    ) -> None:
+        check_choice("action_space", action_space, ACTION_SPACES)
+        check_choice("modality", modality, MODALITIES)
+        check_choice("route_order", route_order, ROUTE_ORDERS)
+        check_positive_int("verify_iter", verify_iter)
+        check_positive_int("image_size", image_size)
+        check_rail(straight_line_length, drop_rate)
+        check_rewards(rewards)
+        super().__init__(image_size if modality == "image" else None)
+        self.folder = load_route_folder(routes)
+        self.action_space_name, self.modality, self.route_order = action_space, modality, route_order
+        self.verify_iter, self.straight_line_length = verify_iter, straight_line_length
+        self.drop_rate = float(drop_rate)
+        self.image_size = image_size
+        self.rewards = {**DEFAULT_REWARDS, **(rewards or {})}
+        choices = COMPASS if action_space == "absolute" else RELATIVE_WORDS
+        self._valid = frozenset({FORWARD, STOP, *(f"turn_direction({c})" for c in choices)})
+        self._action_text = ACTION_TEXT.format(choices=", ".join(choices))
+        self._next_sequential = 0
+        self._rail: list[RailPoint] = []
+        self._index = self._attempt = 0
+        self._done = True
+
+    @property
+    def num_routes(self) -> int:
+        return len(self.folder.routes)
+
+    # --------------------------------------------------------------------------------- gymnasium API
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Pick a route (``options={"route_index": i}`` forces one), draw its rail, prompt at the start."""
+        super().reset(seed=seed)
+        self.route = self.folder.routes[self._pick_route(options or {})]
+        init = self.route.init_heading
+        self.init_heading = float(self.np_random.integers(0, 360)) if init is None else init
+        self.sentences, relatives = route_sentences(self.route, self.init_heading)
+        self._rail = build_rail(self.route, self.init_heading, relatives, self.straight_line_length, self.drop_rate,
+                                self.np_random)
+        if self.modality == "image":  # fail at reset, naming the point, if a panorama is missing
+            for i, point in enumerate(self._rail):
+                self.folder.snap(point.geocode, self._where(i))
+        self._index, self._attempt, self._done = 0, 0, False
+        self._start_point()
+        return self._observation(), self._info(0, None)
+
+    def step(self, action: str):
+        """Judge one answer at the current rail point; never raises on any answer text."""
+        if self._done:
+            raise RuntimeError("No V-IRL episode is running (it ended, or never started); call reset() first.")
+        judged = self._index
+        point = self._rail[judged]
+        self._attempt += 1
+        verdict = judge(action, point, self.gt_action(point), self._valid)
+        terminated = truncated = False
+        if verdict.correct and self._index == len(self._rail) - 1:
+            terminated = True
+        elif verdict.correct:
+            self._index += 1
+        else:
+            self._revise(action if isinstance(action, str) else repr(action), verdict.feedback)
+            truncated = self._attempt >= self.verify_iter
+        info = self._info(judged, verdict)
+        self._done = terminated or truncated
+        if verdict.correct and not terminated:
+            self._attempt = 0
+            self._start_point()
+        return self._observation(), self.rewards[verdict.outcome], terminated, truncated, info
+
+    # --------------------------------------------------------------------------------- expert
+
+    def gt_action(self, point: RailPoint | None = None) -> str:
+        """The expert action at ``point`` (default: the current rail point) in this env's action space."""
+        point = point or self._current()
+        return point.absolute_action if self.action_space_name == "absolute" else point.relative_action
+
+    def expert_answer(self) -> str:
+        """True observation, the sentence to execute and the expert action: always earns the top reward."""
+        point = self._current()
+        return self._answer(point.observation(), self.sentences[point.instruction], self.gt_action(point))
+
+    def suboptimal_answer(self) -> str:
+        """A plausible mistake (true observation, wrong action): turn early, miss a turn, or overshoot the end."""
+        point = self._current()
+        expert = self.gt_action(point)
+        if expert == FORWARD:  # act on the next milestone too early
+            wrong = self.gt_action(next(p for p in self._rail[self._index :] if p.absolute_action != FORWARD))
+        else:  # miss the turn, or walk past the destination
+            wrong = FORWARD
+        return self._answer(point.observation(), self.sentences[point.instruction], wrong)
+
+    @staticmethod
+    def _answer(observation: str, instruction: str, action: str) -> str:
+        return json.dumps(
+            {"current observation": observation, "current instruction": instruction, "action": action}, indent=2
+        )
+
+    # --------------------------------------------------------------------------------- internals
+
+    def _current(self) -> RailPoint:
+        if not self._rail:
+            raise RuntimeError("No V-IRL episode has started; call reset() first.")
+        return self._rail[self._index]
+
+    def _pick_route(self, options: dict[str, Any]) -> int:
+        if "route_index" in options:
+            index = options["route_index"]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.num_routes:
+                raise ValueError(f"route_index={index!r} is not valid; it must be in [0, {self.num_routes})")
+            return int(index)
+        if self.route_order == "sequential":
+            index = self._next_sequential % self.num_routes
+            self._next_sequential += 1
+            return index
+        return int(self.np_random.integers(self.num_routes))
+
+    def _where(self, index: int) -> str:
+        return f"route {self.route.index} ({self.folder.path}), rail point {index} at {self._rail[index].geocode}"
+
+    def _start_point(self) -> None:
+        """A fresh conversation for the current rail point (and its street views)."""
+        self._start_conversation(self._prompt(), self._grid() if self.modality == "image" else None)
+
+    def _prompt(self) -> str:
+        instruction = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(self.sentences))
+        history = []
+        for i, point in enumerate(self._rail[: self._index]):
+            history += [f"O_{i + 1}: {point.observation()}", f"A_{i + 1}: {self.gt_action(point)}"]
+        current = self._rail[self._index]
+        if self.modality == "image":  # the landmark must be read from the views; the flag stays in the text
+            seen = f"{VIEWS_TEXT}; {INTERSECTION_TEXT}" if current.at_intersection else VIEWS_TEXT
+        else:
+            seen = current.observation()
+        history.append(f"O_{self._index + 1}: {seen}")
+        parts = [TASK_TEXT, f"[Instruction]\n{instruction}"]
+        if self.modality == "image":
+            parts.append(IMAGE_TEXT)
+        parts += [self._action_text, "[Observations and actions]\n" + "\n".join(history), OUTPUT_TEXT]
+        return "\n\n".join(parts)
+
+    def _grid(self) -> np.ndarray:
+        """Four perspective views (front, right, back, left) in a 2x2 grid of ``image_size`` pixels."""
+        point, tile = self._rail[self._index], max(self.image_size // 2, 1)
+        headings = [point.heading + 90.0 * k for k in range(len(VIEW_ORDER))]
+        views = self.folder.views(point.geocode, headings, tile, self._where(self._index))
+        grid = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        for k, view in enumerate(views):
+            row, col = divmod(k, 2)
+            grid[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile] = view
+        return grid
+
+    def _info(self, index: int, verdict: Verdict | None) -> dict[str, Any]:
+        point = self._rail[index]
+        return {
+            "gt_action": self.gt_action(point),
+            "success": verdict is not None and verdict.correct and point.absolute_action == STOP,
+            "correct": verdict is not None and verdict.correct,
+            "feedback": None if verdict is None else verdict.feedback,
+            "at_intersection": point.at_intersection,
+            "attempt": self._attempt,
+            "route_index": self.route.index,
+            "rail_index": index,
+            "rail_length": len(self._rail),
+            "outcome": None if verdict is None else verdict.outcome,
+            "recognized": None,
+        }
