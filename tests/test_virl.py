@@ -269,8 +269,13 @@ def test_route_order_and_forced_index(city):
     ]
 
 
-def test_folder_is_parsed_once(city):
+def test_folder_is_parsed_once(city, tmp_path):
     assert VIRLEnv(str(city)).folder is VIRLEnv(str(city) + "/").folder
+    copy = shutil.copytree(city, tmp_path / "copy")
+    first = VIRLEnv(str(copy)).num_routes
+    data = json.loads((copy / "route_infos.json").read_text())
+    (copy / "route_infos.json").write_text(json.dumps([data[0][:2], 2]))  # regenerated in place
+    assert (first, VIRLEnv(str(copy)).num_routes) == (6, 2)
 
 
 # --------------------------------------------------------------------------------------------- arguments, loader

@@ -331,18 +331,26 @@ class RouteFolder:
         return [perspective_view(pano, rotation, heading, size, fov) for heading in headings]
 
 
-_FOLDERS: dict[str, RouteFolder] = {}
+_FOLDERS: dict[str, tuple[tuple[int, int], RouteFolder]] = {}
 _FOLDERS_LOCK = threading.Lock()
 
 
 def load_route_folder(path: str | Path) -> RouteFolder:
-    """Parse a route folder once per process: environments on the same folder share one :class:`RouteFolder`."""
+    """Parse a route folder once per process: environments on the same folder share one :class:`RouteFolder`.
+
+    The cache is keyed by the resolved path and checked against route_infos.json's size and modification
+    time, so a folder regenerated in place is read afresh.
+    """
     resolved = Path(path).expanduser().resolve()
-    key = str(resolved)
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"V-IRL route folder {str(path)!r} does not exist")
+    try:
+        stat = (resolved / ROUTES_FILE).stat()
+        version = (stat.st_size, stat.st_mtime_ns)
+    except FileNotFoundError:
+        version = (-1, -1)  # RouteFolder raises the explanatory error
     with _FOLDERS_LOCK:
-        folder = _FOLDERS.get(key)
-        if folder is None:
-            if not resolved.is_dir():
-                raise FileNotFoundError(f"V-IRL route folder {str(path)!r} does not exist")
-            folder = _FOLDERS[key] = RouteFolder(resolved)
-    return folder
+        cached = _FOLDERS.get(str(resolved))
+        if cached is None or cached[0] != version:
+            cached = _FOLDERS[str(resolved)] = (version, RouteFolder(resolved))
+    return cached[1]
