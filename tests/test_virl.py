@@ -103,7 +103,7 @@ def test_instructions_and_text_observation(hand_routes):
         "5. Turn right to face north.",
         "6. Move forward until you reach destination where Cafe is on your left.",
     ]) in prompt
-    assert prompt.rstrip().count("O_1: No landmark nearby") == 1 and obs["image"] is None
+    assert prompt.rstrip().count("O_1: No landmark nearby") == 1 and "image" not in obs
     for _ in range(2):  # turn, forward -> at the first intersection
         env.step(env.expert_answer())
     prompt = env._observation()["messages"][0]["content"]

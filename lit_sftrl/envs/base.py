@@ -4,8 +4,8 @@ The environment states the task in a user turn; the model answers (the action is
 attempt with budget left, the conversation continues with the answer and a user turn that says why it
 failed (the paper's sequential revision). Observations are plain dicts so that any model can consume them:
 
-    {"messages": [{"role": "user" | "assistant", "content": str}, ...],   # the next call's chat
-     "image": np.ndarray (H, W, 3) uint8 or None}                          # belongs to the first user turn
+    {"messages": ({"role": "user" | "assistant", "content": str}, ...),   # the next call's chat (a tuple)
+     "image": np.ndarray (H, W, 3) uint8}        # image modality only; belongs to the first user turn
 
 Environments know nothing of models: turning messages and image into tokens is the backbone's job.
 """
@@ -69,7 +69,11 @@ class ChatEnv(gym.Env):
         self._messages.append({"role": "user", "content": REVISION_PREFIX + feedback})
 
     def _observation(self) -> dict[str, Any]:
-        return {"messages": [dict(message) for message in self._messages], "image": self._image}
+        # Fresh data on every call (gymnasium's contract): callers may keep or modify what they get.
+        observation: dict[str, Any] = {"messages": tuple(dict(message) for message in self._messages)}
+        if self._image is not None:
+            observation["image"] = self._image.copy()
+        return observation
 
     def expert_answer(self) -> str:
         """The optimal answer text for the current state (what SFT trains on; always earns the top reward)."""

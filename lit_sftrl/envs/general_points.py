@@ -156,14 +156,6 @@ class GeneralPointsEnv(ChatEnv):
             self._revise(action if isinstance(action, str) else repr(action), verdict.feedback or "")
         return self._observation(), self.rewards[verdict.outcome], success, truncated, self._info(verdict, success)
 
-    def _observation(self) -> dict[str, Any]:
-        # gymnasium wants fresh data from every call (users may keep and modify it), but ChatEnv hands out its
-        # one image array each time. This copy belongs in ChatEnv._observation, for every env; until then, here.
-        observation = super()._observation()
-        if observation["image"] is not None:
-            observation["image"] = observation["image"].copy()
-        return observation
-
     # -- judging ------------------------------------------------------------------------------------------
 
     def judge(self, answer: Any) -> Verdict:
