@@ -73,7 +73,6 @@ def test_invalid_choice_lists_allowed_values() -> None:
         GeneralPointsEnv(suits="green")
 
 
-# gym.make adds the passive checker, which warns about ChatEnv's messages-as-list (see the env checker test).
 def test_registered_with_gymnasium() -> None:
     env = gym.make("lit_sftrl/GeneralPoints-v0", modality="image", image_size=128, face_card_rule="11-13")
     obs, info = env.reset(seed=3)
