@@ -1,40 +1,23 @@
 """How fast the environments are, in one process on one core: ``python bench/env_speed.py``.
 
 Each benchmark is a function returning rows ``(name, value, unit, target)``; :func:`main` prints them as a
-table with a verdict per target. Add rows for another environment by adding a function to ``BENCHMARKS``.
+table with a verdict per target. GeneralPoints rows are here, V-IRL rows in ``virl_speed.py``.
 """
 
 from __future__ import annotations
 
 import time
 from fractions import Fraction
-from typing import Callable, NamedTuple
+from typing import Callable
+
+from common import Row, format_table, rate
+from virl_speed import virl_rows
 
 from lit_sftrl.envs import solver
 from lit_sftrl.envs.general_points import GeneralPointsEnv
 
 # A well-formed answer that goes through every check (parse, evaluate, numbers), the costliest path.
 ANSWER = '{"cards": ["A", "2", "3", "4"], "number": [1, 2, 3, 4], "formula": "(1 + 2 + 3) * 4 = 24"}'
-
-
-class Row(NamedTuple):
-    name: str
-    value: float
-    unit: str
-    target: float | None  # the value must be at least this; None: informational
-
-
-def rate(work: Callable[[], object], seconds: float = 1.0) -> float:
-    """Calls of ``work`` per second, best of three runs of about ``seconds`` each."""
-    best = 0.0
-    for _ in range(3):
-        calls, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds:
-            for _ in range(100):
-                work()
-            calls += 100
-        best = max(best, calls / elapsed)
-    return best
 
 
 def general_points_rows() -> list[Row]:
@@ -108,17 +91,7 @@ def naive_solvable(values: list[Fraction], target: Fraction) -> bool:
     return False
 
 
-BENCHMARKS: list[Callable[[], list[Row]]] = [general_points_rows, reset_versus_search_rows]
-
-
-def format_table(rows: list[Row]) -> str:
-    width = max(len(row.name) for row in rows)
-    lines = [f"{'benchmark':<{width}}  {'value':>12}  {'unit':<8} {'target':>10}  verdict"]
-    for row in rows:
-        target = "" if row.target is None else f">= {row.target:g}"
-        verdict = "" if row.target is None else ("ok" if row.value >= row.target else "MISSED")
-        lines.append(f"{row.name:<{width}}  {row.value:>12,.3f}  {row.unit:<8} {target:>10}  {verdict}")
-    return "\n".join(lines)
+BENCHMARKS: list[Callable[[], list[Row]]] = [general_points_rows, reset_versus_search_rows, virl_rows]
 
 
 def main() -> None:

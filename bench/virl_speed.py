@@ -9,15 +9,15 @@ CPU core; ``bench/env_speed.py`` merges them with the other environments' rows. 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from common import Row, format_table
+
 from lit_sftrl.envs.city import TRAIN_STYLE, make_city
 from lit_sftrl.envs.virl import VIRLEnv
 
-Row = tuple[str, float, str, float]
 TEXT_TARGET, IMAGE_TARGET, PANORAMA_TARGET = 2000.0, 50.0, 5.0
 
 
@@ -40,13 +40,13 @@ def city_rows(out: Path, num_routes: int = 20) -> tuple[Path, list[Row]]:
     folder = make_city(out, TRAIN_STYLE, num_routes=num_routes, seed=0)
     elapsed = time.perf_counter() - start
     panoramas = len(list((folder / "street_views").glob("*.jpg")))
-    return folder, [("virl city generation (1024x512 panoramas)", panoramas / elapsed, "panoramas/s", PANORAMA_TARGET)]
+    return folder, [Row("virl city generation (1024x512 panoramas)", panoramas / elapsed, "panos/s", PANORAMA_TARGET)]
 
 
 def step_rows(routes: str | Path, seconds: float = 2.0) -> list[Row]:
     return [
-        ("virl text steps", expert_steps_per_second(routes, "text", seconds), "steps/s", TEXT_TARGET),
-        ("virl image steps (224 px grid)", expert_steps_per_second(routes, "image", seconds), "steps/s", IMAGE_TARGET),
+        Row("virl text steps", expert_steps_per_second(routes, "text", seconds), "/s", TEXT_TARGET),
+        Row("virl image steps (224 px grid)", expert_steps_per_second(routes, "image", seconds), "/s", IMAGE_TARGET),
     ]
 
 
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routes", help="an existing route folder (default: generate a small city)")
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
-    for name, value, unit, target in virl_rows(args.routes, args.seconds):
-        print(json.dumps({"name": name, "value": round(value, 1), "unit": unit, "target": target,
-                          "ok": value >= target}))
-
+    print(format_table(virl_rows(args.routes, args.seconds)))
 
 if __name__ == "__main__":
     main()

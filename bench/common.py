@@ -1,0 +1,39 @@
+"""What every bench script shares: a row of the results table, and the table itself.
+
+Each benchmark is a function returning rows; ``bench/all.py`` runs them all and prints one table.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+
+class Row(NamedTuple):
+    name: str
+    value: float
+    unit: str
+    target: float | None  # the value must be at least this; None: informational
+
+
+def rate(work: Callable[[], object], seconds: float = 1.0) -> float:
+    """Calls of ``work`` per second, best of three runs of about ``seconds`` each."""
+    best = 0.0
+    for _ in range(3):
+        calls, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            for _ in range(100):
+                work()
+            calls += 100
+        best = max(best, calls / elapsed)
+    return best
+
+
+def format_table(rows: list[Row]) -> str:
+    width = max(len(row.name) for row in rows)
+    lines = [f"{'benchmark':<{width}}  {'value':>12}  {'unit':<9} {'target':>10}  verdict"]
+    for row in rows:
+        target = "" if row.target is None else f">= {row.target:g}"
+        verdict = "" if row.target is None else ("ok" if row.value >= row.target else "MISSED")
+        lines.append(f"{row.name:<{width}}  {row.value:>12,.3f}  {row.unit:<9} {target:>10}  {verdict}")
+    return "\n".join(lines)
