@@ -1,0 +1,398 @@
+"""The vision-language backbone every LightningModule uses: loading, batched generation, scoring, SFT batches.
+
+Log-prob convention (generation and scoring agree on it to ~1e-6 in fp32): the distribution is
+``softmax(logits / T)`` over the vocabulary with the suppressed tokens (image, padding, template and other
+special tokens; never end-of-sequence) removed. ``T`` is the sampling temperature (1 for greedy); top-p only
+truncates what is sampled, not the reported distribution.
+
+Reference policy (KL term): under LoRA the same weights with the adapter disabled (no copy); under full
+fine-tuning a frozen copy of the weights at ``config.path``, loaded on the first reference request
+(``reference="auto"``) or at construction (``"eager"``). Either way the reference is the model at
+``config.path``, so it survives resuming and does not move with training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_sftrl.models.config import (
+    BackboneConfig,
+    Generation,
+    LoraSettings,
+    Message,
+    Prompt,
+    SamplingConfig,
+    Scores,
+    as_backbone_config,
+)
+from lit_sftrl.models.encoding import IGNORE, ChatEncoder, sft_labels
+from lit_sftrl.models.loading import (
+    apply_lora,
+    disable_bnb_cpu_repacking,
+    load_base_model,
+    load_plain_model,
+    load_processor,
+    logical_num_parameters,
+)
+from lit_sftrl.models.sampling import (
+    FinalHiddenStates,
+    LogprobRecorder,
+    answer_length,
+    eos_token_ids,
+    generation_config,
+    masked_log_probs,
+    only_generation_config,
+    suppressed_token_ids,
+)
+from lit_sftrl.models.tiny import resolve_model_path
+from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
+from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
+
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "Generation",
+    "LoraSettings",
+    "Message",
+    "Prompt",
+    "SamplingConfig",
+    "Scores",
+]
+
+
+class Backbone(nn.Module):
+    """A Hugging Face VLM (or text-only LM) with the options of :class:`BackboneConfig` and an optional value head.
+
+    Attributes: ``config``, ``path`` (resolved), ``processor``, ``tokenizer``, ``model`` (a peft model under
+    LoRA), ``value_head`` (or None), ``num_parameters`` (the base architecture's logical parameter count).
+    """
+
+    def __init__(self, config: BackboneConfig | dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config = as_backbone_config(config)
+        self.path = resolve_model_path(config.path)
+        self.processor = load_processor(self.path)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        model = load_base_model(config, self.path)
+        self.model = apply_lora(model, config.lora) if config.lora is not None else model
+        disable_bnb_cpu_repacking(self.model)
+        text_config = self._base().config.get_text_config()
+        self.value_head = ValueHead(text_config.hidden_size, config.value_head_hidden) if config.value_head else None
+        if self.value_head is not None and (self.path / VALUE_HEAD_FILE).exists():
+            self.value_head.load(self.path)  # a directory exported from a PPO run carries its value head
+        self.num_parameters = logical_num_parameters(str(self.path))
+        self.eos_ids = eos_token_ids(self._base(), self.tokenizer)
+        self.encoder = ChatEncoder(self.processor, self.eos_ids)
+        self.suppressed_ids = suppressed_token_ids(self._base(), self.tokenizer, self.eos_ids)
+        mask = torch.zeros(self._base().get_output_embeddings().out_features, dtype=torch.bool)
+        mask[self.suppressed_ids] = True
+        self.register_buffer("_suppressed_mask", mask, persistent=False)  # moves with the module, not saved
+        forward_args = inspect.signature(self._base().forward).parameters
+        self._accepts_position_ids = "position_ids" in forward_args
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_args
+        self._final_hidden = FinalHiddenStates(self._base().get_output_embeddings())
+        self._reference_holder: list[nn.Module] = []  # a list: a frozen copy must not become a submodule
+        if config.reference == "eager":
+            self.prepare_reference()
+
+    # -- set-up helpers ---------------------------------------------------------------------------------
+    def _base(self) -> nn.Module:
+        """The transformers model (inside the peft wrapper under LoRA)."""
+        return self.model.get_base_model() if self.config.lora is not None else self.model
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling: the log-probs must be those of the policy scored later
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @staticmethod
+    def _groups(prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Indices of image prompts and of text-only prompts: each group is one model batch."""
+        groups: dict[bool, list[int]] = {}
+        for i, (_, image) in enumerate(prompts):
+            groups.setdefault(image is not None, []).append(i)
+        return list(groups.values())
+
+    # -- forward pieces -------------------------------------------------------------------------------------
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        return self.model(**inputs)
+
+    def _with_position_ids(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Position ids exactly as ``generate`` derives them (left padding shifts them), using the model's own rule."""
+        if "position_ids" in inputs or not self._accepts_position_ids:
+            return inputs
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        position_ids = base._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+        return {**inputs, "position_ids": position_ids}
+
+    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: int, capture: bool = False):
+        """Logits (and final hidden states) of the last ``keep`` positions."""
+        inputs = self._with_position_ids(model, self._to_device(inputs))
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = keep  # skip the output layer on prompt positions: big vocabularies
+        with self._final_hidden.capture(capture) as store:
+            logits = model(**inputs, **kwargs).logits[:, -keep:]
+        hidden = store[-1][:, -keep:] if capture else None
+        return logits, hidden
+
+    def log_probs(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """fp32 log-probs of ``logits`` under this module's convention (``logits / T``, suppressed tokens removed)."""
+        return masked_log_probs(logits, temperature, self._suppressed_mask)
+
+    # -- generation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None) -> list[Generation]:
+        """Sample one answer per prompt, batched with left padding. Returned tensors are on the CPU."""
+        sampling = sampling or SamplingConfig()
+        results: list[Generation | None] = [None] * len(prompts)
+        for group in self._groups(prompts):
+            for i, generation in zip(group, self._generate_group([prompts[i] for i in group], sampling)):
+                results[i] = generation
+        return results  # type: ignore[return-value]
+
+    def _generate_group(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Generation]:
+        from transformers import LogitsProcessorList
+
+        inputs = self._to_device(self.encoder.encode_prompts(prompts))
+        config = generation_config(sampling, self.tokenizer, self.eos_ids, self.suppressed_ids)
+        recorder = LogprobRecorder(sampling.temperature, self._suppressed_mask)
+        capture = self.value_head is not None
+        with (
+            self._eval_mode(),
+            only_generation_config(self._base(), config),
+            self._final_hidden.capture(capture) as store,
+        ):
+            sequences = self.model.generate(
+                **inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+            )
+        token_logprobs = recorder.finish(sequences)
+        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+        values = self.value_head(store[0][:, -1]).tolist() if capture else [None] * len(prompts)
+        prompt_tokens = self.token_counts(inputs).tolist()
+        results = []
+        for row in range(len(prompts)):
+            length = answer_length(new_tokens[row], self.eos_ids)
+            answer = new_tokens[row, :length].cpu()
+            results.append(
+                Generation(
+                    prompt_ids=inputs["input_ids"][row][inputs["attention_mask"][row].bool()].cpu(),
+                    answer_ids=answer,
+                    text=self.tokenizer.decode(answer, skip_special_tokens=True),
+                    logprobs=token_logprobs[row, :length].cpu(),
+                    value=values[row],
+                    num_tokens=int(prompt_tokens[row]) + length,
+                )
+            )
+        return results
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        answer_ids: Sequence[torch.Tensor],
+        temperature: float = 1.0,
+        reference: bool = False,
+    ) -> Scores:
+        """Log-probs, entropy and values of given answers, batched, with gradients (none for the reference)."""
+        if len(prompts) != len(answer_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(answer_ids)} answers")
+        token_logprobs: list[torch.Tensor | None] = [None] * len(prompts)
+        entropies: list[torch.Tensor | None] = [None] * len(prompts)
+        values: list[torch.Tensor | None] = [None] * len(prompts)
+        num_tokens = 0
+        for group in self._groups(prompts):
+            lp, ent, val, n = self._score_group(
+                [prompts[i] for i in group], [answer_ids[i] for i in group], temperature, reference
+            )
+            num_tokens += n
+            for j, i in enumerate(group):
+                token_logprobs[i], entropies[i] = lp[j], ent[j]
+                values[i] = val[j] if val is not None else None
+        has_values = self.value_head is not None and not reference
+        return Scores(
+            logprob_sum=torch.stack([lp.sum() for lp in token_logprobs]),
+            token_logprobs=token_logprobs,  # type: ignore[arg-type]
+            entropy=torch.stack(entropies),  # type: ignore[arg-type]
+            values=torch.stack(values) if has_values else None,  # type: ignore[arg-type]
+            num_tokens=num_tokens,
+        )
+
+    def _score_group(self, prompts, answers, temperature: float, reference: bool):
+        answers = [torch.as_tensor(a).reshape(-1).long().tolist() for a in answers]
+        inputs = self.encoder.encode_prompts(prompts)
+        batch = self.encoder.append(inputs, answers)
+        width = max(len(a) for a in answers)
+        keep = width + 1  # the last prompt position predicts the first answer token; it also carries the value
+        capture = self.value_head is not None and not reference
+        if reference:
+            with self._reference_context() as model:
+                logits, hidden = self._forward(model, batch, keep)
+        else:
+            logits, hidden = self._forward(self.model, batch, keep, capture=capture)
+        logp = self.log_probs(logits[:, :-1], temperature)
+        targets = batch["input_ids"][:, batch["input_ids"].shape[1] - width :].to(logp.device)
+        chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        lengths = [len(a) for a in answers]
+        token_lp = [chosen[row, :n] for row, n in enumerate(lengths)]
+        mean_entropy = [entropy[row, :n].sum() / max(n, 1) for row, n in enumerate(lengths)]
+        values = self.value_head(hidden[:, 0]) if capture else None
+        return token_lp, mean_entropy, values, self.count_tokens(batch)
+
+    @torch.no_grad()
+    def prompt_values(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """[B] fp32 values of prompts without generating (e.g. to bootstrap from a truncated state)."""
+        if self.value_head is None:
+            raise RuntimeError("prompt_values needs a value head (BackboneConfig.value_head)")
+        values = torch.zeros(len(prompts))
+        for group in self._groups(prompts):
+            inputs = self.encoder.encode_prompts([prompts[i] for i in group])
+            with self._eval_mode():
+                _, hidden = self._forward(self.model, inputs, keep=1, capture=True)
+            values[group] = self.value_head(hidden[:, -1]).cpu()
+        return values
+
+    # -- reference policy --------------------------------------------------------------------------------------
+    def prepare_reference(self) -> None:
+        """Make the reference available now (under full fine-tuning: load the frozen copy from ``config.path``)."""
+        if self.config.reference == "none":
+            raise RuntimeError("reference log-probs requested but BackboneConfig.reference is 'none'")
+        if self.config.lora is None and not self._reference_holder:
+            self._reference_holder.append(load_plain_model(self.path, self.config.dtype).to(self.device))
+
+    @contextlib.contextmanager
+    def _reference_context(self) -> Iterator[nn.Module]:
+        self.prepare_reference()
+        with torch.no_grad():
+            if self.config.lora is not None:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                reference = self._reference_holder[0]
+                if reference.device != self.device:
+                    reference.to(self.device)
+                yield reference
+
+    # -- SFT ---------------------------------------------------------------------------------------------------
+    def sft_batch(self, conversations: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Model inputs + ``labels`` for full conversations ending with an assistant turn (CPU tensors).
+
+        Layout: left-padded first prompt, then the rest of the conversation, right padding. Labels are IGNORE
+        (-100) everywhere except each assistant turn's tokens through its end-of-turn token. All conversations
+        of a batch must have an image, or none.
+        """
+        rows = [self.encoder.sft_row(conversation) for conversation in conversations]
+        inputs = self.encoder.encode_prompts([row.prompt for row in rows])
+        prompt_length = inputs["input_ids"].shape[1]
+        batch = self.encoder.append(inputs, [row.ids for row in rows])
+        batch["labels"] = sft_labels(rows, batch, prompt_length)
+        return batch
+
+    def sft_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Mean token cross-entropy over labelled tokens, and the tokens processed (text + image)."""
+        labels = batch["labels"].to(self.device)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        columns = (labels != IGNORE).any(dim=0).nonzero()
+        if columns.numel() == 0:
+            raise ValueError("the batch has no labelled token")
+        first = int(columns[0, 0])
+        logits, _ = self._forward(self.model, inputs, keep=labels.shape[1] - first + 1)
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, first:].reshape(-1), ignore_index=IGNORE
+        )
+        return loss, self.count_tokens(inputs)
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens a model-input batch makes the model process, for FLOPs accounting (see :meth:`token_counts`)."""
+        return int(self.token_counts(batch).sum())
+
+    def token_counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: text tokens without padding (LLaVA-like families' image placeholder tokens included) plus,
+        for cross-attention families (Mllama), the vision tokens of each image tile, which never enter the text."""
+        counts = batch["attention_mask"].sum(dim=1).cpu()
+        if "cross_attention_mask" in batch and "aspect_ratio_mask" in batch:
+            vision = self._base().config.vision_config
+            patches = (vision.image_size // vision.patch_size) ** 2 + 1  # + class token
+            counts = counts + batch["aspect_ratio_mask"].flatten(1).sum(dim=1).cpu() * patches
+        return counts
+
+    def count_prompt_tokens(self, generation: Generation, has_image: bool | None = None) -> int:
+        """Tokens processed to produce ``generation`` (prompt text + image + generated tokens), i.e.
+        ``generation.num_tokens``; ``has_image`` is accepted for callers that pass it and not needed."""
+        return generation.num_tokens
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters by module name: LoRA + value head under (Q)LoRA, everything trainable under full
+        fine-tuning. With ``config.path`` this is all a checkpoint needs."""
+        return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state_dict(
+        self, state: dict[str, torch.Tensor], strict: bool = True, value_head: bool = True
+    ) -> None:
+        """Load what :meth:`trainable_state_dict` produced. ``value_head=False`` keeps the value head as it is
+        (PPO initialised from an SFT run: the value head starts fresh)."""
+        if not value_head:
+            state = {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD_PREFIX)}
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        if not value_head:
+            expected = {n for n in expected if not n.startswith(VALUE_HEAD_PREFIX)}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - params.keys())
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"state does not match this backbone: {len(missing)} missing (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); a different LoRA/value-head configuration?"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                if name in params:
+                    params[name].copy_(value)
+
+    def save_pretrained(self, out: str | Path, merge_lora: bool = True) -> Path:
+        """A standard Hugging Face directory (model + processor) that plain transformers loads; the value head
+        beside it in ``value_head.safetensors``. Under LoRA with ``merge_lora=False``: the peft adapter only
+        (``adapter_config.json`` pointing at the absolute base path)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if self.config.lora is None:
+            self.model.save_pretrained(out)
+        elif merge_lora:
+            if self.config.quantization != "none":
+                raise ValueError(
+                    "cannot merge LoRA into quantised weights; use export_checkpoint (reloads the base unquantised)"
+                )
+            self._base().save_pretrained(out, state_dict=merged_state_dict(self.model))
+        else:
+            self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(self.path.resolve())
+            self.model.save_pretrained(out)
+        self.processor.save_pretrained(out)
+        if self.value_head is not None:
+            self.value_head.save(out)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for logs: config, parameter counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {**dataclasses.asdict(self.config), "num_parameters": self.num_parameters, "trainable": trainable}

@@ -1,0 +1,112 @@
+"""Typed settings and results of the backbone wrapper (plain dataclasses: jsonargparse/LightningCLI reads them
+from YAML). Re-exported by ``lit_sftrl.models.backbone``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+Message = dict[str, str]
+"""One chat turn: ``{"role": "user" | "assistant", "content": str}``."""
+
+Prompt = tuple[list[Message], Union["np.ndarray", "Image.Image", None]]
+"""The chat so far and the image of the FIRST user turn (an (H, W, 3) uint8 array or a PIL image), or None for
+text-only prompts."""
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter (peft). ``target_modules=None`` targets the language model's attention and MLP linear layers
+    only (never the vision tower); a string is a regex over full module names, a list names module suffixes."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] | None = None
+
+
+@dataclass
+class BackboneConfig:
+    """How to load and adapt the model.
+
+    ``path``: a local Hugging Face directory. A missing directory named ``tiny-<family>[-small]`` (family
+    ``mllama`` or ``llava``) is built on first use; any other missing path is a FileNotFoundError.
+    ``quantization`` (bitsandbytes ``nf4`` or ``int8``) needs ``lora`` (QLoRA): quantised weights are frozen.
+    ``reference`` chooses how reference log-probs (for a KL term) are obtained: ``auto`` = under LoRA the
+    adapter-disabled model (free), under full fine-tuning a frozen copy of the weights at ``path`` loaded on the
+    first request; ``eager`` = the same but the copy is loaded at construction; ``none`` = requests raise.
+    The reference is always the model at ``path`` (what was loaded before any adapter or training).
+    """
+
+    path: str = "checkpoints/tiny-mllama"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraSettings | None = None
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    value_head: bool = False
+    value_head_hidden: int = 256
+    reference: Literal["auto", "eager", "none"] = "auto"
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling settings. ``temperature=0`` is greedy; ``top_p`` truncates the sampling distribution only (the
+    returned log-probs are under the untruncated temperature-scaled distribution)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+
+
+@dataclass
+class Generation:
+    """One generated answer.
+
+    ``logprobs``: fp32 log-prob of each answer token under softmax(logits / T) with the suppressed tokens
+    (image and other special tokens) removed; T = the sampling temperature, 1 for greedy. ``value``: the value
+    head on the prompt's last token (None without a value head). ``num_tokens``: tokens processed (prompt text
+    + image + answer) for FLOPs accounting. Tensors are on the CPU.
+    """
+
+    prompt_ids: torch.Tensor
+    answer_ids: torch.Tensor
+    text: str
+    logprobs: torch.Tensor
+    value: float | None
+    num_tokens: int = 0
+
+
+@dataclass
+class Scores:
+    """A scoring forward over (prompt, answer) pairs, in the order given.
+
+    ``token_logprobs``: one 1-D fp32 tensor per sequence (its answer length), same distribution as
+    ``Generation.logprobs``. ``logprob_sum`` and ``entropy`` (mean over the answer tokens; 0 for an empty
+    answer) are [B] fp32. All carry gradients unless scored as reference. ``values``: [B] fp32, None without a
+    value head or for the reference. ``num_tokens``: tokens processed (text + image, no padding) for FLOPs
+    accounting.
+    """
+
+    logprob_sum: torch.Tensor
+    token_logprobs: list[torch.Tensor]
+    entropy: torch.Tensor
+    values: torch.Tensor | None
+    num_tokens: int
+
+
+def as_backbone_config(config: BackboneConfig | dict[str, Any] | None) -> BackboneConfig:
+    """Accept the dataclass or its dict form (as stored in checkpoint hyper-parameters)."""
+    if config is None:
+        return BackboneConfig()
+    if isinstance(config, BackboneConfig):
+        return config
+    fields = dict(config)
+    if isinstance(fields.get("lora"), dict):
+        fields["lora"] = LoraSettings(**fields["lora"])
+    return BackboneConfig(**fields)

@@ -1,0 +1,174 @@
+"""Turning chats (+ an optional image) into model inputs, with the processor of any family.
+
+One layout serves scoring and SFT: ``[left padding][prompt][continuation][right padding]``. Prompts go
+through the processor exactly as at generation time (left-padded, so every prompt ends in the same column);
+continuation token ids (sampled answers, or the rest of an SFT conversation) are appended after it. Per-token
+side inputs the processor made for the prompt are extended over the appended tokens as ``generate`` does:
+Mllama's ``cross_attention_mask`` repeats its last row, token-type ids are padded with 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lit_sftrl.models.config import Message, Prompt
+
+IGNORE = -100
+REPEAT_LAST_ROW = ("cross_attention_mask",)
+PAD_WITH_ZERO = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
+_TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+@dataclass
+class SftRow:
+    """One conversation split for SFT: the first prompt (through the processor) and the token ids after it, with
+    a flag per token saying whether it is trained on."""
+
+    prompt: Prompt
+    ids: list[int]
+    labelled: list[bool]
+
+
+class ChatEncoder:
+    """Chat template rendering and tokenisation around a processor (or a bare tokenizer for text-only LMs)."""
+
+    def __init__(self, processor, eos_ids: Sequence[int]) -> None:
+        self.processor = processor
+        self.eos_ids = list(eos_ids)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.multimodal = hasattr(processor, "image_processor")
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one in the model directory")
+
+    # -- rendering -----------------------------------------------------------------------------------------
+    def _template_messages(self, messages: Sequence[Message], has_image: bool) -> list[dict]:
+        if not self.multimodal:
+            return [dict(m) for m in messages]
+        users = [i for i, message in enumerate(messages) if message["role"] == "user"]
+        if has_image and not users:
+            raise ValueError("an image needs a user turn to belong to")
+        image_turn = users[0] if has_image else -1  # the image goes with the first user turn (after any system turn)
+        out = []
+        for i, message in enumerate(messages):
+            parts = [{"type": "text", "text": message["content"]}]
+            if i == image_turn:
+                parts.insert(0, {"type": "image"})
+            out.append({"role": message["role"], "content": parts})
+        return out
+
+    def render(self, messages: Sequence[Message], has_image: bool, add_generation_prompt: bool) -> str:
+        if has_image and not self.multimodal:
+            raise ValueError("this model has no image processor: it takes text-only prompts (image None)")
+        return self.processor.apply_chat_template(
+            self._template_messages(messages, has_image), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs for prompts that all have an image, or all have none."""
+        with_image = [image is not None for _, image in prompts]
+        if any(with_image) and not all(with_image):
+            raise ValueError("a batch must be all image prompts or all text-only prompts")
+        texts = [self.render(messages, image is not None, add_generation_prompt=True) for messages, image in prompts]
+        kwargs = dict(padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        if all(with_image) and prompts:
+            # Nested: one list of images per sample (Mllama insists; the others accept it).
+            images = [[_to_pil(image)] for _, image in prompts]
+            return dict(self.processor(text=texts, images=images, **kwargs))
+        return dict(self.tokenizer(texts, **kwargs))
+
+    def append(
+        self, inputs: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]]
+    ) -> dict[str, torch.Tensor]:
+        """Append per-row token ids after left-padded prompt inputs, right-padding the result."""
+        input_ids = inputs["input_ids"]
+        batch, length = input_ids.shape
+        width = max((len(c) for c in continuations), default=0)
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=input_ids.dtype)
+        mask = torch.zeros((batch, width), dtype=inputs["attention_mask"].dtype)
+        for row, cont in enumerate(continuations):
+            ids[row, : len(cont)] = torch.as_tensor(list(cont), dtype=input_ids.dtype)
+            mask[row, : len(cont)] = 1
+        out = dict(inputs)
+        out["input_ids"] = torch.cat([input_ids, ids], dim=1)
+        out["attention_mask"] = torch.cat([inputs["attention_mask"], mask], dim=1)
+        for key, value in inputs.items():
+            if key in _TEXT_KEYS or not torch.is_tensor(value) or value.dim() < 2 or value.shape[:2] != (batch, length):
+                continue
+            if key in REPEAT_LAST_ROW:
+                extra = value[:, -1:].expand(-1, width, *value.shape[2:])
+            elif key in PAD_WITH_ZERO:
+                extra = value.new_zeros((batch, width, *value.shape[2:]))
+            elif key.startswith(("pixel_values", "image_")):
+                continue
+            else:
+                raise NotImplementedError(f"do not know how to extend the per-token input {key!r} over appended tokens")
+            out[key] = torch.cat([value, extra], dim=1)
+        return out
+
+    # -- SFT -------------------------------------------------------------------------------------------------
+    def sft_row(self, conversation: Prompt) -> SftRow:
+        """Split a conversation at its first assistant turn; label every assistant turn's tokens through its
+        end-of-turn token, nothing else (user turns, template headers, trailing template text)."""
+        messages, image = conversation
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not turns or turns[-1] != len(messages) - 1:
+            raise ValueError("an SFT conversation must end with an assistant turn")
+        if turns[0] == 0:
+            raise ValueError("an SFT conversation must start with a user turn, not an assistant turn")
+        has_image = image is not None
+        rendered = self.render(messages[: turns[0]], has_image, add_generation_prompt=True)
+        ids: list[int] = []
+        labelled: list[bool] = []
+        for k, turn in enumerate(turns):
+            if k > 0:  # the turns between two assistant turns, up to the next generation prompt
+                rendered = self._extend(rendered, messages[:turn], has_image, True, ids, labelled, train=False)
+            rendered = self._extend(rendered, messages[: turn + 1], has_image, False, ids, labelled, train=True)
+        return SftRow(prompt=(list(messages[: turns[0]]), image), ids=ids, labelled=labelled)
+
+    def _extend(self, rendered, messages, has_image, generation_prompt, ids, labelled, train: bool) -> str:
+        full = self.render(messages, has_image, add_generation_prompt=generation_prompt)
+        if not full.startswith(rendered):
+            raise ValueError(
+                "the chat template does not render conversations incrementally (a shorter conversation is not a "
+                "prefix of a longer one); SFT labels cannot be placed"
+            )
+        segment = self.tokenize(full[len(rendered) :])
+        ids.extend(segment)
+        labelled.extend(self._labelled(segment) if train else [False] * len(segment))
+        return full
+
+    def _labelled(self, segment: list[int]) -> list[bool]:
+        """Label through the last end-of-turn token; template text after it (e.g. a newline) is not trained on."""
+        eos = set(self.eos_ids)
+        ends = [i for i, token in enumerate(segment) if token in eos]
+        stop = ends[-1] + 1 if ends else len(segment)
+        return [i < stop for i in range(len(segment))]
+
+
+def _to_pil(image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (H, W, 3) arrays or PIL images, got dtype {array.dtype}")
+    return Image.fromarray(array).convert("RGB")
+
+
+def sft_labels(rows: Sequence[SftRow], batch: dict[str, torch.Tensor], prompt_length: int) -> torch.Tensor:
+    """Labels aligned with ``batch["input_ids"]``: the token where labelled, IGNORE elsewhere (padding too)."""
+    labels = torch.full_like(batch["input_ids"], IGNORE)
+    for row, sample in enumerate(rows):
+        flags = torch.tensor(sample.labelled, dtype=torch.bool)
+        span = batch["input_ids"][row, prompt_length : prompt_length + len(sample.ids)]
+        labels[row, prompt_length : prompt_length + len(sample.ids)] = torch.where(flags, span, IGNORE)
+    return labels

@@ -1,0 +1,170 @@
+"""From Lightning checkpoints to backbones and standard Hugging Face directories.
+
+Checkpoint contract (the SFT and PPO LightningModules follow it): ``ckpt["hyper_parameters"]["backbone"]``
+holds the :class:`BackboneConfig` (dataclass or dict) and ``ckpt["state_dict"]`` holds the backbone's
+``trainable_state_dict()`` with every key prefixed by ``"backbone."``. Frozen weights come from
+``config.path``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_sftrl.models.backbone import Backbone
+from lit_sftrl.models.config import (
+    BackboneConfig,
+    LoraSettings,
+    SamplingConfig,
+    as_backbone_config,
+)
+from lit_sftrl.models.loading import load_plain_model
+from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name
+
+log = logging.getLogger(__name__)
+PREFIX = "backbone."
+EXPORT_RECORD = "lit_sftrl_export.json"
+_SAFE_CLASSES = [BackboneConfig, LoraSettings, SamplingConfig]
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):
+            raise
+        # Hyper-parameters hold classes beyond ours. These files are written locally by this trainer (the trust
+        # Lightning itself gives them when resuming), so read them in full.
+        log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint file; FileNotFoundError/ValueError naming the file instead of a deep traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        checkpoint = _torch_load(path)
+    except Exception as error:  # truncated zip, garbage bytes, foreign pickle...
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or corrupted ({type(error).__name__}: {error})"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
+    if "backbone" not in (checkpoint.get("hyper_parameters") or {}):
+        raise ValueError(f"checkpoint {str(path)!r} has no hyper_parameters['backbone']: not written by lit-sftrl?")
+    return checkpoint
+
+
+def _backbone_config(checkpoint: dict[str, Any]) -> BackboneConfig:
+    config = checkpoint["hyper_parameters"]["backbone"]
+    if hasattr(config, "as_dict"):  # a jsonargparse Namespace
+        config = config.as_dict()
+    return as_backbone_config(config)
+
+
+def _backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k[len(PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+
+
+def load_backbone_from_lightning_checkpoint(path: str | Path, **overrides: Any) -> Backbone:
+    """The backbone of an SFT or PPO run, trained weights loaded. ``overrides`` replace BackboneConfig fields
+    (e.g. ``path=`` when the base directory moved, ``quantization="none"``, ``value_head=False``)."""
+    return _backbone_from(read_lightning_checkpoint(path), path, **overrides)
+
+
+def _backbone_from(checkpoint: dict[str, Any], path: str | Path, **overrides: Any) -> Backbone:
+    config = dataclasses.replace(_backbone_config(checkpoint), **overrides)
+    backbone = Backbone(config)
+    state = _backbone_state(checkpoint)
+    if backbone.value_head is None:
+        state = {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD_PREFIX)}
+    try:
+        backbone.load_trainable_state_dict(state, strict=True)
+    except ValueError as error:
+        raise ValueError(f"checkpoint {str(path)!r}: {error}") from None
+    return backbone
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True) -> Path:
+    """Write a Lightning checkpoint as a standard Hugging Face directory (LoRA merged unless ``merge_lora=False``:
+    then the peft adapter alone); ``value_head.safetensors`` beside it when the run had one. QLoRA runs are
+    reloaded unquantised first, so the export is a plain float model."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"export directory {str(out)!r} is not empty")
+    checkpoint = read_lightning_checkpoint(ckpt)
+    backbone = _backbone_from(checkpoint, ckpt, quantization="none", reference="none", gradient_checkpointing=False)
+    backbone.save_pretrained(out, merge_lora=merge_lora)
+    # Compute already spent travels with the weights: a run initialised from this directory starts from it.
+    record = {"source_checkpoint": str(Path(ckpt).resolve()), "flops": _checkpoint_flops(checkpoint)}
+    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def _checkpoint_flops(checkpoint: dict[str, Any]) -> float:
+    state = checkpoint.get("flops")
+    if not state:
+        return 0.0
+    from lit_sftrl.compute import FlopsCounter
+
+    return float(FlopsCounter(**state).total)
+
+
+def inherited_flops(path: str | Path) -> float:
+    """Cumulative FLOPs of the run that produced ``path`` (its Lightning checkpoint's ``flops`` counter, or the
+    record an export wrote beside the weights); 0.0 for a plain model directory (a base model)."""
+    path = Path(path)
+    if path.is_dir():
+        record = path / EXPORT_RECORD
+        return float(json.loads(record.read_text()).get("flops") or 0.0) if record.exists() else 0.0
+    return _checkpoint_flops(read_lightning_checkpoint(path))
+
+
+def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
+    """Initialise ``backbone`` from an earlier run, value head excepted (PPO's ``init_from`` an SFT run).
+
+    ``path``: a Lightning checkpoint of that run, or a directory it was exported to (merged: the base weights
+    are replaced; adapter-only: the LoRA weights are loaded). Weights move between LoRA and full fine-tuning by
+    their plain Hugging Face names; quantised targets can take LoRA weights only.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "adapter_config.json").exists():
+            _load_adapter_dir(backbone, path)
+            return
+        # Through transformers: checkpoints on disk may use legacy key names that only its loader maps.
+        # Prefixed as the wrapper names them (its transformers model is the attribute `model`).
+        state = {f"model.{k}": v for k, v in load_plain_model(path).state_dict().items()}
+    else:
+        checkpoint = read_lightning_checkpoint(path)
+        source = _backbone_config(checkpoint)
+        if Path(source.path).resolve() != backbone.path.resolve():
+            log.warning("%s was trained on %s, this backbone loads %s", path, source.path, backbone.path)
+        state = _backbone_state(checkpoint)
+    try:
+        copy_by_canonical_name(backbone, state, skip_value_head=True)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot initialise from {str(path)!r}: {error}. To start from a full model under quantisation, "
+            "export it and set backbone.path to the exported directory."
+        ) from None
+
+
+def _load_adapter_dir(backbone: Backbone, path: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if backbone.config.lora is None:
+        raise ValueError(f"{str(path)!r} is a LoRA adapter but this backbone has no `lora` settings")
+    result = set_peft_model_state_dict(backbone.model, load_file(str(path / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise ValueError(f"adapter {str(path)!r} does not fit this backbone: {result.unexpected_keys[:3]}")

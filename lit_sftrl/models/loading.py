@@ -1,0 +1,166 @@
+"""Loading a local Hugging Face model with the backbone's options: dtype, bitsandbytes quantisation, LoRA,
+activation checkpointing, frozen vision tower. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lit_sftrl.models.config import BackboneConfig, LoraSettings
+
+# Module-name fragments of vision towers and projectors across families (Mllama, LLaVA, Qwen2-VL, Idefics3,
+# Gemma3...). Used to keep LoRA and quantisation off the vision side and to freeze it.
+VISION_MODULES = ("vision_model", "vision_tower", "visual", "multi_modal_projector")
+_LM_LINEARS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+# Decoder-layer linears of the language model only: plain names would also match the vision towers' q_proj etc.
+# The negative look-ahead keeps this valid for text-only causal LMs (no "language_model" in their names).
+DEFAULT_LORA_TARGETS = rf"^(?!.*(vision|visual|multi_modal_projector)).*\.layers\.\d+\.(.*\.)?({_LM_LINEARS})$"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def is_vision_module(name: str) -> bool:
+    return any(part in VISION_MODULES for part in name.split("."))
+
+
+def auto_model_class(path: str | Path):
+    """AutoModelForImageTextToText for VLMs, AutoModelForCausalLM for text-only LMs (L tasks)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    return (
+        AutoModelForImageTextToText
+        if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+        else AutoModelForCausalLM
+    )
+
+
+def load_processor(path: str | Path):
+    """The processor of a VLM; the tokenizer alone for a text-only LM (whose directory may still name a processor
+    class it was derived from)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    return (AutoTokenizer if auto_model_class(path) is AutoModelForCausalLM else AutoProcessor).from_pretrained(path)
+
+
+@lru_cache(maxsize=8)
+def logical_num_parameters(path: str) -> int:
+    """Parameter count of the architecture at ``path`` (instantiated on the meta device: no memory, and quantised
+    weights count as their logical size, not their packed storage)."""
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        model = auto_model_class(path).from_config(AutoConfig.from_pretrained(path))
+    return sum(p.numel() for p in model.parameters())
+
+
+class _OnceFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+
+def _log_once(logger_name: str) -> None:
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter())
+
+
+def _quantization_config(config: BackboneConfig):
+    from transformers import BitsAndBytesConfig
+
+    # Keep the vision side and the output layer in float: int8 on Mllama's vision tower breaks (STACK.md), and
+    # they are a small share of the weights.
+    skip = [*VISION_MODULES, "lm_head"]
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=DTYPES[config.dtype],
+            llm_int8_skip_modules=skip,
+        )
+    _log_once("bitsandbytes.autograd._functions")  # it logs the fp32 -> fp16 cast on every int8 matmul
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def disable_bnb_cpu_repacking(model: nn.Module) -> None:
+    """On AVX512-BF16 CPUs a 4-bit layer's first inference forward repacks its weight for good, after which any
+    backward fails; PPO generates before it trains, so always switch the repacking off (STACK.md)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no quantised layers possible
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_base_model(config: BackboneConfig, path: Path) -> nn.Module:
+    """The pretrained model with dtype and quantisation applied, frozen where the options say so."""
+    if config.quantization != "none" and config.lora is None:
+        raise ValueError(
+            f"quantization={config.quantization!r} needs `lora` (QLoRA): quantised weights cannot be trained"
+        )
+    kwargs = {"dtype": DTYPES[config.dtype]}
+    if config.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(config)
+    model = auto_model_class(path).from_pretrained(path, **kwargs)
+    if config.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.freeze_vision:
+        for name, param in model.named_parameters():
+            if is_vision_module(name):
+                param.requires_grad_(False)
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with frozen embeddings (LoRA) without enable_input_require_grads. transformers 5
+        # renamed the method (the old name warns); keep the old one for earlier releases.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules if settings.target_modules is not None else DEFAULT_LORA_TARGETS,
+        bias="none",
+    )
+    with warnings.catch_warnings():
+        # peft calls a transformers property deprecated in v5 (is_gradient_checkpointing): noise, not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lora)
+
+
+def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:
+    """A frozen, eval-mode model from ``path``, no options applied (the full fine-tuning reference policy; a source
+    of weights under their in-memory names, which transformers may store differently on disk)."""
+    model = auto_model_class(path).from_pretrained(path, dtype=DTYPES[dtype])
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,134 @@
+"""Pieces of batched generation and scoring that do not depend on the wrapper: the log-prob convention, a
+memory-light log-prob recorder for ``generate``, a clean generation config, and the final-hidden-state hook."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lit_sftrl.models.config import SamplingConfig
+
+_MASKED = -1e30  # finite, so 0 * logp stays 0 for suppressed tokens (entropy) and no NaN reaches the gradients
+
+
+def masked_log_probs(logits: torch.Tensor, temperature: float, suppressed: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax of ``logits / T`` over the vocabulary with ``suppressed`` (bool [V]) tokens removed.
+    ``T <= 0`` (greedy) counts as 1. Generation and scoring both use exactly this."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    return torch.log_softmax(scaled.masked_fill(suppressed.to(scaled.device), _MASKED), dim=-1)
+
+
+class LogprobRecorder:
+    """A logits processor that records the log-prob of each sampled token without keeping every step's logits
+    (``output_logits`` would hold B x steps x vocabulary floats: gigabytes for a 128k vocabulary).
+
+    At step t it sees the token chosen at step t-1 (the last input id) and the previous step's distribution;
+    :meth:`finish` adds the final token. Custom processors run after token suppression and before the
+    temperature/top-p warpers, so it sees the raw logits (suppressed tokens already at -inf).
+    """
+
+    def __init__(self, temperature: float, suppressed: torch.Tensor) -> None:
+        self.temperature = temperature
+        self.suppressed = suppressed
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = masked_log_probs(scores, self.temperature, self.suppressed)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.chosen.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[B, new tokens] log-probs, given the sequences ``generate`` returned."""
+        self._take(sequences[:, -1])
+        self.previous = None
+        return torch.stack(self.chosen, dim=1)
+
+
+def generation_config(sampling: SamplingConfig, tokenizer, eos_ids: Sequence[int], suppressed_ids: Sequence[int]):
+    """A complete GenerationConfig: nothing left for ``generate`` to fill in from the checkpoint's defaults."""
+    from transformers import GenerationConfig
+
+    sample = sampling.temperature > 0
+    return GenerationConfig(
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sample,
+        temperature=sampling.temperature if sample else 1.0,
+        top_p=sampling.top_p if sample else 1.0,
+        top_k=0,
+        eos_token_id=list(eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        suppress_tokens=list(suppressed_ids),
+        use_cache=True,
+    )
+
+
+@contextlib.contextmanager
+def only_generation_config(model: nn.Module, config) -> Iterator[None]:
+    """``generate`` fills unset fields from the checkpoint's generation_config.json (repetition penalty, top-k,
+    min length...). Swap it out meanwhile, so the sampling distribution is exactly the configured one."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """End-of-sequence ids: the checkpoint's generation config (Llama 3 lists several) and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
+def suppressed_token_ids(model: nn.Module, tokenizer, eos_ids: Sequence[int]) -> list[int]:
+    """Tokens that must never be sampled: special tokens (a sampled image token breaks the next forward) and the
+    padded output rows beyond the tokenizer. End-of-sequence tokens stay allowed."""
+    vocab = model.get_output_embeddings().out_features
+    ids = set(tokenizer.all_special_ids) | set(range(len(tokenizer), vocab))
+    for name in ("image_token_id", "image_token_index", "video_token_id"):
+        token = getattr(model.config, name, None)
+        if isinstance(token, int):
+            ids.add(token)
+    return sorted(i for i in ids - set(eos_ids) if 0 <= i < vocab)
+
+
+def answer_length(tokens: torch.Tensor, eos_ids: Sequence[int]) -> int:
+    """Tokens up to and including the first end-of-sequence (``generate`` pads rows that finished early)."""
+    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device))
+    return int(is_eos.nonzero()[0, 0]) + 1 if is_eos.any() else tokens.numel()
+
+
+class FinalHiddenStates:
+    """Captures the input of the output layer, i.e. the final normed hidden states, for any family: the value
+    head's input. Inactive unless inside :meth:`capture`."""
+
+    def __init__(self, output_layer: nn.Module) -> None:
+        self._store: list[torch.Tensor] | None = None
+        self._limit = 0
+        output_layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        if self._store is not None and len(self._store) < self._limit:
+            self._store.append(args[0])
+
+    @contextlib.contextmanager
+    def capture(self, enabled: bool = True, calls: int = 1) -> Iterator[list[torch.Tensor]]:
+        """Record the first ``calls`` forwards (generation needs only the prefill)."""
+        store: list[torch.Tensor] = []
+        self._store, self._limit = (store if enabled else None), calls
+        try:
+            yield store
+        finally:
+            self._store = None

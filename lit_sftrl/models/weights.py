@@ -1,0 +1,82 @@
+"""Weight plumbing between the wrapper's parameter names, plain Hugging Face names and peft adapters.
+
+Names inside the wrapper look like ``model.base_model.model.<hf name with .base_layer>`` under LoRA and
+``model.<hf name>`` under full fine-tuning; :func:`canonical_name` maps both to the plain Hugging Face name, so
+weights move between LoRA and full fine-tuning runs and exported directories.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VALUE_HEAD_PREFIX = "value_head."
+_PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """Backbone parameter name (full fine-tuning or peft) -> the plain Hugging Face name. Plain Hugging Face
+    names must be given the wrapper's ``model.`` prefix first."""
+    if name.startswith("model."):
+        name = name[len("model.") :]
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    return name.replace(".base_layer.", ".")
+
+
+def is_adapter_key(name: str) -> bool:
+    return ".lora_" in name
+
+
+def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA delta added to its layer, under plain Hugging Face names.
+    Nothing is modified in place (peft's merge/unmerge would perturb the live weights by rounding)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    deltas = {
+        f"{name}.weight": module.get_delta_weight(adapter).detach()
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.lora_A
+    }
+    merged = {}
+    for key, value in base.state_dict().items():
+        if is_adapter_key(key):
+            continue
+        key = key.replace(".base_layer.", ".")
+        delta = deltas.get(key)
+        merged[key] = (value + delta.to(value.dtype)) if delta is not None else value.detach().clone()
+    return merged
+
+
+def copy_by_canonical_name(module: nn.Module, state: dict[str, torch.Tensor], skip_value_head: bool = True) -> int:
+    """Copy ``state`` (any naming: wrapper, peft or plain HF) into ``module``'s parameters matched by canonical
+    name; adapter weights must match exactly. Returns how many tensors were copied; raises ValueError when a
+    weight matches nothing, a target is quantised or a shape differs."""
+    params = {}
+    for name, param in module.named_parameters():
+        params[name if is_adapter_key(name) else canonical_name(name)] = param
+    copied, unmatched = 0, []
+    with torch.no_grad():
+        for key, value in state.items():
+            if skip_value_head and key.startswith(VALUE_HEAD_PREFIX):
+                continue
+            key = key if is_adapter_key(key) else canonical_name(key)
+            target = params.get(key)
+            if target is None:
+                unmatched.append(key)  # silently dropping e.g. LoRA weights would train from the wrong start
+                continue
+            if target.shape != value.shape or not target.dtype.is_floating_point:
+                raise ValueError(
+                    f"cannot load {key!r}: shape {tuple(value.shape)} into {tuple(target.shape)} {target.dtype} "
+                    "(a quantised or different architecture?)"
+                )
+            target.copy_(value)
+            copied += 1
+    if unmatched or copied == 0:
+        raise ValueError(
+            f"{len(unmatched)} weights match no parameter of this model (e.g. {unmatched[:3]}): a different "
+            "architecture or LoRA configuration?"
+        )
+    return copied
