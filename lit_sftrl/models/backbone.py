@@ -103,6 +103,7 @@ class Backbone(nn.Module):
         self._reference_holder: list[nn.Module] = []  # a list: a frozen copy must not become a submodule
         if config.reference == "eager":
             self.prepare_reference()
+        self.train()  # from_pretrained returns eval-mode models; start like any nn.Module (Lightning warns otherwise)
 
     # -- set-up helpers ---------------------------------------------------------------------------------
     def _base(self) -> nn.Module:

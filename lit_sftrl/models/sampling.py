@@ -62,7 +62,7 @@ def generation_config(sampling: SamplingConfig, tokenizer, eos_ids: Sequence[int
         do_sample=sample,
         temperature=sampling.temperature if sample else 1.0,
         top_p=sampling.top_p if sample else 1.0,
-        top_k=0,
+        top_k=0 if sample else None,  # 0: no top-k truncation; greedy ignores it (and warns if it is set)
         eos_token_id=list(eos_ids),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
