@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> Any:
     """Run one command and return what it made (a path, or the LightningCLI object): what tests call."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
@@ -39,11 +40,11 @@ def run(argv: list[str] | None = None) -> Any:
         return _run_tool(argv[0], argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         sys.exit(f"lit-sftrl: unknown command {argv[0]!r}\n\n{_overview()}")
-    return cli_main(argv)
+    return cli_main(None if from_command_line else argv)
 
 
-def cli_main(argv: list[str]) -> Any:
-    """Run LightningCLI in-process (tests call this directly)."""
+def cli_main(argv: list[str] | None) -> Any:
+    """Run LightningCLI in-process on ``argv`` (None: the command line)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from lit_sftrl.trainer_cli import SftRlCLI
 

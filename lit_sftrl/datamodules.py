@@ -1,0 +1,303 @@
+"""LightningDataModules: which episodes to train and evaluate on. Playing them is the modules' job.
+
+Every stream here is a pure function of ``(seed, rank, index)``, so each rank and dataloader worker draws
+different episodes, a resumed run continues at the exact data position, and two evaluations of any
+checkpoints see identical episodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import count
+from typing import Any, Iterator
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from lit_sftrl.llava_data import read_llava_json
+from lit_sftrl.tasks import TaskConfig
+
+Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
+PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}
+
+
+def keep_as_is(item: Any) -> Any:
+    """Dataloader collate function: items are already batches, and images must stay numpy arrays."""
+    return item
+
+
+def stream_rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([abs(int(part)) for part in key]))
+
+
+@dataclass
+class EvalEpisodes:
+    """A chunk of fixed evaluation episodes of one variant, played together by the policy module."""
+
+    task: str
+    variant: str
+    env_id: str
+    env_kwargs: dict[str, Any]
+    episodes: list[tuple[int, dict[str, Any]]]  # (reset seed, reset options)
+
+
+@dataclass
+class RolloutSpec:
+    """What one PPO update plays: ``num_envs`` environments until ``rollout_steps`` attempts are collected."""
+
+    env_id: str
+    env_kwargs: dict[str, Any]
+    num_envs: int
+    rollout_steps: int
+    seed: int
+    rank: int  # episodes are seeded from (seed, rank, update, environment, episode)
+
+
+@dataclass
+class EvalConfig:
+    """Fixed evaluation episodes.
+
+    Args:
+        val_episodes: episodes per variant for validation during fit (a small subset).
+        test_episodes: episodes per variant for ``lit-sftrl test``; ``None`` uses the paper's sizes
+            (234 GeneralPoints hands; 48 V-IRL routes; every route of the visual_ood city).
+        chunk: episodes played together in one batched validation/test step.
+        seed: seed of the evaluation episodes; the same for every checkpoint.
+        variants: which variants to evaluate; ``None`` means every variant that applies to the task.
+    """
+
+    val_episodes: int = 32
+    test_episodes: int | None = None
+    chunk: int = 16
+    seed: int = 1234
+    variants: list[str] | None = None
+
+
+class EvalChunks(Dataset):
+    def __init__(self, chunks: list[EvalEpisodes]) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> EvalEpisodes:
+        return self.chunks[index]
+
+
+class EpisodeDataModule(L.LightningDataModule):
+    """Validation and test episodes of every variant; subclasses add the training stream."""
+
+    def __init__(self, task: TaskConfig | None, evaluation: EvalConfig | None, seed: int) -> None:
+        super().__init__()
+        self.task = task or TaskConfig()
+        self.evaluation = evaluation or EvalConfig()
+        self.seed = seed
+        for variant in self.eval_variants:
+            self.task.check_variant(variant)
+
+    @property
+    def eval_variants(self) -> list[str]:
+        return list(self.evaluation.variants or self.task.variants)
+
+    def prepare_data(self) -> None:
+        self.task.prepare()
+
+    def num_test_episodes(self, variant: str) -> int:
+        if self.evaluation.test_episodes is not None:
+            return self.evaluation.test_episodes
+        if not self.task.is_virl:
+            return PAPER_TEST_EPISODES["gp"]
+        if variant == "visual_ood":
+            return self.task.make_env("visual_ood").num_routes
+        return PAPER_TEST_EPISODES["virl"]
+
+    def eval_chunks(self, variant: str, num_episodes: int) -> list[EvalEpisodes]:
+        env_id, env_kwargs = self.task.env_spec(variant)
+        variant_index = self.task.variants.index(variant)
+        episodes = []
+        for i in range(num_episodes):
+            seed = int(stream_rng(self.evaluation.seed, variant_index, i).integers(2**31))
+            # V-IRL evaluates route i, so every route of a small benchmark city is seen once.
+            episodes.append((seed, {"route_index": i} if self.task.is_virl else {}))
+        size = self.evaluation.chunk
+        return [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size]) for i in range(0, len(episodes), size)]
+
+    def _eval_loaders(self, sizes: dict[str, int]) -> list[DataLoader]:
+        return [
+            DataLoader(EvalChunks(self.eval_chunks(variant, n)), batch_size=None, collate_fn=keep_as_is)
+            for variant, n in sizes.items()
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders({v: self.evaluation.val_episodes for v in self.eval_variants})
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders({v: self.num_test_episodes(v) for v in self.eval_variants})
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+
+
+def expert_conversations(env: Any, seed: int, options: dict, rng: np.random.Generator, multi_turn: float) -> list[Conversation]:
+    """Play one episode with the expert; one conversation per prompt the environment showed (SPEC §4).
+
+    With probability ``multi_turn`` a prompt is first answered with the environment's sub-optimal answer, so
+    the conversation holds the wrong answer, the feedback turn and the correction (the paper's App. C.1).
+    """
+    obs, _ = env.reset(seed=seed, options=options)
+    conversations, done = [], False
+    while not done:
+        if multi_turn and rng.random() < multi_turn:
+            obs, _, terminated, truncated, _ = env.step(env.suboptimal_answer())
+            if terminated or truncated:  # a budget of one attempt leaves no room for a correction
+                break
+        answer = env.expert_answer()
+        conversations.append(
+            {"messages": [*obs["messages"], {"role": "assistant", "content": answer}], "image": obs.get("image")}
+        )
+        obs, _, terminated, truncated, _ = env.step(answer)
+        done = terminated or truncated
+    return conversations
+
+
+class SFTBatches(IterableDataset):
+    """Endless stream of SFT batches; batch ``b`` of rank ``r`` is a pure function of ``(seed, r, b)``.
+
+    Workers take batches round-robin, which is the order the DataLoader returns them in, so the stream is
+    identical for any number of workers and restarts exactly at ``start``.
+    """
+
+    def __init__(self, source: "ExpertSource | LlavaSource", batch_size: int, seed: int, rank: int, start: int) -> None:
+        self.source, self.batch_size, self.seed, self.rank, self.start = source, batch_size, seed, rank, start
+
+    def __iter__(self) -> Iterator[list[Conversation]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for index in count(self.start + worker_id, num_workers):
+            yield self.source.batch(stream_rng(self.seed, self.rank, index), self.batch_size)
+
+
+class ExpertSource:
+    """SFT samples from expert play of the task's training environment (id variant)."""
+
+    def __init__(self, task: TaskConfig, multi_turn: float) -> None:
+        self.task, self.multi_turn = task, multi_turn
+        self._env = None
+
+    def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
+        if self._env is None:  # built lazily, inside the dataloader worker
+            self._env = self.task.make_env("id")
+        pool: list[Conversation] = []
+        while len(pool) < size:
+            pool += expert_conversations(self._env, int(rng.integers(2**31)), {}, rng, self.multi_turn)
+        # A V-IRL episode yields one sample per rail point; sampling keeps every point equally likely.
+        return [pool[i] for i in rng.choice(len(pool), size, replace=False)]
+
+
+class LlavaSource:
+    """SFT samples from a released LLaVA-style JSON file, drawn uniformly with replacement."""
+
+    def __init__(self, path: str, image_folder: str | None) -> None:
+        self.conversations = read_llava_json(path, image_folder)
+
+    def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
+        return [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
+
+
+class SFTDataModule(EpisodeDataModule):
+    """Expert episodes (or a LLaVA-style JSON file) for SFT, plus fixed evaluation episodes.
+
+    Args:
+        task: the environment the expert plays.
+        batch_size: conversations per batch and rank.
+        multi_turn: share of prompts first answered wrongly, then corrected (paper App. C.1; 0 = off).
+        llava_json: read samples from this LLaVA-style JSON file instead of playing the environment.
+        image_folder: folder that the JSON's image paths are relative to (default: the JSON's folder).
+        num_workers: dataloader worker processes.
+        seed: seed of the training stream.
+        evaluation: the fixed validation/test episodes.
+    """
+
+    def __init__(
+        self,
+        task: TaskConfig | None = None,
+        batch_size: int = 8,
+        multi_turn: float = 0.0,
+        llava_json: str | None = None,
+        image_folder: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        evaluation: EvalConfig | None = None,
+    ) -> None:
+        super().__init__(task, evaluation, seed)
+        if not 0.0 <= multi_turn <= 1.0:
+            raise ValueError(f"data.multi_turn={multi_turn} must lie in [0, 1]")
+        self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
+        self.llava_json, self.image_folder = llava_json, image_folder
+        self.batches_consumed = 0
+
+    def train_dataloader(self) -> DataLoader:
+        if self.llava_json:
+            source = LlavaSource(self.llava_json, self.image_folder)
+        else:
+            source = ExpertSource(self.task, self.multi_turn)
+        rank = self.trainer.global_rank if self.trainer else 0
+        dataset = SFTBatches(source, self.batch_size, self.seed, rank, start=self.batches_consumed)
+        return DataLoader(dataset, batch_size=None, collate_fn=keep_as_is, num_workers=self.num_workers)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints are written after an optimizer step, so this is the exact stream position.
+        trainer = self.trainer
+        return {"batches_consumed": trainer.global_step * trainer.accumulate_grad_batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_consumed = state_dict["batches_consumed"]
+
+
+# ----------------------------------------------------------------------------------------------- RL
+
+
+class RolloutSpecs(Dataset):
+    """One item per epoch: a PPO update is one Lightning epoch, so resuming restarts at an update."""
+
+    def __init__(self, spec: RolloutSpec) -> None:
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> RolloutSpec:
+        return self.spec
+
+
+class RLDataModule(EpisodeDataModule):
+    """Environments for PPO rollouts, plus fixed evaluation episodes.
+
+    Args:
+        task: the environment to train on.
+        variant: the training variant (the paper trains on ``id``).
+        num_envs: environments rolled out together per rank (one batched generation for all).
+        rollout_steps: attempts collected per rank and update (paper: 256 per GPU).
+        seed: seed of the training episodes.
+        evaluation: the fixed validation/test episodes.
+    """
+
+    def __init__(
+        self,
+        task: TaskConfig | None = None,
+        variant: str = "id",
+        num_envs: int = 16,
+        rollout_steps: int = 256,
+        seed: int = 0,
+        evaluation: EvalConfig | None = None,
+    ) -> None:
+        super().__init__(task, evaluation, seed)
+        self.task.check_variant(variant)
+        self.variant, self.num_envs, self.rollout_steps = variant, num_envs, rollout_steps
+
+    def train_dataloader(self) -> DataLoader:
+        env_id, env_kwargs = self.task.env_spec(self.variant)
+        rank = self.trainer.global_rank if self.trainer else 0
+        spec = RolloutSpec(env_id, env_kwargs, self.num_envs, self.rollout_steps, self.seed, rank)
+        return DataLoader(RolloutSpecs(spec), batch_size=None, collate_fn=keep_as_is)

@@ -1,0 +1,188 @@
+"""What the SFT and PPO LightningModules share: the backbone, compute accounting, checkpoints, evaluation.
+
+Checkpoints hold only what training changes (``Backbone.trainable_state_dict``: LoRA adapters and value head
+under LoRA, everything under full fine-tuning) plus the FLOPs counter; the base weights stay in the
+backbone directory. Evaluation plays the datamodule's fixed episodes with the rollout engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
+import torch
+
+from lit_sftrl.compute import FlopsCounter
+from lit_sftrl.corpus import ensure_backbone
+from lit_sftrl.datamodules import EvalEpisodes
+from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
+from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
+from lit_sftrl.models.export import inherited_flops, load_weights_for_init
+from lit_sftrl.rollout import RolloutEngine
+from lit_sftrl.tasks import VARIANTS, make_env_from_spec
+
+STATE_PREFIX = "backbone."
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and an optional cosine decay, stepped once per optimizer step.
+
+    Args:
+        lr: peak learning rate (paper: 1e-6 for PPO, 1e-7 for V-IRL-VL; SFT 1e-6 on the 11B model).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warm-up from 0.
+        schedule: ``constant`` after warm-up, or ``cosine`` decay to ``min_lr_ratio * lr`` at the last step.
+        min_lr_ratio: floor of the cosine schedule, relative to ``lr``.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+
+    def factor(self, step: int, total_steps: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule != "cosine" or total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PolicyModule(L.LightningModule):
+    """Base LightningModule: one backbone, cumulative FLOPs, trainable-only checkpoints, evaluation steps."""
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        optim: OptimConfig | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        init_from: str | None = None,
+        max_nonfinite_losses: int = 5,
+    ) -> None:
+        super().__init__()
+        self.backbone_config = backbone or BackboneConfig()
+        self.optim = optim or OptimConfig()
+        self.eval_sampling = eval_sampling or SamplingConfig(temperature=0.0)
+        self.init_from = init_from
+        self.max_nonfinite_losses = max_nonfinite_losses
+        self._nonfinite_in_a_row = 0
+        self.save_hyperparameters({"backbone": asdict(self.backbone_config), "init_from": init_from})
+        self.backbone: Backbone | None = None
+        self.flops: FlopsCounter | None = None
+        self.eval_metrics = torch.nn.ModuleDict({variant: EpisodeMetrics() for variant in VARIANTS})
+        self._eval_envs: dict[str, list] = {}
+        self._eval_task: str | None = None
+        # Checkpoints hold trainable weights only; on_load_checkpoint loads them strictly itself.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------------------------ model
+
+    def prepare_data(self) -> None:
+        # Runs once per node before any rank builds the model: the tiny default is built here on first use.
+        ensure_backbone(self.backbone_config.path)
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        self.backbone = Backbone(self.backbone_config)
+        self.flops = FlopsCounter(self.backbone.num_parameters)
+        if self.init_from:
+            load_weights_for_init(self.backbone, self.init_from)
+            self.flops.initial = inherited_flops(self.init_from)
+
+    def configure_optimizers(self) -> Any:
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay
+        )
+        total = self.total_optimizer_steps()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.optim.factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        return int(self.trainer.estimated_stepping_batches)
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """False for a NaN/inf loss, whose step the caller skips; too many in a row stop the run, saved.
+
+        Decided across ranks (any rank's NaN skips the step everywhere), so DDP never waits on a skipped backward.
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            self._nonfinite_in_a_row = 0
+            return True
+        self._nonfinite_in_a_row += 1
+        rank_zero_warn(f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
+        if self._nonfinite_in_a_row >= self.max_nonfinite_losses:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite-stop.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: stopped. "
+                f"State saved to {path}; lower the learning rate or check the data, then resume with --ckpt_path."
+            )
+        return False
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {STATE_PREFIX + k: v for k, v in self.backbone.trainable_state_dict().items()}
+        checkpoint["flops"] = self.flops.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        state = {k[len(STATE_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
+        self.backbone.load_trainable_state_dict(state)
+        self.flops.load_state_dict(checkpoint.get("flops", {}))
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def validation_step(self, batch: EvalEpisodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_chunk(batch)
+
+    def test_step(self, batch: EvalEpisodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate_chunk(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("sanity" if self.trainer.sanity_checking else "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def _evaluate_chunk(self, chunk: EvalEpisodes) -> None:
+        envs = self._eval_envs.get(chunk.variant)
+        if envs is None or len(envs) < len(chunk.episodes):
+            envs = [make_env_from_spec(chunk.env_id, chunk.env_kwargs) for _ in chunk.episodes]
+            self._eval_envs[chunk.variant] = envs
+        self._eval_task = chunk.task
+        engine = RolloutEngine(self.backbone, self.eval_sampling)
+        self.eval_metrics[chunk.variant].update(engine.evaluate(envs, chunk.episodes))
+
+    def _finish_evaluation(self, stage: str) -> None:
+        metrics = {}
+        for variant, metric in self.eval_metrics.items():
+            if metric.update_called:
+                metrics[variant] = metric.compute()
+                metric.reset()
+        if not metrics:
+            return
+        flat = {f"{stage}/{v}/{k}": value for v, m in metrics.items() for k, value in m.items()}
+        if stage != "sanity":  # Lightning discards what is logged during the sanity check
+            self.log_dict(flat, sync_dist=False, rank_zero_only=True)
+        self.print(summary_line(stage, self.global_step, metrics))
+        if self.trainer.is_global_zero:
+            record = {
+                "stage": stage, "step": self.global_step, "epoch": self.current_epoch,
+                "flops": self.flops.total, "checkpoint": self.trainer.ckpt_path, "metrics": metrics,
+                "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
+            }
+            name = f"{stage}-step{self.global_step:07d}.json"
+            write_results(Path(self.trainer.default_root_dir) / "eval" / name, record)

@@ -1,0 +1,51 @@
+"""Supervised fine-tuning on expert episodes (SPEC §4): cross-entropy on the assistant's tokens only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
+from lit_sftrl.policy import OptimConfig, PolicyModule
+
+
+class SFTModule(PolicyModule):
+    """SFT LightningModule: batches of conversations are tokenised by the backbone's processor here.
+
+    Args:
+        backbone: the model (any local Hugging Face VLM directory; LoRA, quantisation, dtype).
+        optim: optimizer and learning-rate schedule.
+        eval_sampling: decoding for validation/test episodes (greedy by default).
+        init_from: start from another run's weights (a Lightning checkpoint or an exported directory).
+        max_nonfinite_losses: NaN/inf losses in a row after which the run stops (each one's step is skipped).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig | None = None,
+        optim: OptimConfig | None = None,
+        eval_sampling: SamplingConfig | None = None,
+        init_from: str | None = None,
+        max_nonfinite_losses: int = 5,
+    ) -> None:
+        super().__init__(backbone, optim, eval_sampling, init_from, max_nonfinite_losses)
+        self.tokens_seen = 0
+
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int):
+        inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in batch])
+        loss, tokens = self.backbone.sft_loss(inputs)
+        if not self.loss_is_finite(loss):
+            return None  # Lightning skips the optimizer step
+        tokens = int(self.trainer.strategy.reduce(loss.new_tensor(tokens), reduce_op="sum"))
+        self.flops.add_training(tokens)
+        self.tokens_seen += tokens
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/tokens": float(self.tokens_seen), "train/flops": self.flops.total}, rank_zero_only=True)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
