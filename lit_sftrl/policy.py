@@ -123,13 +123,18 @@ class PolicyModule(L.LightningModule):
         self._nonfinite_in_a_row += 1
         rank_zero_warn(f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_nonfinite_losses:
-            path = Path(self.trainer.default_root_dir) / "checkpoints" / "nonfinite-stop.ckpt"
+            path = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
             self.trainer.save_checkpoint(path)
             raise FloatingPointError(
                 f"{self._nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: stopped. "
                 f"State saved to {path}; lower the learning rate or check the data, then resume with --ckpt_path."
             )
         return False
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's outputs live: the logger's directory (``checkpoints/<run>`` in the configs)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     # ------------------------------------------------------------------------------------ checkpoints
 
@@ -185,4 +190,4 @@ class PolicyModule(L.LightningModule):
                 "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
             }
             name = f"{stage}-step{self.global_step:07d}.json"
-            write_results(Path(self.trainer.default_root_dir) / "eval" / name, record)
+            write_results(self.run_dir / "eval" / name, record)
