@@ -81,6 +81,7 @@ class PolicyModule(L.LightningModule):
         self.eval_metrics = torch.nn.ModuleDict({variant: EpisodeMetrics() for variant in VARIANTS})
         self._eval_envs: dict[str, list] = {}
         self._eval_task: str | None = None
+        self._checkpoint_step = 0  # validate/test restore weights, not the step: keep the checkpoint's for records
         # Checkpoints hold trainable weights only; on_load_checkpoint loads them strictly itself.
         self.strict_loading = False
 
@@ -147,6 +148,7 @@ class PolicyModule(L.LightningModule):
         state = {k[len(STATE_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
         self.backbone.load_trainable_state_dict(state)
         self.flops.load_state_dict(checkpoint.get("flops", {}))
+        self._checkpoint_step = int(checkpoint.get("global_step", 0))
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -182,12 +184,13 @@ class PolicyModule(L.LightningModule):
         flat = {f"{stage}/{v}/{k}": value for v, m in metrics.items() for k, value in m.items()}
         if stage != "sanity":  # Lightning discards what is logged during the sanity check
             self.log_dict(flat, sync_dist=False, rank_zero_only=True)
-        self.print(summary_line(stage, self.global_step, metrics))
+        step = max(self.global_step, self._checkpoint_step)
+        self.print(summary_line(stage, step, metrics))
         if self.trainer.is_global_zero:
             record = {
-                "stage": stage, "step": self.global_step, "epoch": self.current_epoch,
+                "stage": stage, "step": step, "epoch": self.current_epoch,
                 "flops": self.flops.total, "checkpoint": self.trainer.ckpt_path, "metrics": metrics,
                 "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
             }
-            name = f"{stage}-step{self.global_step:07d}.json"
+            name = f"{stage}-step{step:07d}.json"
             write_results(self.run_dir / "eval" / name, record)

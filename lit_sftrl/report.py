@@ -37,6 +37,9 @@ BAR_COLOURS = {"Init": "tab:gray", "SFT": "tab:blue", "RL": "tab:orange"}
 Record = dict[str, Any]
 
 
+# Two runs "match" in compute when within this fraction: SFT steps and PPO updates cannot land on equal FLOPs.
+MATCH_TOLERANCE = 0.05
+
 @dataclass(frozen=True)
 class Run:
     """One run directory: its records sorted by (flops, step, stage), its kind (SFT / RL / other) and task."""
@@ -49,8 +52,8 @@ class Run:
 
     @property
     def eval_only(self) -> bool:
-        """Only test records at step 0: an evaluation of an untrained checkpoint (an Init candidate)."""
-        return all(r.get("stage") == "test" and r.get("step") == 0 for r in self.records)
+        """Only test records: an evaluation of a fixed checkpoint, not a training run (an Init candidate)."""
+        return all(r.get("stage") == "test" for r in self.records)
 
     def series(self, stages: Iterable[str]) -> list[Record]:
         """The run's records of the given stages, in compute order."""
@@ -142,13 +145,14 @@ def matched_compute(runs: Sequence[Run]) -> tuple[float | None, dict[str, Pick]]
     present = [run for run in chosen.values() if run]
     budget = min(run.records[-1]["flops"] for run in present) if present else None
     picks: dict[str, Pick] = {}
-    init = next(((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None)
-    init = init or next(((run, run.records) for run in runs if run.eval_only), None)
+    # A test of the Init checkpoint (paper-sized) beats the sanity check of a run started from it (val-sized).
+    init = next(((run, run.records) for run in runs if run.eval_only), None)
+    init = init or next(((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None)
     if init:
         picks["Init"] = Pick(init[0], init[1][0])
     for kind, run in chosen.items():
         for stage in ("test", "val", "sanity"):
-            within = [r for r in run.series([stage]) if r["flops"] <= budget * (1 + 1e-9)] if run else []
+            within = [r for r in run.series([stage]) if r["flops"] <= budget * (1 + MATCH_TOLERANCE)] if run else []
             if within:
                 picks[kind] = Pick(run, within[-1])
                 break
@@ -266,10 +270,10 @@ def make_report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
     """Write curves.png, bars.png, recognition.png (if any record has recognition) and report.md into ``out``;
     return report.md's path.
 
-    Bars: Init is the sanity record of the first run that has ``init_from``, else the first evaluation-only run
-    (test records at step 0). SFT and RL are the first SFT and first RL run (in the order given); the matched
-    budget is the smaller of their largest FLOPs, and each bar is that run's last record within the budget,
-    preferring stage test, then val, then sanity. ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
+    Bars: Init is the first evaluation-only run (test records only, e.g. ``lit-sftrl test`` of the Init
+    checkpoint), else the sanity record of the first run that has ``init_from``. SFT and RL are the first SFT and
+    first RL run (in the order given); the matched budget is the smaller of their largest FLOPs, and each bar is
+    that run's last record within the budget (+ MATCH_TOLERANCE), preferring stage test, then val, then sanity. ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
     """
     if not runs:
         raise ValueError("no run directories given")
