@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     init = out / "init" / "checkpoints" / "last.ckpt"
     init_flops, _ = flops_of(init)
 
-    lit_sftrl("fit", "--config", ppo_config, "--model.init_args.init_from", str(init),
+    lit_sftrl("fit", "--config", ppo_config, "--model.init_from", str(init),
               "--trainer.max_epochs", str(args.updates), *run_dir(out, "rl", args.val_episodes))
     rl_flops, _ = flops_of(out / "rl" / "checkpoints" / "last.ckpt")
 
     # Continued SFT: as many steps as PPO's extra compute buys at the Init run's FLOPs per step.
     per_step = init_flops / args.init_steps
     sft_steps = max(1, math.floor((rl_flops - init_flops) / per_step))
-    lit_sftrl("fit", "--config", sft_config, "--model.init_args.init_from", str(init),
+    lit_sftrl("fit", "--config", sft_config, "--model.init_from", str(init),
               "--trainer.max_steps", str(sft_steps), "--trainer.val_check_interval", str(max(1, sft_steps // 2)),
               *run_dir(out, "sft", args.val_episodes))
 
