@@ -12,7 +12,10 @@ Environments know nothing of models: turning messages and image into tokens is t
 
 from __future__ import annotations
 
+import reprlib
+import math
 import string
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -22,6 +25,10 @@ from gymnasium import spaces
 from lit_sftrl.envs.parsing import MAX_ANSWER_CHARS
 
 REVISION_PREFIX = "You failed this trial because "
+# How a non-text answer (a caller's bug) appears in the conversation: a bounded repr that survives any object,
+# deeply nested containers included (a plain repr raises RecursionError on them).
+_ANSWER_REPR = reprlib.Repr()
+_ANSWER_REPR.maxstring = _ANSWER_REPR.maxother = 200
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -33,6 +40,29 @@ def check_choice(name: str, value: Any, allowed: tuple) -> None:
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r} is not valid; it must be a positive integer")
+
+
+def answer_text(answer: object) -> str:
+    """The answer as conversation text: itself when it is text, else a bounded repr (never raises)."""
+    return answer if isinstance(answer, str) else _ANSWER_REPR.repr(answer)
+
+
+def reward_table(defaults: Mapping[str, float], rewards: Mapping[str, float] | None) -> dict[str, float]:
+    """``defaults`` overridden by ``rewards`` (a configurable reward table); unknown keys and non-finite values
+    are rejected with a message naming them."""
+    table = dict(defaults)
+    allowed = ", ".join(map(repr, defaults))
+    if rewards is None:
+        return table
+    if not isinstance(rewards, Mapping):
+        raise ValueError(f"rewards={rewards!r} is not valid; it must be a dict with keys among {allowed}")
+    for key, value in rewards.items():
+        if key not in defaults:
+            raise ValueError(f"rewards key {key!r} is not valid; allowed keys: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"rewards[{key!r}]={value!r} is not valid; it must be a finite number")
+        table[key] = float(value)
+    return table
 
 
 class ChatEnv(gym.Env):
@@ -63,9 +93,9 @@ class ChatEnv(gym.Env):
         self._messages = [{"role": "user", "content": prompt}]
         self._image = image
 
-    def _revise(self, answer: str, feedback: str) -> None:
+    def _revise(self, answer: object, feedback: str) -> None:
         """Continue the conversation after a failed attempt: the answer, then why it failed."""
-        self._messages.append({"role": "assistant", "content": answer})
+        self._messages.append({"role": "assistant", "content": answer_text(answer)})
         self._messages.append({"role": "user", "content": REVISION_PREFIX + feedback})
 
     def _observation(self) -> dict[str, Any]:

@@ -16,13 +16,12 @@ Two decisions beyond the spec, both deliberate:
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 
 from lit_sftrl.envs.arithmetic import FormulaError, evaluate_formula, format_number
-from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int
+from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
 from lit_sftrl.envs.cards import RANKS, Card, deck, draw_hand, render_table
 from lit_sftrl.envs.parsing import extract_json_object
 from lit_sftrl.envs.solver import is_solvable, solutions
@@ -113,7 +112,7 @@ class GeneralPointsEnv(ChatEnv):
         super().__init__(image_size if modality == "image" else None)
         self.target, self.num_cards, self.face_card_rule = target, num_cards, face_card_rule
         self.suits, self.modality, self.verify_iter, self.image_size = suits, modality, verify_iter, image_size
-        self.rewards: dict[str, float] = reward_table(rewards)
+        self.rewards: dict[str, float] = reward_table(DEFAULT_REWARDS, rewards)
         self._deck = deck(suits)
         self._value = card_values(face_card_rule)
         self._playable_labels = _PLAYABLE.setdefault((face_card_rule, target), {})
@@ -153,7 +152,7 @@ class GeneralPointsEnv(ChatEnv):
         self._over = success or truncated
         if not success:
             # Also on truncation: the obs is then the state the episode stopped in, for value bootstrapping.
-            self._revise(action if isinstance(action, str) else repr(action), verdict.feedback or "")
+            self._revise(action, verdict.feedback or "")
         return self._observation(), self.rewards[verdict.outcome], success, truncated, self._info(verdict, success)
 
     # -- judging ------------------------------------------------------------------------------------------
@@ -302,23 +301,6 @@ def card_values(face_card_rule: str) -> dict[str, int]:
     if face_card_rule == "10":
         values.update({rank: 10 for rank in FACE_RANKS})
     return values
-
-
-def reward_table(rewards: Mapping[str, float] | None) -> dict[str, float]:
-    """``DEFAULT_REWARDS`` overridden by ``rewards``; unknown keys and non-finite values are rejected."""
-    table = dict(DEFAULT_REWARDS)
-    allowed = ", ".join(map(repr, DEFAULT_REWARDS))
-    if rewards is None:
-        return table
-    if not isinstance(rewards, Mapping):
-        raise ValueError(f"rewards={rewards!r} is not valid; it must be a dict with keys among {allowed}")
-    for key, value in rewards.items():
-        if key not in DEFAULT_REWARDS:
-            raise ValueError(f"rewards key {key!r} is not valid; allowed keys: {allowed}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"rewards[{key!r}]={value!r} is not valid; it must be a finite number")
-        table[key] = float(value)
-    return table
 
 
 def _stated_labels(cards: Any) -> Counter | None:

@@ -29,14 +29,13 @@ Decisions the spec leaves open (documented once, here):
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int
+from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
 from lit_sftrl.envs.parsing import extract_json_object
 from lit_sftrl.envs.routes import COMPASS, NO_LANDMARK, Route, interpolate, load_route_folder, wrap_degrees
 
@@ -212,20 +211,6 @@ def check_rail(straight_line_length: object, drop_rate: object) -> None:
         raise ValueError(f"drop_rate={drop_rate!r} is not valid; it must be a number in [0, 1]")
 
 
-def check_rewards(rewards: object) -> None:
-    """``rewards`` overrides entries of DEFAULT_REWARDS with finite numbers; anything else is an error."""
-    if rewards is None:
-        return
-    allowed = ", ".join(map(repr, DEFAULT_REWARDS))
-    if not isinstance(rewards, dict):
-        raise ValueError(f"rewards={rewards!r} is not valid; it must be a dict with keys among {allowed}")
-    for key, value in rewards.items():
-        if key not in DEFAULT_REWARDS:
-            raise ValueError(f"rewards key {key!r} is not valid; allowed keys: {allowed}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"rewards[{key!r}]={value!r} is not valid; it must be a finite number")
-
-
 class VIRLEnv(ChatEnv):
     """Gymnasium env ``lit_sftrl/VIRL-v0``: text (V-IRL-L) or text + 2x2 street-view grid (V-IRL-VL)."""
 
@@ -247,14 +232,13 @@ class VIRLEnv(ChatEnv):
         check_positive_int("verify_iter", verify_iter)
         check_positive_int("image_size", image_size)
         check_rail(straight_line_length, drop_rate)
-        check_rewards(rewards)
         super().__init__(image_size if modality == "image" else None)
         self.folder = load_route_folder(routes)
         self.action_space_name, self.modality, self.route_order = action_space, modality, route_order
         self.verify_iter, self.straight_line_length = verify_iter, straight_line_length
         self.drop_rate = float(drop_rate)
         self.image_size = image_size
-        self.rewards = {**DEFAULT_REWARDS, **(rewards or {})}
+        self.rewards = reward_table(DEFAULT_REWARDS, rewards)
         choices = COMPASS if action_space == "absolute" else RELATIVE_WORDS
         self._valid = frozenset({FORWARD, STOP, *(f"turn_direction({c})" for c in choices)})
         self._action_text = ACTION_TEXT.format(choices=", ".join(choices))
@@ -299,7 +283,7 @@ class VIRLEnv(ChatEnv):
         elif verdict.correct:
             self._index += 1
         else:
-            self._revise(action if isinstance(action, str) else repr(action), verdict.feedback)
+            self._revise(action, verdict.feedback)
             truncated = self._attempt >= self.verify_iter
         info = self._info(judged, verdict)
         self._done = terminated or truncated
