@@ -134,9 +134,9 @@ class PPOModule(PolicyModule):
         self._train_envs: list | None = None
 
     def total_optimizer_steps(self) -> int:
-        spec = self.trainer.datamodule.train_dataloader().dataset.spec if self.trainer.datamodule else None
-        per_update = self.optimizer_steps_per_update(spec.rollout_steps) if spec else 1
-        return max(1, self.trainer.max_epochs or 1) * per_update
+        """For the learning-rate schedule: updates (epochs) x optimizer steps per update."""
+        rollout_steps = getattr(self.trainer.datamodule, "rollout_steps", self.ppo.minibatch_size)
+        return max(1, self.trainer.max_epochs or 1) * self.optimizer_steps_per_update(rollout_steps)
 
     def optimizer_steps_per_update(self, rollout_steps: int) -> int:
         return self.ppo.ppo_epochs * -(-rollout_steps // self.ppo.minibatch_size)
