@@ -71,7 +71,7 @@ def _run_tool(name: str, argv: list[str]) -> Any:
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         sys.exit(f"lit-sftrl {name}: {error}")
 
 

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from lit_sftrl.datamodules import EpisodeDataModule
+from lit_sftrl.models.export import check_lightning_checkpoint
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
 from lit_sftrl.tasks import TaskConfig
+
+
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves to a file itself
 
 
 class SftRlCLI(LightningCLI):
     """``model`` is an SFTModule or PPOModule, ``data`` an SFTDataModule or RLDataModule (``class_path`` in YAML)."""
 
     def __init__(self, args: list[str] | None = None) -> None:
+        # From the shell, errors the user can fix end in one line; in-process callers (tests) get the exception.
+        self._command_line = args is None
         super().__init__(
             PolicyModule,
             EpisodeDataModule,
@@ -35,6 +43,82 @@ class SftRlCLI(LightningCLI):
         if problems:
             lines = "\n".join(f"  {key}: {message}" for key, message in problems)
             sys.exit(f"lit-sftrl {self.subcommand}: the config has problems, nothing was run:\n{lines}")
+        unreadable = checkpoint_problems(config)
+        if unreadable:
+            lines = "\n".join(f"  {key}: {message}" for key, message in unreadable)
+            sys.exit(f"lit-sftrl {self.subcommand}: a checkpoint cannot be read, nothing was run:\n{lines}")
+
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path`` file; do not merge its hyper-parameters into the config.
+
+        LightningCLI (2.6) loads that file right after parsing, before before_instantiate_classes, so a damaged
+        one must be refused here or torch's traceback comes first. It would then merge the checkpoint's
+        hyper-parameters into ``model``: ours are a record (``backbone``, ``init_from``) without a class path, so
+        the merge turned the model into the base PolicyModule ("No `training_step()` method defined") and would
+        override the config's backbone with the stored one. The config is the source of truth here; the weights,
+        optimizer, schedule and data position come from the checkpoint when the trainer restores it.
+        """
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in CKPT_PATH_KEYWORDS and Path(path).is_file():
+            try:
+                check_lightning_checkpoint(path)
+            except (FileNotFoundError, ValueError) as error:
+                sys.exit(f"lit-sftrl {subcommand}: a checkpoint cannot be read, nothing was run:\n  ckpt_path: {error}")
+
+    # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
+    def before_fit(self) -> None:
+        self._check_last_checkpoint()
+
+    before_validate = before_test = before_predict = before_fit
+
+    def _check_last_checkpoint(self) -> None:
+        if self._get(self.config, "ckpt_path") != "last":
+            return
+        path = last_checkpoint(self.trainer)
+        if path is None:  # Lightning warns and starts from scratch
+            return
+        try:
+            check_lightning_checkpoint(path)
+        except (FileNotFoundError, ValueError) as error:
+            sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
+                     "Resume from another checkpoint with --ckpt_path PATH.")
+
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        """``trainer.fit`` (LightningCLI runs this method in its place): a run that repeated non-finite losses
+        stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
+        try:
+            self.trainer.fit(model, **kwargs)
+        except FloatingPointError as error:
+            if not self._command_line:
+                raise
+            sys.exit(f"lit-sftrl fit: {error}")
+
+
+def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
+    """Checkpoint files the config names that do not read back whole (truncated, corrupted, not lit-sftrl's):
+    refused here, naming the file, instead of failing deep inside Lightning or torch after the model is built."""
+    model = config.model.init_args if "init_args" in config.model else config.model
+    problems = []
+    for key, path in (("ckpt_path", config.get("ckpt_path")), ("model.init_from", _get(model, "init_from"))):
+        if path and path not in CKPT_PATH_KEYWORDS and Path(path).is_file():
+            try:
+                check_lightning_checkpoint(path)
+            except (FileNotFoundError, ValueError) as error:
+                problems.append((key, str(error)))
+    return problems
+
+
+def last_checkpoint(trainer: Any) -> str | None:
+    """The file Lightning resumes from for ``ckpt_path="last"``: the newest ``last*.ckpt`` of the checkpoint
+    callbacks (Lightning's own lookup) or an on-exception checkpoint; None when there is none."""
+    candidates = {getattr(cb, "ckpt_path", None) for cb in trainer.callbacks if isinstance(cb, OnExceptionCheckpoint)}
+    for callback in trainer.checkpoint_callbacks:
+        find = getattr(callback, "_find_last_checkpoints", None)
+        if find is not None:
+            candidates |= set(find(trainer))
+    existing = [path for path in candidates if path and os.path.isfile(path)]
+    return max(existing, key=os.path.getmtime) if existing else None
 
 
 def config_problems(config: Any) -> list[tuple[str, str]]:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,37 +32,70 @@ log = logging.getLogger(__name__)
 PREFIX = "backbone."
 EXPORT_RECORD = "lit_sftrl_export.json"
 _SAFE_CLASSES = [BackboneConfig, LoraSettings, SamplingConfig]
+# Checkpoints up to this size get every zip member's CRC verified before use (~4 GB/s); bigger ones only the
+# structural check (zip directory, pickle, keys), which catches truncation but not flipped bytes in tensors.
+CRC_CHECK_LIMIT = 8 << 30
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(_SAFE_CLASSES):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "Unsupported global" not in str(error):
             raise
         # Hyper-parameters hold classes beyond ours. These files are written locally by this trainer (the trust
         # Lightning itself gives them when resuming), so read them in full.
         log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
-def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint file; FileNotFoundError/ValueError naming the file instead of a deep traceback."""
+def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a Lightning checkpoint file; FileNotFoundError/ValueError naming the file instead of a deep traceback.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check that the file is whole (its zip
+    directory and pickle read back) before a run starts, whatever the checkpoint's size.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        checkpoint = _torch_load(path)
+        checkpoint = _torch_load(path, mmap=mmap)
     except Exception as error:  # truncated zip, garbage bytes, foreign pickle...
-        raise ValueError(
-            f"checkpoint {str(path)!r} is truncated or corrupted ({type(error).__name__}: {error})"
-        ) from None
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({_first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no state_dict)")
     if "backbone" not in (checkpoint.get("hyper_parameters") or {}):
         raise ValueError(f"checkpoint {str(path)!r} has no hyper_parameters['backbone']: not written by lit-sftrl?")
     return checkpoint
+
+
+def check_lightning_checkpoint(path: str | Path, crc_limit: int = CRC_CHECK_LIMIT) -> None:
+    """Raise FileNotFoundError/ValueError naming ``path`` unless it reads back whole: a zip archive (what
+    ``torch.save`` writes; a truncated file has lost its directory), every member's CRC intact (files up to
+    ``crc_limit`` bytes), and a Lightning checkpoint of lit-sftrl once unpickled (tensors mapped, not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted (not a whole zip archive, which torch.save writes)")
+    if path.stat().st_size <= crc_limit:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except Exception as error:  # noqa: BLE001 - any failure to read it back means the file is damaged
+            raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({_first_line(error)})") from None
+        if bad is not None:
+            raise ValueError(f"checkpoint {str(path)!r} is corrupted (its part {bad!r} fails the CRC check)")
+    read_lightning_checkpoint(path, mmap=True)
+
+
+def _first_line(error: Exception, limit: int = 160) -> str:
+    """``Type: message``, the message cut to its first sentence: torch appends paragraphs of advice."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = message.split(". ")[0]
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _backbone_config(checkpoint: dict[str, Any]) -> BackboneConfig:
@@ -101,6 +135,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"export directory {str(out)!r} is not empty")
+    check_lightning_checkpoint(ckpt)  # torch.load itself does not notice damaged tensor bytes
     checkpoint = read_lightning_checkpoint(ckpt)
     backbone = _backbone_from(checkpoint, ckpt, quantization="none", reference="none", gradient_checkpointing=False)
     backbone.save_pretrained(out, merge_lora=merge_lora)
@@ -145,6 +180,7 @@ def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
         # Prefixed as the wrapper names them (its transformers model is the attribute `model`).
         state = {f"model.{k}": v for k, v in load_plain_model(path).state_dict().items()}
     else:
+        check_lightning_checkpoint(path)
         checkpoint = read_lightning_checkpoint(path)
         source = _backbone_config(checkpoint)
         if Path(source.path).resolve() != backbone.path.resolve():
