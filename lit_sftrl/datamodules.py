@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from lit_sftrl.llava_data import read_llava_json
 from lit_sftrl.tasks import TaskConfig
@@ -85,6 +85,26 @@ class EvalChunks(Dataset):
         return self.chunks[index]
 
 
+class AlreadySharded(DistributedSampler):
+    """In-order sampler over a dataset that already is this rank's share (see ``EpisodeDataModule.rank_chunks``).
+
+    Being a ``DistributedSampler``, it keeps Lightning from sharding the dataset again with one that pads the last
+    ranks with repeated chunks, whose episodes the synchronised metrics would then count twice.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:  # no process group needed: nothing to split
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.dataset)))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
 class EpisodeDataModule(L.LightningDataModule):
     """Validation and test episodes of every variant; subclasses add the training stream."""
 
@@ -109,12 +129,15 @@ class EpisodeDataModule(L.LightningDataModule):
         if not self.task.is_virl:
             return PAPER_TEST_EPISODES["gp"]
         if variant == "visual_ood":
-            return self.task.make_env("visual_ood").num_routes
+            return self._num_routes("visual_ood")
         return PAPER_TEST_EPISODES["virl"]
 
     def eval_chunks(self, variant: str, num_episodes: int) -> list[EvalEpisodes]:
+        """The fixed evaluation episodes of ``variant``, in chunks; V-IRL plays route i, at most every route once."""
         env_id, env_kwargs = self.task.env_spec(variant)
         variant_index = self.task.variants.index(variant)
+        if self.task.is_virl:  # a small benchmark city (18 visual_ood routes) has fewer routes than asked for
+            num_episodes = min(num_episodes, self._num_routes(variant))
         episodes = []
         for i in range(num_episodes):
             seed = int(stream_rng(self.evaluation.seed, variant_index, i).integers(2**31))
@@ -123,10 +146,25 @@ class EpisodeDataModule(L.LightningDataModule):
         size = self.evaluation.chunk
         return [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size]) for i in range(0, len(episodes), size)]
 
+    def _num_routes(self, variant: str) -> int:
+        return self.task.make_env(variant).num_routes
+
+    def rank_chunks(self, variant: str, num_episodes: int, rank: int, world_size: int) -> list[EvalEpisodes]:
+        """Rank ``rank``'s share of the chunks (round-robin). A rank left without one gets an empty chunk, so that
+        every rank updates, and synchronises, every variant's metrics."""
+        chunks = self.eval_chunks(variant, num_episodes)
+        mine = chunks[rank::world_size]
+        if not mine:
+            env_id, env_kwargs = self.task.env_spec(variant)
+            mine = [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, [])]
+        return mine
+
     def _eval_loaders(self, sizes: dict[str, int]) -> list[DataLoader]:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return [
-            DataLoader(EvalChunks(self.eval_chunks(variant, n)), batch_size=None, collate_fn=keep_as_is)
-            for variant, n in sizes.items()
+            DataLoader(chunks, batch_size=None, sampler=AlreadySharded(chunks), collate_fn=keep_as_is)
+            for chunks in (EvalChunks(self.rank_chunks(variant, n, rank, world_size)) for variant, n in sizes.items())
         ]
 
     def val_dataloader(self) -> list[DataLoader]:

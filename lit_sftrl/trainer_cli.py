@@ -47,6 +47,7 @@ class SftRlCLI(LightningCLI):
         if unreadable:
             lines = "\n".join(f"  {key}: {message}" for key, message in unreadable)
             sys.exit(f"lit-sftrl {self.subcommand}: a checkpoint cannot be read, nothing was run:\n{lines}")
+        config.trainer.strategy = ddp_strategy(config.trainer.get("strategy"))
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit ``--ckpt_path`` file; do not merge its hyper-parameters into the config.
@@ -119,6 +120,17 @@ def last_checkpoint(trainer: Any) -> str | None:
             candidates |= set(find(trainer))
     existing = [path for path in candidates if path and os.path.isfile(path)]
     return max(existing, key=os.path.getmtime) if existing else None
+
+
+# A VLM leaves parameters unused on many batches (the vision tower and cross-attention layers on text-only
+# tasks), which plain DDP rejects at its second step; the backbone cannot know in advance, so DDP looks for them.
+DDP_FIND_UNUSED = {name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")}
+
+
+def ddp_strategy(strategy: Any) -> Any:
+    """``--trainer.strategy ddp`` (and its spawn/fork/notebook forms) with unused-parameter detection on;
+    any other strategy, or an explicit ``ddp_find_unused_parameters_false``, as given."""
+    return DDP_FIND_UNUSED.get(strategy, strategy) if isinstance(strategy, str) else strategy
 
 
 def config_problems(config: Any) -> list[tuple[str, str]]:
