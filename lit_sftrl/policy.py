@@ -186,6 +186,7 @@ class PolicyModule(L.LightningModule):
             self.log_dict(flat, sync_dist=False, rank_zero_only=True)
         step = max(self.global_step, self._checkpoint_step)
         self.print(summary_line(stage, step, metrics))
+        run_dir = self.run_dir  # on every rank: trainer.log_dir is a collective under DDP
         if self.trainer.is_global_zero:
             record = {
                 "stage": stage, "step": step, "epoch": self.current_epoch,
@@ -193,4 +194,4 @@ class PolicyModule(L.LightningModule):
                 "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
             }
             name = f"{stage}-step{step:07d}.json"
-            write_results(self.run_dir / "eval" / name, record)
+            write_results(run_dir / "eval" / name, record)

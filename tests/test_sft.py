@@ -249,11 +249,6 @@ def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
     assert checkpoint["tokens_seen"] == checkpoint["flops"]["train_tokens"] == tokens
 
 
-@pytest.mark.xfail(
-    run=False,
-    reason="hangs: PolicyModule._finish_evaluation (policy.py) reads self.run_dir -> trainer.log_dir, a broadcast, on "
-    "rank 0 only; rank 1 waits in the next collective. Run this once every rank computes run_dir.",
-)
 def test_two_process_cpu_ddp_validation_plays_each_episode_once(tmp_path, tiny):
     run_dir = tmp_path / "ddp"
     # 3 chunks of one episode on 2 ranks: Lightning's DistributedSampler would pad rank 1 with a repeated chunk.
