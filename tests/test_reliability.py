@@ -35,7 +35,7 @@ kill_resume = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("kill_resume", kill_resume)
 _spec.loader.exec_module(kill_resume)
 
-MAX_STEPS, EVERY = 8, 2
+MAX_STEPS, EVERY = 6, 2
 
 
 @pytest.fixture(scope="module")
@@ -225,15 +225,15 @@ def test_damaged_last_checkpoint_is_refused(real_checkpoint, tmp_path, model_dir
 
 
 def test_damaged_checkpoint_from_the_shell_gives_one_line_and_no_traceback(real_checkpoint, tmp_path, model_dir):
-    """The three entry points as a user meets them: separate processes, exit status, stderr."""
+    """As a user meets them: a process each for the LightningCLI path (``--ckpt_path`` used to end in torch's
+    traceback) and the tool path (export); exit status and stderr. ``--model.init_from`` fails on the same
+    LightningCLI path, checked in-process above."""
     _, config = _config(tmp_path, model_dir)
     truncated = _damage(real_checkpoint, tmp_path, "truncated")
     corrupted = _damage(real_checkpoint, tmp_path, "flipped_tensor_bytes")
-    garbage = _damage(real_checkpoint, tmp_path, "garbage")
     commands = {
         truncated: ["fit", "--config", str(config), "--ckpt_path", str(truncated)],
-        corrupted: ["fit", "--config", str(config), "--model.init_args.init_from", str(corrupted)],
-        garbage: ["export", "--ckpt", str(garbage), "--out", str(tmp_path / "exported")],
+        corrupted: ["export", "--ckpt", str(corrupted), "--out", str(tmp_path / "exported")],
     }
     env = kill_resume.child_env()
     processes = {bad: subprocess.Popen([kill_resume.lit_sftrl_bin(), *argv], env=env, stdout=subprocess.PIPE,
@@ -243,7 +243,7 @@ def test_damaged_checkpoint_from_the_shell_gives_one_line_and_no_traceback(real_
         assert process.returncode != 0, stderr
         assert "Traceback" not in stderr, stderr
         assert str(bad) in stderr, stderr
-        assert "truncated or corrupted" in stderr or "corrupted" in stderr
+        assert "corrupted" in stderr and len(stderr.strip().splitlines()[-1]) < 300, stderr
 
 
 def test_whole_checkpoint_passes_the_check(real_checkpoint, tmp_path):
