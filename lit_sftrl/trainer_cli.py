@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.datamodules import EpisodeDataModule
 from lit_sftrl.models.export import check_lightning_checkpoint
 from lit_sftrl.models.tiny import TINY_NAME
@@ -32,6 +33,7 @@ class SftRlCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"plugins": [AtomicCheckpointIO()]},
             auto_configure_optimizers=False,
             parser_kwargs={"default_env": False},
             args=args,

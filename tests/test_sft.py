@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -114,6 +116,7 @@ def short_fit(tmp_path_factory, tiny):
 def test_a_short_fit_lowers_the_loss(short_fit):
     cli, run_dir = short_fit
     assert cli.trainer.global_step == 12
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # kills never leave half a file
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     train = [row for row in rows if row.get("train/loss")]
     losses = [float(row["train/loss"]) for row in train]
