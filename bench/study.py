@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="gp_l", choices=["gp_l", "gp_vl", "virl_l", "virl_vl"])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--init-steps", type=int, default=300, help="SFT steps to the Init checkpoint")
+    parser.add_argument("--init-steps", type=int, default=600, help="SFT steps to the Init checkpoint")
     parser.add_argument("--updates", type=int, default=10, help="PPO updates from Init")
     parser.add_argument("--test-episodes", type=int, default=None, help="per variant (default: the paper's)")
     parser.add_argument("--val-episodes", type=int, default=None, help="per variant during fit (default: config's)")
