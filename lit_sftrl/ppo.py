@@ -9,6 +9,7 @@ Because an update is an epoch, ``--ckpt_path`` resumes at an update boundary and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, Iterator, Sequence
@@ -175,7 +176,10 @@ class PPOModule(PolicyModule):
         engine = RolloutEngine(self.backbone, self.sampling)
         # No dropout during the whole update: the ratio of the first PPO epoch must start at exactly 1.
         self.backbone.eval()
-        with torch.no_grad():
+        # Sampling, like the episodes, is seeded by (seed, rank, update): a resumed run samples exactly the
+        # answers an unbroken one would (the global RNG is not in checkpoints), and ranks sample independently.
+        sampling_seed = int(stream_rng(spec.seed, spec.rank, self.current_epoch, 0, 0).integers(2**63))
+        with torch.no_grad(), _forked_rng(self.device, sampling_seed):
             attempts, finished = engine.collect(self._train_envs, self._episodes(spec), spec.rollout_steps)
             if self.ppo.kl_coef:
                 self._reference_logprobs(attempts)
@@ -279,6 +283,16 @@ class PPOModule(PolicyModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.env_steps = checkpoint.get("env_steps", 0)
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the RNG that sampling on ``device`` draws from, restoring the global RNG state afterwards."""
+    accelerator = device.type not in ("cpu", "meta")
+    devices = [device] if accelerator and device.index is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
+        torch.manual_seed(seed)
+        yield
 
 
 def _k3(logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

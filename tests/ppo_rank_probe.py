@@ -1,0 +1,58 @@
+"""A Lightning callback for PPO tests that run in other processes (DDP): what each rank played and its weights.
+
+After every update each rank appends one JSON line to ``<out>/rank<r>.jsonl``: the update, global step and
+env steps, the first user message of every prompt of the update's first batched generation (its episodes),
+and a SHA-256 of its trainable weights. Pass it with
+``--trainer.callbacks+='{"class_path": "ppo_rank_probe.PPORankProbe", "init_args": {"out": DIR}}'`` and
+``tests/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, value in sorted(module.backbone.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class PPORankProbe(L.Callback):
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self._first_prompts: list[str] | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        backbone = pl_module.backbone
+        generate = type(backbone).generate
+        self._first_prompts = None
+
+        def recording_generate(prompts, sampling=None):
+            if self._first_prompts is None:
+                self._first_prompts = [messages[0]["content"] for messages, _ in prompts]
+            return generate(backbone, prompts, sampling)
+
+        backbone.generate = recording_generate  # an instance attribute shadows the method for this update
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        del pl_module.backbone.generate
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "update": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "env_steps": pl_module.env_steps,
+            "prompts": self._first_prompts,
+            "weights": weights_digest(pl_module),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(record) + "\n")
