@@ -327,3 +327,17 @@ def test_stored_answer_ids_and_logprobs_are_what_scoring_gives(modality, tiny_di
             assert following.prompt[0][-2] == {"role": "assistant", "content": text}
             revised += 1
     assert revised
+
+
+def test_attempts_of_one_episode_share_one_image_array():
+    """Environments copy the image on every step; the engine keeps one array per unchanged image."""
+    from lit_sftrl.rollout import _Running
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    state = _Running({"messages": (), "image": image})
+    state.continue_with({"messages": (), "image": image.copy()})
+    assert state.obs["image"] is image
+    changed = image.copy()
+    changed[0, 0, 0] = 1
+    state.continue_with({"messages": (), "image": changed})
+    assert state.obs["image"] is changed
