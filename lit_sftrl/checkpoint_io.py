@@ -1,4 +1,4 @@
-"""Checkpoint writes that a kill can never leave half done, on any filesystem layout.
+"""Checkpoints that lose no work: atomic writes on any filesystem layout, and a save when training ends.
 
 Lightning's default writer stages the file in ``$TMPDIR`` and moves it into place; when ``$TMPDIR`` is on
 another filesystem than the checkpoints (local /tmp, network storage: the usual cluster layout), that move is a
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
@@ -33,3 +34,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves when training stops between two periodic saves.
+
+    Lightning's writes ``last.ckpt`` at the end of training only if it never wrote one, so a run whose
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` would lose its final steps.
+    """
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

@@ -34,3 +34,19 @@ def test_a_write_that_dies_leaves_the_old_checkpoint_and_no_debris(tmp_path, mon
     monkeypatch.undo()
     assert torch.load(target)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
+
+
+@pytest.mark.parametrize("callback, last_step", [("RunCheckpoint", 5), ("ModelCheckpoint", 4)])
+def test_training_that_stops_between_periodic_saves_keeps_its_last_steps(tmp_path, callback, last_step):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_sftrl.checkpoint_io import RunCheckpoint
+
+    checkpoint = {"RunCheckpoint": RunCheckpoint, "ModelCheckpoint": ModelCheckpoint}[callback]
+    trainer = L.Trainer(max_steps=5, callbacks=[checkpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(BoringModel())
+    # Lightning's own callback loses step 5; ours keeps it.
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == last_step
