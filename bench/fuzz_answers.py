@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from lit_sftrl.envs.general_points import GeneralPointsEnv
 from lit_sftrl.envs.parsing import MAX_ANSWER_CHARS

@@ -28,6 +28,22 @@ TEST_CORPUS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_and_clean_argv():
+    """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads
+    waiting on each other make them 5-10x slower. And no pytest argv for LightningCLI to warn about."""
+    import sys
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["lit-sftrl"])
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
     return list(TEST_CORPUS)

@@ -6,7 +6,6 @@ No model is built here: everything is environments, numpy and DataLoaders.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,11 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lit_sftrl.compute import FlopsCounter
@@ -20,16 +18,6 @@ from lit_sftrl.tasks import TaskConfig, make_env_from_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet_single_thread():
-    """One intra-op thread (2 shared cores: oversubscription is far slower) and no pytest argv for LightningCLI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["lit-sftrl"])
-        yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------- metrics

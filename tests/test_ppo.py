@@ -31,14 +31,6 @@ REPO = TESTS.parent
 TOY_ID = "lit_sftrl_tests/SaySeven-v0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention (often 5x faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------- toy task
 

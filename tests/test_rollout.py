@@ -25,14 +25,6 @@ from lit_sftrl.rollout import RolloutEngine
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention (often 5x faster).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 

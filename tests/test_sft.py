@@ -55,16 +55,6 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet_single_thread():
-    """One intra-op thread (2 shared cores: oversubscription is far slower) and no pytest argv for LightningCLI."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["lit-sftrl"])
-        yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir_factory) -> Path:
