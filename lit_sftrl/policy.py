@@ -96,6 +96,8 @@ class PolicyModule(L.LightningModule):
             return
         self.backbone = Backbone(self.backbone_config)
         self.flops = FlopsCounter(self.backbone.num_parameters)
+        # An exported run keeps its compute: evaluating or training it continues that run's FLOPs axis.
+        self.flops.initial = inherited_flops(self.backbone_config.path)
         if self.init_from:
             load_weights_for_init(self.backbone, self.init_from)
             self.flops.initial = inherited_flops(self.init_from)

@@ -156,6 +156,19 @@ def test_lit_sftrl_test_on_a_checkpoint_writes_a_test_record(short_fit, tmp_path
     assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
 
 
+def test_an_exported_run_evaluates_like_its_checkpoint_and_keeps_its_flops(short_fit, tmp_path, tiny):
+    cli, run_dir = short_fit
+    exported = run(["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exported")])
+    records = {}
+    for name, overrides in (("from_dir", ["--model.backbone.path", str(exported)]),
+                            ("from_ckpt", ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])):
+        run(["test", "--config", str(small_config(tmp_path / name, tiny, steps=12)), *overrides])
+        [path] = (tmp_path / name / "eval").glob("test-*.json")
+        records[name] = read_json(path)
+    assert records["from_dir"]["metrics"] == records["from_ckpt"]["metrics"]
+    assert records["from_dir"]["flops"] == records["from_ckpt"]["flops"] == cli.model.flops.total
+
+
 # ------------------------------------------------------------------------------------- kill and resume
 
 
