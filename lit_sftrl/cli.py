@@ -70,9 +70,11 @@ def _run_tool(name: str, argv: list[str]) -> Any:
     }[name](parser)
     args = parser.parse_args(argv)
     try:
-        return command(args)
+        path = command(args)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         sys.exit(f"lit-sftrl {name}: {error}")
+    print(f"wrote {path}")
+    return path
 
 
 def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
@@ -86,9 +88,7 @@ def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
     def command(args: argparse.Namespace) -> Path:
         from lit_sftrl.corpus import build_tiny
 
-        path = build_tiny(args.out, family=args.family, size=args.size, seed=args.seed)
-        print(f"wrote {path}")
-        return path
+        return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed)
 
     return command
 
@@ -104,9 +104,7 @@ def _make_city(parser: argparse.ArgumentParser) -> Callable:
     def command(args: argparse.Namespace) -> Path:
         from lit_sftrl.envs.city import make_city
 
-        path = make_city(args.out, style=args.style, num_routes=args.routes, seed=args.seed)
-        print(f"wrote {path}")
-        return path
+        return make_city(args.out, style=args.style, num_routes=args.routes, seed=args.seed)
 
     return command
 
@@ -119,9 +117,7 @@ def _export(parser: argparse.ArgumentParser) -> Callable:
     def command(args: argparse.Namespace) -> Path:
         from lit_sftrl.models.export import export_checkpoint
 
-        path = export_checkpoint(args.ckpt, args.out, merge_lora=not args.adapter_only)
-        print(f"wrote {path}")
-        return path
+        return export_checkpoint(args.ckpt, args.out, merge_lora=not args.adapter_only)
 
     return command
 
@@ -134,9 +130,7 @@ def _report(parser: argparse.ArgumentParser) -> Callable:
     def command(args: argparse.Namespace) -> Path:
         from lit_sftrl.report import make_report
 
-        path = make_report(args.runs, args.out, smooth=args.smooth)
-        print(f"wrote {path}")
-        return path
+        return make_report(args.runs, args.out, smooth=args.smooth)
 
     return command
 
