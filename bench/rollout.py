@@ -4,25 +4,28 @@ All modes play the SAME episodes (the same reset seeds, drawn in the same order)
 sampling settings (temperature 1, 64 new tokens) and value head, in one process:
 
 * batched: :class:`lit_sftrl.rollout.RolloutEngine` with ``num_envs`` (16) environments in lockstep, one batched
-  ``generate`` per step, finished episodes reset in place (what PPO runs);
+  ``generate`` per step, each conversation continued from its cached keys and values, finished episodes reset in
+  place (what PPO runs);
+* batched, whole prompts (informational): the same without conversation caches, every turn encoded whole;
 * one at a time: the original research code's loop: one environment, one prompt per ``generate`` call, the
-  next prompt only after the environment judged the answer;
+  whole conversation encoded at every turn, the next prompt only after the environment judged the answer;
 * one at a time + rescoring (informational): the same, plus the original's second forward over prompt + answer
   for the value and log-prob (RL4VLM-style ``evaluate``); the engine gets both out of ``generate`` itself.
 
 Each collects the same number of attempts (``--attempts``, default 80: every environment plays one whole
 episode of five attempts when the model never solves a hand, as an untrained model does not). Reported:
 attempts per second, the speed-up of batching (target >= 8x), and the share of the batched rollout's time
-spent outside the model (target <= 15 %): everything but the transformers ``generate`` call and the value
-forwards, i.e. chat-template rendering and tokenisation (the processor), decoding, answer parsing, reward,
-environment resets and steps, and the engine's own bookkeeping. The model time is split further into
-whole-prompt forwards (prefill, values, scoring), one-token decoding steps, and generate's own loop.
+spent outside the model (target <= 15 %): everything outside the backbone wrapper, plus the processor's
+prompt encoding and the decoding of answers inside it, i.e. chat-template rendering and tokenisation, decoding,
+answer parsing, reward, environment resets and steps, and the engine's own bookkeeping. The model time is
+split further into whole-prompt forwards (prefill, values, scoring), one-token decoding steps, and the rest
+(generate's loop, cache bookkeeping).
 
-On the project's 2-core CPU the speed-up stays far below 8x, and not because of the engine (under 3 % of the
-time is outside the model): whole-prompt forwards are compute-bound on a CPU, so batching saves nothing on them
-(padding makes them slower), and they dominate because every revision turn re-encodes the whole conversation
-(~650 tokens at the fifth attempt); a batch-16 decoding step still costs 2-3x a batch-1 step. See the breakdown
-that :func:`main` prints.
+The ceiling row bounds what ANY batched engine can reach with this model forward on this machine: the
+one-at-a-time time per attempt over the batched rollout's time per attempt in one-token decoding steps alone
+(as if prefill, sampling and environments cost nothing). On the project's 2-core CPU it is below 8x: a
+decoding step at batch 16 costs 2-3x one at batch 1, because the tiny model's matrix products are compute-bound
+on a CPU core. On a GPU a decoding step is latency-bound and batch 16 costs about as much as batch 1.
 
 Threads: the default is one intra-op thread. On a shared 2-core machine two threads make OpenMP spin-wait and
 batched matrix products 5-10x slower; ``--threads 0`` keeps torch's own choice.
@@ -55,11 +58,11 @@ class Timers:
     """Seconds spent in the pieces of a rollout, accumulated by wrappers around the backbone's parts."""
 
     seconds: dict[str, float] = field(
-        default_factory=lambda: {"model": 0.0, "prefill": 0.0, "steps": 0.0, "encode": 0.0, "decode": 0.0}
+        default_factory=lambda: {"backbone": 0.0, "prefill": 0.0, "steps": 0.0, "encode": 0.0, "decode": 0.0}
     )
 
     def wrap(self, key: str, function: Callable) -> Callable:
-        @functools.wraps(function)
+        @functools.wraps(function)  # generate reads the model forward's signature (position_ids) through it
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
@@ -75,19 +78,19 @@ class Timers:
 
 
 def instrument(backbone: Backbone) -> Timers:
-    """Time the model (``generate`` of the transformers model, and the full-sequence forwards of value
-    bootstrapping and scoring) and, inside it, the forwards over whole prompts (prefill, value, scoring) and
-    the one-token decoding steps; separately, the processor's prompt encoding and the decoding of answers (both
-    outside the model)."""
+    """Time everything inside the backbone wrapper (generation with its cache bookkeeping, value bootstrapping,
+    scoring); inside it, the forwards over whole prompts (prefill, value, scoring) and the one-token decoding
+    steps, and the parts that are not the model: the processor's prompt encoding and the decoding of answers."""
     timers = Timers()
-    backbone.model.generate = timers.wrap("model", backbone.model.generate)
-    backbone._forward = timers.wrap("model", backbone._forward)
+    for name in ("generate", "prompt_values", "score"):
+        setattr(backbone, name, timers.wrap("backbone", getattr(backbone, name)))
     forward = backbone.model.forward
+    prefill, step = timers.wrap("prefill", forward), timers.wrap("steps", forward)
 
+    @functools.wraps(forward)
     def classified_forward(*args: Any, **kwargs: Any) -> Any:
         ids = kwargs.get("input_ids")
-        key = "steps" if ids is not None and ids.shape[1] == 1 else "prefill"
-        return timers.wrap(key, forward)(*args, **kwargs)
+        return (step if ids is not None and ids.shape[1] == 1 else prefill)(*args, **kwargs)
 
     backbone.model.forward = classified_forward
     backbone.encoder.encode_prompts = timers.wrap("encode", backbone.encoder.encode_prompts)
@@ -106,7 +109,7 @@ class Run:
 
     @property
     def model_seconds(self) -> float:
-        return self.parts["model"]
+        return self.parts["backbone"] - self.parts["encode"] - self.parts["decode"]
 
     @property
     def attempts_per_second(self) -> float:
@@ -122,7 +125,8 @@ def episode_seeds(count: int, seed: int = 0) -> list[int]:
 
 
 def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
-            num_envs: int, attempts: int) -> Run:
+            num_envs: int, attempts: int, cache_conversations: bool = True) -> Run:
+    backbone.config.cache_conversations = cache_conversations
     envs = [task.make_env("id") for _ in range(num_envs)]
     drawn: list[int] = []
 
@@ -139,7 +143,8 @@ def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: Samp
     # Every episode played ends with a flagged attempt (its end, or the rollout's cut); environments reset
     # during the last step drew a seed they never played.
     played = sum(a.terminated or a.truncated for a in collected)
-    return Run("batched", len(collected), played, seconds, dict(timers.seconds), drawn[:played])
+    mode = "batched" if cache_conversations else "batched, whole prompts"
+    return Run(mode, len(collected), played, seconds, dict(timers.seconds), drawn[:played])
 
 
 def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
@@ -187,6 +192,7 @@ def measure(path: str | Path, num_envs: int = 16, attempts: int = 80, max_new_to
     for repeat in range(repeats):
         torch.manual_seed(seed + repeat)
         runs = [batched(backbone, timers, task, sampling, seeds, num_envs, attempts),
+                batched(backbone, timers, task, sampling, seeds, num_envs, attempts, cache_conversations=False),
                 one_at_a_time(backbone, timers, task, sampling, seeds, attempts)]
         if rescore:
             runs.append(one_at_a_time(backbone, timers, task, sampling, seeds, attempts, rescore=True))
@@ -197,21 +203,30 @@ def measure(path: str | Path, num_envs: int = 16, attempts: int = 80, max_new_to
 
 
 def rows_of(runs: dict[str, Run]) -> list[Row]:
-    fast, slow = runs["batched"], runs["one at a time"]
+    fast, slow, whole = runs["batched"], runs["one at a time"], runs["batched, whole prompts"]
     rows = [
         Row("rollout GP-L, one at a time", slow.attempts_per_second, "attempts/s", None),
         Row("rollout GP-L, batched (16 envs)", fast.attempts_per_second, "attempts/s", None),
         Row("rollout GP-L, batched / one at a time", fast.attempts_per_second / slow.attempts_per_second, "x", 8.0),
+        Row("rollout GP-L, batched / batched whole prompts", fast.attempts_per_second / whole.attempts_per_second,
+            "x", None),
     ]
     if "one at a time + rescoring" in runs:
         original = runs["one at a time + rescoring"]
         rows.append(Row("rollout GP-L, batched / one at a time + rescoring",
                         fast.attempts_per_second / original.attempts_per_second, "x", None))
     return rows + [
+        Row("rollout GP-L, ceiling: one at a time / batched decoding steps", ceiling(fast, slow), "x", None),
         # The shared table's targets are lower bounds: the outside-model share (target <= 15 %) is shown as
         # the model's share of the rollout time (target >= 85 %).
         Row("rollout GP-L, batched: model share of time", 100.0 * (1.0 - fast.outside_share), "%", 85.0),
     ]
+
+
+def ceiling(fast: Run, slow: Run) -> float:
+    """The one-at-a-time time per attempt over the batched time per attempt spent in one-token decoding steps
+    alone: no batched engine decoding with this forward can beat it, whatever it does about the rest."""
+    return (slow.seconds / slow.attempts) / (fast.parts["steps"] / fast.attempts)
 
 
 def rollout_rows(path: str | Path | None = None, attempts: int = 80, repeats: int = 1, threads: int = 1) -> list[Row]:
@@ -237,13 +252,13 @@ def _build_tiny(tmp: str) -> Path:
 
 def breakdown(run: Run) -> str:
     p = run.parts
-    outside = run.seconds - p["model"]
-    loop = p["model"] - p["prefill"] - p["steps"]
+    outside = run.seconds - run.model_seconds
+    rest = run.model_seconds - p["prefill"] - p["steps"]
     return (
         f"{run.mode}: {run.attempts} attempts of {run.episodes} episodes in {run.seconds:.2f} s "
         f"({run.attempts_per_second:.2f}/s)\n"
-        f"    model {p['model']:.2f} s = whole-prompt forwards (prefill, values, scoring) {p['prefill']:.2f} s "
-        f"+ one-token decoding steps {p['steps']:.2f} s + generation loop {loop:.2f} s\n"
+        f"    model {run.model_seconds:.2f} s = whole-prompt forwards (prefill, values, scoring) {p['prefill']:.2f} s "
+        f"+ one-token decoding steps {p['steps']:.2f} s + generate's loop and cache bookkeeping {rest:.2f} s\n"
         f"    outside the model {outside:.2f} s ({100 * run.outside_share:.1f} %) = processor/prompt encoding "
         f"{p['encode']:.2f} s + decoding {p['decode']:.2f} s + environments, parsing, engine "
         f"{outside - p['encode'] - p['decode']:.2f} s"

@@ -19,6 +19,7 @@ import torch
 
 from lit_sftrl.envs.parsing import extract_json_object
 from lit_sftrl.models.backbone import Backbone, Generation, SamplingConfig
+from lit_sftrl.models.kv_cache import ConversationCache
 
 Episode = tuple[int, dict[str, Any]]  # (reset seed, reset options)
 
@@ -55,18 +56,19 @@ class EpisodeResult:
 
 @dataclass
 class _Running:
-    """An environment's episode in progress."""
+    """An environment's episode in progress, and the model's keys and values of its conversation so far."""
 
     obs: dict[str, Any]
     result: EpisodeResult = field(default_factory=lambda: EpisodeResult(False, 0, 0, 0, 0.0, None))
+    cache: ConversationCache | None = None
 
-    def continue_with(self, obs: dict[str, Any]) -> None:
+    def continue_with(self, obs: dict[str, Any], cache: ConversationCache | None) -> None:
         """Move on to the next observation, sharing the image array while it is unchanged: environments hand out
         a fresh copy each step, and a stored attempt per copy costs megabytes at the paper's 1200 px."""
         previous = self.obs.get("image")
         if previous is not None and "image" in obs and np.array_equal(previous, obs["image"]):
             obs = {**obs, "image": previous}
-        self.obs = obs
+        self.obs, self.cache = obs, cache
 
 
 class RolloutEngine:
@@ -89,7 +91,7 @@ class RolloutEngine:
         running = [self._reset(env, next(episodes)) for env in envs]
         attempts: list[Attempt] = []
         finished: list[EpisodeResult] = []
-        pending_bootstrap: list[tuple[Attempt, dict[str, Any]]] = []
+        pending_bootstrap: list[tuple[Attempt, dict[str, Any], ConversationCache | None]] = []
         while len(attempts) < num_attempts:
             active = list(range(min(len(envs), num_attempts - len(attempts))))
             for i, generation, step in self._advance(envs, running, active):
@@ -101,12 +103,12 @@ class RolloutEngine:
                 )
                 attempts.append(attempt)
                 if attempt.truncated:
-                    pending_bootstrap.append((attempt, obs))
+                    pending_bootstrap.append((attempt, obs, generation.cache))
                 if terminated or truncated:
                     finished.append(running[i].result)
                     running[i] = self._reset(envs[i], next(episodes))
                 else:
-                    running[i].continue_with(obs)
+                    running[i].continue_with(obs, generation.cache)
         self._cut_unfinished(attempts, running, pending_bootstrap)
         self._bootstrap(pending_bootstrap)
         return attempts, finished
@@ -119,15 +121,15 @@ class RolloutEngine:
         for index, attempt in last.items():
             if not (attempt.terminated or attempt.truncated):
                 attempt.truncated = True
-                pending.append((attempt, running[index].obs))
+                pending.append((attempt, running[index].obs, running[index].cache))
 
-    def _bootstrap(self, pending: list[tuple[Attempt, dict[str, Any]]]) -> None:
+    def _bootstrap(self, pending: list[tuple[Attempt, dict[str, Any], ConversationCache | None]]) -> None:
         if not pending or not self.backbone.config.value_head:
             return
         start = time.perf_counter()
-        values = self.backbone.prompt_values([_prompt(obs) for _, obs in pending])
+        values = self.backbone.prompt_values([_prompt(obs) for _, obs, _ in pending], [cache for *_, cache in pending])
         self.seconds["model"] += time.perf_counter() - start
-        for (attempt, _), value in zip(pending, values.tolist()):
+        for (attempt, *_), value in zip(pending, values.tolist()):
             attempt.bootstrap_value = value
 
     # --------------------------------------------------------------------------------------- evaluation
@@ -142,7 +144,7 @@ class RolloutEngine:
             running[i] = (index, self._reset(env, episode))
         while running:
             states = {i: state for i, (_, state) in running.items()}
-            for i, _, step in self._advance(envs, states, sorted(running)):
+            for i, generation, step in self._advance(envs, states, sorted(running)):
                 obs, _, terminated, truncated, _ = step
                 index, state = running[i]
                 if terminated or truncated:
@@ -152,7 +154,7 @@ class RolloutEngine:
                         next_index, episode = queue.pop(0)
                         running[i] = (next_index, self._reset(envs[i], episode))
                 else:
-                    state.continue_with(obs)
+                    state.continue_with(obs, generation.cache)
         return [results[i] for i in range(len(episodes))]
 
     # --------------------------------------------------------------------------------------- shared
@@ -165,9 +167,11 @@ class RolloutEngine:
         return _Running(obs)
 
     def _advance(self, envs: Sequence[Any], running: Sequence[_Running] | dict[int, _Running], active: list[int]) -> Iterator[tuple[int, Generation, tuple]]:
-        """One batched generation for the ``active`` environments, then one step of each."""
+        """One batched generation for the ``active`` environments, then one step of each. Each conversation goes
+        to the model with its cache from the previous turn, so only its new tokens are encoded."""
         start = time.perf_counter()
-        generations = self.backbone.generate([_prompt(running[i].obs) for i in active], self.sampling)
+        prompts, caches = [_prompt(running[i].obs) for i in active], [running[i].cache for i in active]
+        generations = self.backbone.generate(prompts, self.sampling, caches)
         self.seconds["model"] += time.perf_counter() - start
         for i, generation in zip(active, generations):
             tokens = generation.num_tokens

@@ -73,7 +73,7 @@ class ScriptedBackbone:
             return env.expert_answer()
         return env.suboptimal_answer() if roll < (1 + self.good) / 2 else "I do not know."
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, caches=None):
         self.calls.append(list(prompts))
         generations = []
         for prompt in prompts:
@@ -89,7 +89,7 @@ class ScriptedBackbone:
             )
         return generations
 
-    def prompt_values(self, prompts):
+    def prompt_values(self, prompts, caches=None):
         assert self.config.value_head
         self.value_calls.append(list(prompts))
         return torch.tensor([state_value(prompt) for prompt in prompts])
@@ -327,9 +327,9 @@ def test_attempts_of_one_episode_share_one_image_array():
 
     image = np.zeros((4, 4, 3), np.uint8)
     state = _Running({"messages": (), "image": image})
-    state.continue_with({"messages": (), "image": image.copy()})
+    state.continue_with({"messages": (), "image": image.copy()}, None)
     assert state.obs["image"] is image
     changed = image.copy()
     changed[0, 0, 0] = 1
-    state.continue_with({"messages": (), "image": changed})
+    state.continue_with({"messages": (), "image": changed}, None)
     assert state.obs["image"] is changed

@@ -35,6 +35,7 @@ from lit_sftrl.models.config import (
     as_backbone_config,
 )
 from lit_sftrl.models.encoding import IGNORE, ChatEncoder, sft_labels
+from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cache, split_rows
 from lit_sftrl.models.loading import (
     apply_lora,
     disable_bnb_cpu_repacking,
@@ -57,16 +58,7 @@ from lit_sftrl.models.tiny import resolve_model_path
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
 from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
 
-__all__ = [
-    "Backbone",
-    "BackboneConfig",
-    "Generation",
-    "LoraSettings",
-    "Message",
-    "Prompt",
-    "SamplingConfig",
-    "Scores",
-]
+__all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
 
 class Backbone(nn.Module):
@@ -146,10 +138,14 @@ class Backbone(nn.Module):
         position_ids = base._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
         return {**inputs, "position_ids": position_ids}
 
-    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: int, capture: bool = False):
-        """Logits (and final hidden states) of the last ``keep`` positions."""
+    def _forward(self, model: nn.Module, inputs: dict[str, torch.Tensor], keep: int, capture: bool = False, cache=None):
+        """Logits (and final hidden states) of the last ``keep`` positions; with a ``cache`` holding the first
+        columns of ``inputs`` (see :meth:`_model_inputs`), only the columns after them are run."""
         inputs = self._with_position_ids(model, self._to_device(inputs))
         kwargs: dict[str, Any] = {"use_cache": False}
+        if cache is not None and (past := cache.get_seq_length()):
+            inputs = {**inputs, "input_ids": inputs["input_ids"][:, past:], "position_ids": inputs["position_ids"][:, past:]}
+            kwargs = {"cache": cache, "use_cache": True}
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = keep  # skip the output layer on prompt positions: big vocabularies
         with self._final_hidden.capture(capture) as store:
@@ -163,19 +159,28 @@ class Backbone(nn.Module):
 
     # -- generation -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None) -> list[Generation]:
-        """Sample one answer per prompt, batched with left padding. Returned tensors are on the CPU."""
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None,
+        caches: Sequence[ConversationCache | None] | None = None,
+    ) -> list[Generation]:
+        """Sample one answer per prompt, batched with left padding. Returned tensors are on the CPU.
+
+        ``caches``: to continue conversations, each prompt's cache from its previous turn (None for a new one).
+        Text prompts then prefill only what the caches do not hold, and each :class:`Generation` carries its
+        conversation's new cache (unless ``config.cache_conversations`` is off).
+        """
         sampling = sampling or SamplingConfig()
         results: list[Generation | None] = [None] * len(prompts)
         for group in self._groups(prompts):
-            for i, generation in zip(group, self._generate_group([prompts[i] for i in group], sampling)):
+            group_caches = None if caches is None else [caches[i] for i in group]
+            for i, generation in zip(group, self._generate_group([prompts[i] for i in group], sampling, group_caches)):
                 results[i] = generation
         return results  # type: ignore[return-value]
 
-    def _generate_group(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Generation]:
+    def _generate_group(self, prompts: Sequence[Prompt], sampling: SamplingConfig, caches) -> list[Generation]:
         from transformers import LogitsProcessorList
 
-        inputs = self._to_device(self.encoder.encode_prompts(prompts))
+        inputs, cache, keep_caches = self._model_inputs(prompts, caches, sampling.max_new_tokens)
         config = generation_config(sampling, self.tokenizer, self.eos_ids, self.suppressed_ids)
         recorder = LogprobRecorder(sampling.temperature, self._suppressed_mask)
         capture = self.value_head is not None
@@ -185,15 +190,17 @@ class Backbone(nn.Module):
             self._final_hidden.capture(capture) as store,
         ):
             sequences = self.model.generate(
-                **inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder])
+                **inputs, **({"cache": cache} if cache is not None else {}),
+                generation_config=config, logits_processor=LogitsProcessorList([recorder]),
             )
         token_logprobs = recorder.finish(sequences)
         new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         values = self.value_head(store[0][:, -1]).tolist() if capture else [None] * len(prompts)
         prompt_tokens = self.token_counts(inputs).tolist()
+        lengths = [answer_length(row, self.eos_ids) for row in new_tokens]
+        next_caches = split_rows(cache, sequences, inputs["attention_mask"], lengths) if keep_caches else None
         results = []
-        for row in range(len(prompts)):
-            length = answer_length(new_tokens[row], self.eos_ids)
+        for row, length in enumerate(lengths):
             answer = new_tokens[row, :length].cpu()
             results.append(
                 Generation(
@@ -203,9 +210,25 @@ class Backbone(nn.Module):
                     logprobs=token_logprobs[row, :length].cpu(),
                     value=values[row],
                     num_tokens=int(prompt_tokens[row]) + length,
+                    cache=next_caches[row] if next_caches else None,
                 )
             )
         return results
+
+    def _model_inputs(self, prompts: Sequence[Prompt], caches, new_tokens: int):
+        """Encoded prompts, the cache to run them with (None: transformers' own) and whether to hand out
+        conversation caches afterwards. Image prompts keep transformers' cache (their pixels enter at prefill).
+        Given ``caches``, the cache holds each conversation's reusable prefix and the inputs are laid out to
+        continue from it; positions then follow the mask, so the model must take position ids."""
+        inputs = self._to_device(self.encoder.encode_prompts(prompts))
+        text_config = self._base().config.get_text_config(decoder=True)
+        cache = new_cache(text_config, inputs["input_ids"].shape[1] + new_tokens) if prompts[0][1] is None else None
+        keep = cache is not None and caches is not None and self.config.cache_conversations and self._accepts_position_ids
+        if keep:
+            inputs["input_ids"], inputs["attention_mask"] = continue_batch(
+                cache, caches, inputs["input_ids"], inputs["attention_mask"], self.tokenizer.pad_token_id
+            )
+        return inputs, cache, keep
 
     # -- scoring ---------------------------------------------------------------------------------------------
     def score(
@@ -262,15 +285,17 @@ class Backbone(nn.Module):
         return token_lp, mean_entropy, values, self.count_tokens(batch)
 
     @torch.no_grad()
-    def prompt_values(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """[B] fp32 values of prompts without generating (e.g. to bootstrap from a truncated state)."""
+    def prompt_values(self, prompts: Sequence[Prompt], caches: Sequence[ConversationCache | None] | None = None) -> torch.Tensor:
+        """[B] fp32 values of prompts without generating (e.g. to bootstrap from a truncated state); ``caches``
+        as in :meth:`generate` spare re-encoding what a conversation's cache holds."""
         if self.value_head is None:
             raise RuntimeError("prompt_values needs a value head (BackboneConfig.value_head)")
         values = torch.zeros(len(prompts))
         for group in self._groups(prompts):
-            inputs = self.encoder.encode_prompts([prompts[i] for i in group])
+            group_caches = None if caches is None else [caches[i] for i in group]
+            inputs, cache, _ = self._model_inputs([prompts[i] for i in group], group_caches, new_tokens=0)
             with self._eval_mode():
-                _, hidden = self._forward(self.model, inputs, keep=1, capture=True)
+                _, hidden = self._forward(self.model, inputs, keep=1, capture=True, cache=cache)
             values[group] = self.value_head(hidden[:, -1]).cpu()
         return values
 
@@ -337,11 +362,6 @@ class Backbone(nn.Module):
             patches = (vision.image_size // vision.patch_size) ** 2 + 1  # + class token
             counts = counts + batch["aspect_ratio_mask"].flatten(1).sum(dim=1).cpu() * patches
         return counts
-
-    def count_prompt_tokens(self, generation: Generation, has_image: bool | None = None) -> int:
-        """Tokens processed to produce ``generation`` (prompt text + image + generated tokens), i.e.
-        ``generation.num_tokens``; ``has_image`` is accepted for callers that pass it and not needed."""
-        return generation.num_tokens
 
     # -- state -------------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

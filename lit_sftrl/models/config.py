@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 if TYPE_CHECKING:
     import numpy as np
+    from lit_sftrl.models.kv_cache import ConversationCache
     import torch
     from PIL import Image
 
@@ -41,6 +42,9 @@ class BackboneConfig:
     adapter-disabled model (free), under full fine-tuning a frozen copy of the weights at ``path`` loaded on the
     first request; ``eager`` = the same but the copy is loaded at construction; ``none`` = requests raise.
     The reference is always the model at ``path`` (what was loaded before any adapter or training).
+    ``cache_conversations``: during multi-turn rollouts keep each conversation's keys and values between its
+    turns and prefill only the new tokens (text prompts). Memory per environment: 2 x layers x kv_heads x
+    head_dim x conversation tokens x bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
     """
 
     path: str = "checkpoints/tiny-mllama"
@@ -52,6 +56,7 @@ class BackboneConfig:
     value_head: bool = False
     value_head_hidden: int = 256
     reference: Literal["auto", "eager", "none"] = "auto"
+    cache_conversations: bool = True
 
 
 @dataclass
@@ -71,7 +76,9 @@ class Generation:
     ``logprobs``: fp32 log-prob of each answer token under softmax(logits / T) with the suppressed tokens
     (image and other special tokens) removed; T = the sampling temperature, 1 for greedy. ``value``: the value
     head on the prompt's last token (None without a value head). ``num_tokens``: tokens processed (prompt text
-    + image + answer) for FLOPs accounting. Tensors are on the CPU.
+    + image + answer) for FLOPs accounting, counting the whole prompt even where a cached prefix saved its
+    encoding (the paper's accounting). ``cache``: the conversation's keys and values, to continue it next
+    turn (see :mod:`lit_sftrl.models.kv_cache`); None unless asked for. Tensors are on the CPU, except ``cache``.
     """
 
     prompt_ids: torch.Tensor
@@ -80,6 +87,7 @@ class Generation:
     logprobs: torch.Tensor
     value: float | None
     num_tokens: int = 0
+    cache: ConversationCache | None = None
 
 
 @dataclass
