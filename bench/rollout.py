@@ -24,7 +24,7 @@ split further into whole-prompt forwards (prefill, values, scoring), one-token d
 The ceiling row bounds what ANY batched engine can reach with this model forward on this machine: the
 one-at-a-time time per attempt over the batched rollout's time per attempt in one-token decoding steps alone
 (as if prefill, sampling and environments cost nothing). On the project's 2-core CPU it is below 8x: a
-decoding step at batch 16 costs 2-3x one at batch 1, because the tiny model's matrix products are compute-bound
+decoding step at batch 16 costs ~3x one at batch 1, because the tiny model's matrix products are compute-bound
 on a CPU core. On a GPU a decoding step is latency-bound and batch 16 costs about as much as batch 1.
 
 Threads: the default is one intra-op thread. On a shared 2-core machine two threads make OpenMP spin-wait and

@@ -5,7 +5,10 @@ each is either mid-episode or freshly reset) gets its prompt into one batched ge
 conversation, revision turns included; finished episodes are replaced in place. The original research code
 generated one answer at a time; see ``bench/rollout.py`` for the difference this makes.
 
-Data flows one way: env observation -> prompt -> backbone.generate -> answer text -> env.step.
+Data flows one way: env observation -> prompt -> backbone.generate -> answer text -> env.step. Each running
+episode also holds the model's cache of its conversation (opaque here), handed back with the next prompt so the
+model encodes only the turn's new tokens; it lives only as long as the episode, within one rollout (the weights
+never change under it).
 """
 
 from __future__ import annotations
