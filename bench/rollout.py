@@ -23,7 +23,8 @@ split further into whole-prompt forwards (prefill, values, scoring), one-token d
 
 The ceiling row bounds what ANY batched engine can reach with this model forward on this machine: the
 one-at-a-time time per attempt over the batched rollout's time per attempt in one-token decoding steps alone
-(as if prefill, sampling and environments cost nothing). On the project's 2-core CPU it is below 8x: a
+(as if prefill, sampling and environments cost nothing). On the project's 2-core CPU it is barely above 8x
+(8.4x), so with sampling, the first prompts' prefill and the environments on top, 8x is out of reach there: a
 decoding step at batch 16 costs ~3x one at batch 1, because the tiny model's matrix products are compute-bound
 on a CPU core. On a GPU a decoding step is latency-bound and batch 16 costs about as much as batch 1.
 

@@ -13,6 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.datamodules import EpisodeDataModule
 from lit_sftrl.models.export import check_lightning_checkpoint
+from lit_sftrl.models.loading import check_model_directory
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
 from lit_sftrl.tasks import TaskConfig
@@ -99,16 +100,20 @@ class SftRlCLI(LightningCLI):
 
 
 def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
-    """Checkpoint files the config names that do not read back whole (truncated, corrupted, not lit-sftrl's):
-    refused here, naming the file, instead of failing deep inside Lightning or torch after the model is built."""
+    """Checkpoint files and model directories the config names that do not read back whole (truncated,
+    corrupted, not lit-sftrl's): refused here, naming the file, instead of failing deep inside Lightning, torch or
+    transformers after the model is built."""
     model = config.model.init_args if "init_args" in config.model else config.model
     problems = []
-    for key, path in (("ckpt_path", config.get("ckpt_path")), ("model.init_from", _get(model, "init_from"))):
-        if path and path not in CKPT_PATH_KEYWORDS and Path(path).is_file():
-            try:
-                check_lightning_checkpoint(path)
-            except (FileNotFoundError, ValueError) as error:
-                problems.append((key, str(error)))
+    named = (("ckpt_path", config.get("ckpt_path")), ("model.init_from", _get(model, "init_from")),
+             ("model.backbone.path", _get(model, "backbone.path")))
+    for key, path in named:
+        if not path or path in CKPT_PATH_KEYWORDS or not Path(path).exists():
+            continue
+        try:
+            check_model_directory(path) if Path(path).is_dir() else check_lightning_checkpoint(path)
+        except (FileNotFoundError, ValueError) as error:
+            problems.append((key, str(error)))
     return problems
 
 

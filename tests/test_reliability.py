@@ -6,7 +6,8 @@
   renames it into place (``_atomic_save``: an fsspec transaction); a test pins that down. Many random kills,
   and a comparison with an uninterrupted run, are ``bench/kill_resume.py``.
 * A truncated or corrupted checkpoint given to ``--ckpt_path`` (a file or ``last``), ``--model.init_from`` or
-  ``lit-sftrl export`` fails at once with one message naming the file, no traceback.
+  ``lit-sftrl export`` fails at once with one message naming the file, no traceback; so does a damaged model
+  directory given to ``--model.init_from`` or ``--model.backbone.path``.
 * A non-finite loss skips its step with a warning and the run goes on; ``max_nonfinite_losses`` of them in a
   row stop it with a clear message after saving ``nonfinite-stop.ckpt``, which loads and resumes.
 
@@ -251,6 +252,50 @@ def test_whole_checkpoint_passes_the_check(real_checkpoint, tmp_path):
     copy = tmp_path / "copy.ckpt"
     shutil.copy(real_checkpoint, copy)
     assert read_lightning_checkpoint(copy, mmap=True)["global_step"] == 2
+
+
+def _damaged_model_dir(source: Path, folder: Path, kind: str) -> tuple[Path, str]:
+    """A copy of a model directory with one kind of damage, and the file the refusal must name."""
+    path = folder / f"model-{kind}"
+    shutil.copytree(source, path)
+    weights = path / "model.safetensors"
+    if kind == "truncated_weights":  # a copy or an export cut short
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return path, str(weights)
+    if kind == "garbage_weights":
+        weights.write_bytes(os.urandom(4096))
+        return path, str(weights)
+    if kind == "garbage_config":
+        (path / "config.json").write_text('{"model_type": "mll')
+        return path, str(path / "config.json")
+    (path / "config.json").unlink()  # "no_config": not a model directory at all
+    return path, str(path)
+
+
+MODEL_DAMAGE = ["truncated_weights", "garbage_weights", "garbage_config", "no_config"]
+
+
+@pytest.mark.parametrize("kind", MODEL_DAMAGE)
+def test_damaged_model_directory_is_refused_before_anything_runs(kind, tmp_path, model_dir):
+    """An exported or downloaded directory given as ``--model.init_from`` or ``--model.backbone.path``: one
+    message naming the file, not a traceback from inside transformers; the Backbone refuses it too."""
+    from lit_sftrl.cli import run
+    from lit_sftrl.models import Backbone, BackboneConfig
+    from lit_sftrl.models.loading import check_model_directory
+
+    bad, named = _damaged_model_dir(model_dir, tmp_path, kind)
+    with pytest.raises(ValueError, match="truncated or corrupted|not a Hugging Face model directory") as error:
+        check_model_directory(bad)
+    assert named in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises((ValueError, FileNotFoundError), match="truncated or corrupted|not a Hugging Face model dir"):
+        Backbone(BackboneConfig(path=str(bad)))
+    _, config = _config(tmp_path, model_dir)
+    for key in ("init_from", "backbone.path"):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["fit", "--config", str(config), f"--model.init_args.{key}", str(bad)])
+        message = str(exit_info.value.code)
+        assert named in message and f"model.{key}" in message and len(message.splitlines()) <= 3, message
+    check_model_directory(model_dir)  # the undamaged original passes
 
 
 # ----------------------------------------------------------------------------------------------- 4. NaN / inf

@@ -38,6 +38,7 @@ from lit_sftrl.models.encoding import IGNORE, ChatEncoder, sft_labels
 from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cache, split_rows
 from lit_sftrl.models.loading import (
     apply_lora,
+    check_model_directory,
     disable_bnb_cpu_repacking,
     load_base_model,
     load_plain_model,
@@ -72,6 +73,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.config = config = as_backbone_config(config)
         self.path = resolve_model_path(config.path)
+        check_model_directory(self.path)
         self.processor = load_processor(self.path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         model = load_base_model(config, self.path)

@@ -25,7 +25,7 @@ from lit_sftrl.models.config import (
     SamplingConfig,
     as_backbone_config,
 )
-from lit_sftrl.models.loading import load_plain_model
+from lit_sftrl.models.loading import check_model_directory, load_plain_model
 from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
     """
     path = Path(path)
     if path.is_dir():
+        check_model_directory(path)
         if (path / "adapter_config.json").exists():
             _load_adapter_dir(backbone, path)
             return

@@ -3,6 +3,7 @@ activation checkpointing, frozen vision tower. Nothing here downloads anything."
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from functools import lru_cache
@@ -164,3 +165,47 @@ def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:
     model = auto_model_class(path).from_pretrained(path, dtype=DTYPES[dtype])
     model.requires_grad_(False)
     return model.eval()
+
+
+def check_model_directory(path: str | Path) -> None:
+    """Raise ValueError naming the file unless ``path`` reads back as a whole Hugging Face model (or LoRA adapter)
+    directory: a config, every JSON file parsing, and every safetensors file as long as its header says (a copy
+    cut short, a half-written export). Reads headers only, so it is cheap at any model size; flipped bytes inside
+    tensors are not caught (safetensors carries no checksum)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: it has no config.json")
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{str(file)!r} is truncated or corrupted (not JSON: {error})") from None
+    index = path / "model.safetensors.index.json"
+    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    missing = sorted(shard for shard in shards if not (path / shard).is_file())
+    if missing:
+        raise ValueError(f"{str(index)!r} lists weight files that are missing: {missing[:3]}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not any(path.glob("*.bin")):
+        raise ValueError(f"{str(path)!r} has no weights (*.safetensors or *.bin)")
+    for file in weights:
+        _check_safetensors(file)
+
+
+def _check_safetensors(file: Path) -> None:
+    """8 bytes of header length, the JSON header, then exactly the tensor bytes the header describes."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_length > size - 8:
+                raise ValueError("shorter than its header")
+            header = json.loads(handle.read(header_length))
+        end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as error:
+        raise ValueError(f"weights {str(file)!r} are truncated or corrupted ({error})") from None
+    if 8 + header_length + end != size:
+        raise ValueError(
+            f"weights {str(file)!r} are truncated or corrupted: its header describes {8 + header_length + end} "
+            f"bytes, the file has {size}"
+        )
