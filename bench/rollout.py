@@ -1,5 +1,7 @@
 """Rollout speed on GP-L: the batched engine vs one environment, one answer at a time: ``python bench/rollout.py``.
 
+``--task gp_vl`` runs the same comparison on card images (informational; the target is GP-L's).
+
 All modes play the SAME episodes (the same reset seeds, drawn in the same order) with the same tiny model,
 sampling settings (temperature 1, 64 new tokens) and value head, in one process:
 
@@ -178,11 +180,12 @@ def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling
 
 
 def measure(path: str | Path, num_envs: int = 16, attempts: int = 80, max_new_tokens: int = 64, repeats: int = 1,
+            task_name: str = "gp_l",
             seed: int = 0, rescore: bool = True) -> dict[str, Run]:
     """Best of ``repeats`` runs of each mode (interleaved, so a slow spell of a shared machine hits both)."""
     backbone = Backbone(BackboneConfig(path=str(path), value_head=True)).eval()
     timers = instrument(backbone)
-    task = TaskConfig(name="gp_l", verify_iter=5)
+    task = TaskConfig(name=task_name, verify_iter=5)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens)
     seeds = episode_seeds(attempts + num_envs, seed)
     warm = task.make_env("id")  # a process's first generate calls are slower (lazy set-up)
@@ -203,24 +206,24 @@ def measure(path: str | Path, num_envs: int = 16, attempts: int = 80, max_new_to
     return best
 
 
-def rows_of(runs: dict[str, Run]) -> list[Row]:
+def rows_of(runs: dict[str, Run], label: str = "GP-L") -> list[Row]:
     fast, slow, whole = runs["batched"], runs["one at a time"], runs["batched, whole prompts"]
     rows = [
-        Row("rollout GP-L, one at a time", slow.attempts_per_second, "attempts/s", None),
-        Row("rollout GP-L, batched (16 envs)", fast.attempts_per_second, "attempts/s", None),
-        Row("rollout GP-L, batched / one at a time", fast.attempts_per_second / slow.attempts_per_second, "x", 8.0),
-        Row("rollout GP-L, batched / batched whole prompts", fast.attempts_per_second / whole.attempts_per_second,
+        Row(f"rollout {label}, one at a time", slow.attempts_per_second, "attempts/s", None),
+        Row(f"rollout {label}, batched (16 envs)", fast.attempts_per_second, "attempts/s", None),
+        Row(f"rollout {label}, batched / one at a time", fast.attempts_per_second / slow.attempts_per_second, "x", 8.0),
+        Row(f"rollout {label}, batched / batched whole prompts", fast.attempts_per_second / whole.attempts_per_second,
             "x", None),
     ]
     if "one at a time + rescoring" in runs:
         original = runs["one at a time + rescoring"]
-        rows.append(Row("rollout GP-L, batched / one at a time + rescoring",
+        rows.append(Row(f"rollout {label}, batched / one at a time + rescoring",
                         fast.attempts_per_second / original.attempts_per_second, "x", None))
     return rows + [
-        Row("rollout GP-L, ceiling: one at a time / batched decoding steps", ceiling(fast, slow), "x", None),
+        Row(f"rollout {label}, ceiling: one at a time / batched decoding steps", ceiling(fast, slow), "x", None),
         # The shared table's targets are lower bounds: the outside-model share (target <= 15 %) is shown as
         # the model's share of the rollout time (target >= 85 %).
-        Row("rollout GP-L, batched: model share of time", 100.0 * (1.0 - fast.outside_share), "%", 85.0),
+        Row(f"rollout {label}, batched: model share of time", 100.0 * (1.0 - fast.outside_share), "%", 85.0),
     ]
 
 
@@ -269,6 +272,7 @@ def breakdown(run: Run) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--path", help="model directory (default: a tiny Mllama built in a temporary directory)")
+    parser.add_argument("--task", default="gp_l", choices=["gp_l", "gp_vl"], help="GP-L (the target's) or GP-VL")
     parser.add_argument("--num-envs", type=int, default=16)
     parser.add_argument("--attempts", type=int, default=80, help="attempts each mode collects")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -280,21 +284,22 @@ def main(argv: list[str] | None = None) -> None:
         "0 = torch's default)",
     )
     args = parser.parse_args(argv)
+    label = {"gp_l": "GP-L", "gp_vl": "GP-VL"}[args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.path or _build_tiny(tmp)
-        runs = measure(path, args.num_envs, args.attempts, args.max_new_tokens, args.repeats,
+        runs = measure(path, args.num_envs, args.attempts, args.max_new_tokens, args.repeats, args.task,
                        rescore=not args.no_rescore)
     same = all(sorted(run.seeds) == sorted(runs["batched"].seeds) for run in runs.values())
     print(
-        f"GP-L rollouts, {Path(path).name}, {torch.get_num_threads()} CPU thread(s), {args.max_new_tokens} new tokens, "
+        f"{label} rollouts, {Path(path).name}, {torch.get_num_threads()} CPU thread(s), {args.max_new_tokens} new tokens, "
         f"temperature 1, {args.num_envs} environments batched; all modes played "
         f"{'the same' if same else 'NOT the same'} episodes (seeds)"
     )
     for run in runs.values():
         print(breakdown(run))
-    print(format_table(rows_of(runs)))
+    print(format_table(rows_of(runs, label)))
 
 
 if __name__ == "__main__":

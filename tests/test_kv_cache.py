@@ -64,17 +64,24 @@ def _assert_same_generations(got, expected):
         assert a.num_tokens == b.num_tokens  # the paper's accounting: the whole prompt, cached or not
 
 
-def test_continued_conversations_equal_whole_encodings(tiny_dir, chats):
+def _next_turn(prompt, generation, feedback="Wrong. Try again."):
+    chat, image = prompt
+    return chat + [{"role": "assistant", "content": generation.text}, {"role": "user", "content": feedback}], image
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_continued_conversations_equal_whole_encodings(tiny_dir, chats, images, with_images):
     backbone = Backbone(BackboneConfig(path=str(tiny_dir), value_head=True)).eval()
     torch.nn.init.normal_(backbone.value_head.net[-1].weight, std=0.5)  # V = 0 at init would compare nothing
-    first = [(chat, None) for chat in chats]
+    first = [(chat, image if with_images else None) for chat, image in zip(chats, images)]
     turn1 = backbone.generate(first, GREEDY, caches=[None] * len(first))
+    if with_images and backbone.model.config.model_type != "mllama":
+        # Image tokens inside the text (LLaVA-like): image prompts are always encoded whole.
+        assert all(g.cache is None for g in turn1)
+        return
     assert all(g.cache is not None and len(g.cache.token_ids) > len(g.prompt_ids) for g in turn1)
 
-    def next_turn(chat, generation, feedback="Wrong. Try again."):
-        return chat + [{"role": "assistant", "content": generation.text}, {"role": "user", "content": feedback}]
-
-    second = [(next_turn(chat, g), None) for chat, g in zip(chats, turn1)]
+    second = [_next_turn(prompt, g) for prompt, g in zip(first, turn1)]
     # Row 1 starts over (no cache); row 2 gets another conversation's cache (only a shared prefix is reusable).
     caches = [turn1[0].cache, None, turn1[3].cache, turn1[3].cache]
     widths = _forward_widths(backbone)
@@ -91,7 +98,7 @@ def test_continued_conversations_equal_whole_encodings(tiny_dir, chats):
     assert widths[0] < longest / 2
 
     # A third turn continues from the second's caches; values of states alone (bootstrapping) too.
-    third = [(next_turn(prompt[0], g, "Still wrong."), None) for prompt, g in zip(second, continued)]
+    third = [_next_turn(prompt, g, "Still wrong.") for prompt, g in zip(second, continued)]
     _assert_same_generations(
         backbone.generate(third, GREEDY, caches=[g.cache for g in continued]), backbone.generate(third, GREEDY)
     )
@@ -99,18 +106,30 @@ def test_continued_conversations_equal_whole_encodings(tiny_dir, chats):
     assert torch.allclose(values, backbone.prompt_values(third), atol=1e-4)
 
 
-def test_caches_only_when_asked_and_enabled(tiny_dir_factory, chats, images):
+def test_a_changed_image_is_encoded_whole(tiny_dir_factory, chats, images):
+    """Mllama's text tokens see the image through cross-attention: another image means nothing is reusable."""
+    backbone = Backbone(BackboneConfig(path=str(tiny_dir_factory("mllama")))).eval()
+    first = [(chats[0], images[0]), (chats[1], images[1])]
+    turn1 = backbone.generate(first, GREEDY, caches=[None, None])
+    second = [_next_turn((chats[0], images[2]), turn1[0]), _next_turn((chats[1], images[1].copy()), turn1[1])]
+    widths = _forward_widths(backbone)
+    continued = backbone.generate(second, GREEDY, caches=[g.cache for g in turn1])
+    _assert_same_generations(continued, backbone.generate(second, GREEDY))
+    assert widths[0] == len(continued[0].prompt_ids)  # row 0 was encoded whole; row 1 (an equal copy) was not
+    assert turn1[1].cache.continues(images[1].copy()) and not turn1[0].cache.continues(images[2])
+
+
+def test_caches_only_when_asked_and_enabled(tiny_dir_factory, chats):
     path = str(tiny_dir_factory("mllama"))
     backbone = Backbone(BackboneConfig(path=path)).eval()
     prompts = [(chat, None) for chat in chats[:2]]
     assert all(g.cache is None for g in backbone.generate(prompts, GREEDY))  # a one-off call keeps nothing
-    with_image = [(chats[0], images[0])]
-    assert backbone.generate(with_image, GREEDY, caches=[None])[0].cache is None  # pixels enter at prefill
     off = Backbone(BackboneConfig(path=path, cache_conversations=False)).eval()
     assert all(g.cache is None for g in off.generate(prompts, GREEDY, caches=[None, None]))
 
 
-def test_rollouts_with_and_without_conversation_caches_agree(tiny_dir_factory):
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_rollouts_with_and_without_conversation_caches_agree(tiny_dir_factory, modality):
     """The engine hands each conversation its cache; greedy rollouts come out the same either way."""
     from lit_sftrl.envs.general_points import GeneralPointsEnv
 
@@ -121,7 +140,7 @@ def test_rollouts_with_and_without_conversation_caches_agree(tiny_dir_factory):
         backbone = Backbone(BackboneConfig(path=path, value_head=True, cache_conversations=cached)).eval()
         torch.nn.init.normal_(backbone.value_head.net[-1].weight, std=0.5)
         widths = _forward_widths(backbone)
-        envs = [GeneralPointsEnv(modality="text", verify_iter=3) for _ in range(3)]
+        envs = [GeneralPointsEnv(modality=modality, verify_iter=3, image_size=64) for _ in range(3)]
         attempts, _ = RolloutEngine(backbone, GREEDY).collect(envs, ((s, {}) for s in count()), 8)
         results[cached] = attempts, widths
     (cached, cached_widths), (plain, plain_widths) = results[True], results[False]

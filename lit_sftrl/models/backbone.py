@@ -14,7 +14,6 @@ fine-tuning a frozen copy of the weights at ``config.path``, loaded on the first
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from lit_sftrl.models.config import (
     as_backbone_config,
 )
 from lit_sftrl.models.encoding import IGNORE, ChatEncoder, sft_labels
-from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cache, split_rows
+from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cache, split_rows, text_layers
 from lit_sftrl.models.loading import (
     apply_lora,
     check_model_directory,
@@ -59,6 +58,9 @@ from lit_sftrl.models.tiny import resolve_model_path
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
 from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
 
+# Model inputs with a column per token, cut to the columns a cache does not hold (attention_mask stays whole).
+_PER_TOKEN_INPUTS = ("input_ids", "position_ids", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
+
 __all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
 
@@ -79,8 +81,8 @@ class Backbone(nn.Module):
         model = load_base_model(config, self.path)
         self.model = apply_lora(model, config.lora) if config.lora is not None else model
         disable_bnb_cpu_repacking(self.model)
-        text_config = self._base().config.get_text_config()
-        self.value_head = ValueHead(text_config.hidden_size, config.value_head_hidden) if config.value_head else None
+        self._text_config = self._base().config.get_text_config(decoder=True)
+        self.value_head = ValueHead(self._text_config.hidden_size, config.value_head_hidden) if config.value_head else None
         if self.value_head is not None and (self.path / VALUE_HEAD_FILE).exists():
             self.value_head.load(self.path)  # a directory exported from a PPO run carries its value head
         self.num_parameters = logical_num_parameters(str(self.path))
@@ -146,7 +148,7 @@ class Backbone(nn.Module):
         inputs = self._with_position_ids(model, self._to_device(inputs))
         kwargs: dict[str, Any] = {"use_cache": False}
         if cache is not None and (past := cache.get_seq_length()):
-            inputs = {**inputs, "input_ids": inputs["input_ids"][:, past:], "position_ids": inputs["position_ids"][:, past:]}
+            inputs = {key: value[:, past:] if key in _PER_TOKEN_INPUTS else value for key, value in inputs.items()}
             kwargs = {"cache": cache, "use_cache": True}
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = keep  # skip the output layer on prompt positions: big vocabularies
@@ -200,7 +202,8 @@ class Backbone(nn.Module):
         values = self.value_head(store[0][:, -1]).tolist() if capture else [None] * len(prompts)
         prompt_tokens = self.token_counts(inputs).tolist()
         lengths = [answer_length(row, self.eos_ids) for row in new_tokens]
-        next_caches = split_rows(cache, sequences, inputs["attention_mask"], lengths) if keep_caches else None
+        images, layers = [image for _, image in prompts], text_layers(self._text_config)
+        next_caches = split_rows(cache, sequences, inputs["attention_mask"], lengths, images, layers) if keep_caches else None
         results = []
         for row, length in enumerate(lengths):
             answer = new_tokens[row, :length].cpu()
@@ -219,17 +222,15 @@ class Backbone(nn.Module):
 
     def _model_inputs(self, prompts: Sequence[Prompt], caches, new_tokens: int):
         """Encoded prompts, the cache to run them with (None: transformers' own) and whether to hand out
-        conversation caches afterwards. Image prompts keep transformers' cache (their pixels enter at prefill).
-        Given ``caches``, the cache holds each conversation's reusable prefix and the inputs are laid out to
-        continue from it; positions then follow the mask, so the model must take position ids."""
+        conversation caches afterwards. Given ``caches``, the cache holds each conversation's reusable prefix and
+        the inputs are laid out to continue from it; positions then follow the mask, so the model must take
+        position ids."""
         inputs = self._to_device(self.encoder.encode_prompts(prompts))
-        text_config = self._base().config.get_text_config(decoder=True)
-        cache = new_cache(text_config, inputs["input_ids"].shape[1] + new_tokens) if prompts[0][1] is None else None
+        images = [image for _, image in prompts]
+        cache = new_cache(self._text_config, inputs["input_ids"].shape[1] + new_tokens, images[0] is not None)
         keep = cache is not None and caches is not None and self.config.cache_conversations and self._accepts_position_ids
         if keep:
-            inputs["input_ids"], inputs["attention_mask"] = continue_batch(
-                cache, caches, inputs["input_ids"], inputs["attention_mask"], self.tokenizer.pad_token_id
-            )
+            inputs = continue_batch(cache, caches, inputs, images, self.tokenizer.pad_token_id)
         return inputs, cache, keep
 
     # -- scoring ---------------------------------------------------------------------------------------------
@@ -414,8 +415,3 @@ class Backbone(nn.Module):
         if self.value_head is not None:
             self.value_head.save(out)
         return out
-
-    def describe(self) -> dict[str, Any]:
-        """A summary for logs: config, parameter counts."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return {**dataclasses.asdict(self.config), "num_parameters": self.num_parameters, "trainable": trainable}

@@ -43,8 +43,9 @@ class BackboneConfig:
     first request; ``eager`` = the same but the copy is loaded at construction; ``none`` = requests raise.
     The reference is always the model at ``path`` (what was loaded before any adapter or training).
     ``cache_conversations``: during multi-turn rollouts keep each conversation's keys and values between its
-    turns and prefill only the new tokens (text prompts). Memory per environment: 2 x layers x kv_heads x
-    head_dim x conversation tokens x bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
+    turns and prefill only the new tokens (full-attention models; text prompts, and Mllama's image prompts while
+    the image is unchanged). Memory per environment: 2 x layers x kv_heads x head_dim x conversation tokens x
+    bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
     """
 
     path: str = "checkpoints/tiny-mllama"

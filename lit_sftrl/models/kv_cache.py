@@ -12,6 +12,11 @@ prefill computes (up to float rounding, as with any change of batch shape). Only
 reused: an answer that re-tokenises differently inside the next prompt is prefilled again from the first
 differing token on.
 
+Images: in cross-attention families (Mllama) text tokens see the image through the cross-attention layers, so a
+cache is reused only for the same image; the cross-attention layers themselves hold the image's keys and values,
+not the text's, and are recomputed from the pixels at every turn. Families that put image tokens into the text
+(LLaVA-like) are not continued for image prompts (see ``Backbone``).
+
 :class:`GrowingLayer` also stops the default cache from concatenating each layer's keys and values at every
 decoded token, which copies the whole cache per token (a third of a batched decoding step on a CPU).
 """
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -33,11 +40,20 @@ class ConversationCache:
     """Keys and values of one conversation's tokens, on the model's device.
 
     ``layers[l]`` is ``(keys, values)``, each ``[kv_heads, len(token_ids), head_dim]``, or None for a layer that
-    holds nothing for text (Mllama's cross-attention layers when there is no image).
+    holds no text keys and values (Mllama's cross-attention layers). ``image``: the prompt's image the keys and
+    values were computed with (None for text).
     """
 
     token_ids: torch.Tensor  # [T] CPU
     layers: list[LayerState | None]
+    image: Any = None
+
+    def continues(self, image: Any) -> bool:
+        """Whether a prompt with ``image`` can continue from this cache (the engine passes the unchanged image as
+        the same array, so this is an identity check in practice)."""
+        if self.image is None or image is None or self.image is image:
+            return self.image is image
+        return isinstance(image, np.ndarray) and isinstance(self.image, np.ndarray) and np.array_equal(self.image, image)
 
     def reusable(self, ids: torch.Tensor) -> int:
         """How many leading tokens of ``ids`` this cache holds. The last token of ``ids`` is never counted: its
@@ -94,10 +110,12 @@ class GrowingLayer(DynamicLayer):
         self._buffers = (keys, values)
 
 
-def new_cache(text_config, capacity: int) -> DynamicCache | None:
-    """A model's default dynamic cache with its layers growing into ``capacity`` tokens; None for models with
-    other than full-attention layers (sliding windows, linear attention), which keep transformers' own cache
-    and are never continued from a prefix."""
+def new_cache(text_config, capacity: int, with_images: bool = False) -> DynamicCache | None:
+    """A model's default dynamic cache with its layers growing into ``capacity`` tokens. None where transformers'
+    own cache must serve: models with other than full-attention layers (sliding windows, linear attention), and
+    image prompts of families that put image tokens into the text (their pixels enter inside the prefill)."""
+    if with_images and not getattr(text_config, "cross_attention_layers", None):
+        return None
     cache = DynamicCache(config=text_config)
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
@@ -105,57 +123,76 @@ def new_cache(text_config, capacity: int) -> DynamicCache | None:
     return cache
 
 
+def text_layers(text_config) -> list[int]:
+    """The layers whose keys and values belong to text tokens (all but Mllama's cross-attention layers)."""
+    cross_attention = set(getattr(text_config, "cross_attention_layers", None) or ())
+    return [i for i in range(text_config.num_hidden_layers) if i not in cross_attention]
+
+
 def continue_batch(
-    cache: DynamicCache, prefixes: Sequence[ConversationCache | None], input_ids: torch.Tensor,
-    attention_mask: torch.Tensor, pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    cache: DynamicCache, prefixes: Sequence[ConversationCache | None], inputs: dict[str, torch.Tensor],
+    images: Sequence[Any], pad_id: int,
+) -> dict[str, torch.Tensor]:
     """Load each row's reusable prefix into the empty ``cache`` and lay the batch out to continue from it.
 
-    The tokenizer's left-padded rows are re-laid as ``[padding, reused tokens | padding, new tokens]``: the
+    The processor's left-padded rows are re-laid as ``[padding, reused tokens | padding, new tokens]``: the
     first ``max(reused)`` columns are the cache (each row's prefix right-aligned), the rest holds each row's
     remaining tokens right-aligned, so the prefill is only as wide as the most new tokens of any row. The gap
-    a row may have between the two parts is masked out; positions follow the mask, so they are unchanged.
-    Returns the new ``input_ids`` and ``attention_mask`` (the given ones when nothing is reusable).
+    a row may have between the two parts is masked out; positions follow the mask, so they are unchanged. Every
+    per-token input (``input_ids``, ``attention_mask``, Mllama's ``cross_attention_mask``...) moves with its
+    tokens. Returns the new inputs (the given ones when nothing is reusable).
     """
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
     layout = next((p.layout for p in prefixes if p is not None and len(p.layers) == len(cache.layers)), None)
-    rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
+    sources = [mask.nonzero()[:, 0] for mask in attention_mask]
     reused = [
-        prefix.reusable(ids.to(prefix.token_ids.device)) if prefix is not None and prefix.layout == layout else 0
-        for ids, prefix in zip(rows, prefixes)
+        prefix.reusable(input_ids[row, sources[row]].to(prefix.token_ids.device))
+        if prefix is not None and prefix.layout == layout and prefix.continues(image) else 0
+        for row, (prefix, image) in enumerate(zip(prefixes, images))
     ]
     cached = max(reused)
     if cached == 0:
-        return input_ids, attention_mask
-    width = cached + max(len(ids) - n for ids, n in zip(rows, reused))
-    new_ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=input_ids.device)
-    new_mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype, device=attention_mask.device)
-    for row, (ids, n) in enumerate(zip(rows, reused)):
-        new_ids[row, cached - n : cached], new_ids[row, width - (len(ids) - n) :] = ids[:n], ids[n:]
-        new_mask[row, cached - n : cached] = new_mask[row, width - (len(ids) - n) :] = 1
+        return inputs
+    width = cached + max(len(columns) - n for columns, n in zip(sources, reused))
+    targets = [
+        torch.cat([torch.arange(cached - n, cached), torch.arange(width - (len(columns) - n), width)]).to(columns.device)
+        for columns, n in zip(sources, reused)
+    ]
+    batch, length = input_ids.shape
+    laid_out = dict(inputs)
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (batch, length):
+            moved = value.new_full((batch, width, *value.shape[2:]), pad_id if key == "input_ids" else 0)
+            for row, (source, target) in enumerate(zip(sources, targets)):
+                moved[row, target] = value[row, source]
+            laid_out[key] = moved
     for index, layer in enumerate(cache.layers):
         if layout[index]:
             sample = next(p.layers[index] for p, n in zip(prefixes, reused) if n)
-            keys, values = (t.new_zeros((len(rows), t.shape[0], cached, t.shape[-1])) for t in sample)
+            keys, values = (t.new_zeros((batch, t.shape[0], cached, t.shape[-1])) for t in sample)
             for row, (prefix, n) in enumerate(zip(prefixes, reused)):
                 if n:
                     keys[row, :, cached - n :], values[row, :, cached - n :] = (t[:, :n] for t in prefix.layers[index])
             layer.update(keys, values)
-    return new_ids, new_mask
+    return laid_out
 
 
 def split_rows(
-    cache: DynamicCache, sequences: torch.Tensor, attention_mask: torch.Tensor, answer_lengths: Sequence[int]
+    cache: DynamicCache, sequences: torch.Tensor, attention_mask: torch.Tensor, answer_lengths: Sequence[int],
+    images: Sequence[Any], text_layers: Sequence[int],
 ) -> list[ConversationCache]:
-    """One :class:`ConversationCache` per row after ``generate``: the row's prompt tokens (where ``attention_mask``,
-    the prompt's, is set) and the answer tokens that were fed back (all sampled tokens but the last step's)."""
+    """One :class:`ConversationCache` per row after ``generate``: the keys and values of ``text_layers`` at the
+    row's prompt tokens (where ``attention_mask``, the prompt's, is set) and at the answer tokens that were fed
+    back (all sampled tokens but the last step's)."""
     width = attention_mask.shape[1]
-    held = cache.get_seq_length()
+    held = cache.get_seq_length(text_layers[0])
     caches = []
     for row, length in enumerate(answer_lengths):
-        columns = torch.cat([attention_mask[row].nonzero()[:, 0], torch.arange(width, min(width + length, held), device=attention_mask.device)])
-        layers: list[LayerState | None] = []
-        for layer in cache.layers:
-            holds_text = layer.is_initialized and layer.keys is not None and layer.keys.shape[-2] == held
-            layers.append((layer.keys[row][:, columns], layer.values[row][:, columns]) if holds_text else None)
-        caches.append(ConversationCache(sequences[row, columns].cpu(), layers))
+        columns = torch.cat([attention_mask[row].nonzero()[:, 0],
+                             torch.arange(width, min(width + length, held), device=attention_mask.device)])
+        layers: list[LayerState | None] = [None] * len(cache.layers)
+        for index in text_layers:
+            layer = cache.layers[index]
+            layers[index] = (layer.keys[row][:, columns], layer.values[row][:, columns])
+        caches.append(ConversationCache(sequences[row, columns].cpu(), layers, images[row]))
     return caches
