@@ -69,10 +69,6 @@ class ConversationCache:
         """Which layers hold something: caches can only be batched together with the same layout."""
         return tuple(layer is not None for layer in self.layers)
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in filter(None, self.layers))
-
 
 class GrowingLayer(DynamicLayer):
     """A :class:`DynamicLayer` that writes new keys and values into spare capacity instead of concatenating.
