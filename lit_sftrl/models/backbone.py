@@ -231,6 +231,8 @@ class Backbone(nn.Module):
         keep = cache is not None and caches is not None and self.config.cache_conversations and self._accepts_position_ids
         if keep:
             inputs = continue_batch(cache, caches, inputs, images, self.tokenizer.pad_token_id)
+            # Given, not left to generate: it derives them only if the forward it sees names position_ids.
+            inputs = self._with_position_ids(self.model, inputs)
         return inputs, cache, keep
 
     # -- scoring ---------------------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""``bench/rollout.py`` keeps measuring what the README reports: every mode plays the same episodes, the rows and
+their targets are there, and its timing wrappers leave the model's behaviour alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(_BENCH))  # the bench scripts import their shared helpers as `common`
+_spec = importlib.util.spec_from_file_location("bench_rollout", _BENCH / "rollout.py")
+bench = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("bench_rollout", bench)  # dataclasses look their module up while it executes
+_spec.loader.exec_module(bench)
+
+
+def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_factory):
+    # Five attempts per hand and a model that never solves one: each environment plays one whole episode.
+    runs = bench.measure(tiny_dir_factory("mllama"), num_envs=2, attempts=10, max_new_tokens=3)
+    assert set(runs) == {"batched", "batched, whole prompts", "one at a time", "one at a time + rescoring"}
+    for run in runs.values():
+        assert run.attempts == 10 and run.episodes == 2 and sorted(run.seeds) == sorted(runs["batched"].seeds)
+        assert 0 < run.model_seconds < run.seconds and run.parts["steps"] > 0
+    rows = {row.name: row for row in bench.rows_of(runs)}
+    assert rows["rollout GP-L, batched / one at a time"].target == 8.0
+    assert rows["rollout GP-L, batched: model share of time"].target == 85.0
+    assert rows["rollout GP-L, ceiling: one at a time / batched decoding steps"].value > 0
+
+
+def test_instrumented_backbone_generates_what_a_plain_one_does(tiny_dir_factory, chats):
+    """The timing wrappers change nothing the model computes, left-padded rows continued from caches included
+    (a wrapper that hid the forward's signature once cost those rows their position ids)."""
+    path = str(tiny_dir_factory("mllama"))
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=6)
+    plain = Backbone(BackboneConfig(path=path)).eval()
+    timed = Backbone(BackboneConfig(path=path)).eval()
+    timers = bench.instrument(timed)
+    prompts = [(chat, None) for chat in chats]  # different lengths: left padding
+    caches = {id(timed): [None] * len(prompts), id(plain): [None] * len(prompts)}
+    for turn in range(2):
+        results = {}
+        for backbone in (timed, plain):
+            results[id(backbone)] = backbone.generate(prompts, greedy, caches[id(backbone)])
+            caches[id(backbone)] = [g.cache for g in results[id(backbone)]]
+        for a, b in zip(results[id(timed)], results[id(plain)]):
+            assert torch.equal(a.answer_ids, b.answer_ids) and torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+        prompts = [(chat + [{"role": "assistant", "content": g.text}, {"role": "user", "content": "Again."}], None)
+                   for (chat, _), g in zip(prompts, results[id(plain)])]
+    assert timers.seconds["backbone"] > 0 and timers.seconds["prefill"] > 0 and timers.seconds["steps"] > 0
