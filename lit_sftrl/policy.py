@@ -58,7 +58,8 @@ class OptimConfig:
 
 
 class PolicyModule(L.LightningModule):
-    """Base LightningModule: one backbone, cumulative FLOPs, trainable-only checkpoints, evaluation steps."""
+    """Base LightningModule: one backbone, cumulative FLOPs, trainable-only checkpoints, evaluation steps. Its
+    arguments are documented on the modules the CLI builds (:class:`~lit_sftrl.sft.SFTModule`, PPOModule)."""
 
     def __init__(
         self,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.policy import OptimConfig, PolicyModule
+from lit_sftrl.policy import PolicyModule
 
 
 class SFTModule(PolicyModule):
@@ -19,16 +18,7 @@ class SFTModule(PolicyModule):
         max_nonfinite_losses: NaN/inf losses in a row after which the run stops (each one's step is skipped).
     """
 
-    def __init__(
-        self,
-        backbone: BackboneConfig | None = None,
-        optim: OptimConfig | None = None,
-        eval_sampling: SamplingConfig | None = None,
-        init_from: str | None = None,
-        max_nonfinite_losses: int = 5,
-    ) -> None:
-        super().__init__(backbone, optim, eval_sampling, init_from, max_nonfinite_losses)
-        self.tokens_seen = 0
+    tokens_seen = 0  # trained-on tokens over all ranks; checkpointed
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int):
         inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in batch])

@@ -33,7 +33,7 @@ from lit_sftrl.models.config import (
     Scores,
     as_backbone_config,
 )
-from lit_sftrl.models.encoding import IGNORE, ChatEncoder, sft_labels
+from lit_sftrl.models.encoding import IGNORE, ChatEncoder, per_token_keys, sft_labels
 from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cache, split_rows, text_layers
 from lit_sftrl.models.loading import (
     apply_lora,
@@ -57,9 +57,6 @@ from lit_sftrl.models.sampling import (
 from lit_sftrl.models.tiny import resolve_model_path
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
 from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
-
-# Model inputs with a column per token, cut to the columns a cache does not hold (attention_mask stays whole).
-_PER_TOKEN_INPUTS = ("input_ids", "position_ids", "cross_attention_mask", "token_type_ids", "mm_token_type_ids")
 
 __all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
@@ -148,7 +145,8 @@ class Backbone(nn.Module):
         inputs = self._with_position_ids(model, self._to_device(inputs))
         kwargs: dict[str, Any] = {"use_cache": False}
         if cache is not None and (past := cache.get_seq_length()):
-            inputs = {key: value[:, past:] if key in _PER_TOKEN_INPUTS else value for key, value in inputs.items()}
+            cut = set(per_token_keys(inputs)) - {"attention_mask"}  # the mask keeps the cached columns
+            inputs = {key: value[:, past:] if key in cut else value for key, value in inputs.items()}
             kwargs = {"cache": cache, "use_cache": True}
         if self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = keep  # skip the output layer on prompt positions: big vocabularies
@@ -202,8 +200,10 @@ class Backbone(nn.Module):
         values = self.value_head(store[0][:, -1]).tolist() if capture else [None] * len(prompts)
         prompt_tokens = self.token_counts(inputs).tolist()
         lengths = [answer_length(row, self.eos_ids) for row in new_tokens]
-        images, layers = [image for _, image in prompts], text_layers(self._text_config)
-        next_caches = split_rows(cache, sequences, inputs["attention_mask"], lengths, images, layers) if keep_caches else None
+        next_caches = None
+        if keep_caches:
+            images, layers = [image for _, image in prompts], text_layers(self._text_config)
+            next_caches = split_rows(cache, sequences, inputs["attention_mask"], lengths, images, layers)
         results = []
         for row, length in enumerate(lengths):
             answer = new_tokens[row, :length].cpu()

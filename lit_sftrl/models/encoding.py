@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -21,6 +23,17 @@ IGNORE = -100
 REPEAT_LAST_ROW = ("cross_attention_mask",)
 PAD_WITH_ZERO = ("token_type_ids", "mm_token_type_ids", "moe_mm_token_type_ids")
 _TEXT_KEYS = ("input_ids", "attention_mask")
+
+
+def per_token_keys(inputs: dict[str, Any]) -> list[str]:
+    """The model inputs with one column per token (``[B, T, ...]`` like ``input_ids``: the attention and cross-
+    attention masks, position and token-type ids): what must move, grow or be cut together with the tokens."""
+    batch, length = inputs["input_ids"].shape
+    return [
+        key for key, value in inputs.items()
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (batch, length)
+        and not key.startswith(("pixel_values", "image_"))
+    ]
 
 
 @dataclass
@@ -99,15 +112,14 @@ class ChatEncoder:
         out = dict(inputs)
         out["input_ids"] = torch.cat([input_ids, ids], dim=1)
         out["attention_mask"] = torch.cat([inputs["attention_mask"], mask], dim=1)
-        for key, value in inputs.items():
-            if key in _TEXT_KEYS or not torch.is_tensor(value) or value.dim() < 2 or value.shape[:2] != (batch, length):
+        for key in per_token_keys(inputs):
+            value = inputs[key]
+            if key in _TEXT_KEYS:
                 continue
             if key in REPEAT_LAST_ROW:
                 extra = value[:, -1:].expand(-1, width, *value.shape[2:])
             elif key in PAD_WITH_ZERO:
                 extra = value.new_zeros((batch, width, *value.shape[2:]))
-            elif key.startswith(("pixel_values", "image_")):
-                continue
             else:
                 raise NotImplementedError(f"do not know how to extend the per-token input {key!r} over appended tokens")
             out[key] = torch.cat([value, extra], dim=1)

@@ -32,6 +32,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lit_sftrl.models.encoding import per_token_keys
+
 LayerState = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -154,14 +156,14 @@ def continue_batch(
         torch.cat([torch.arange(cached - n, cached), torch.arange(width - (len(columns) - n), width)]).to(columns.device)
         for columns, n in zip(sources, reused)
     ]
-    batch, length = input_ids.shape
+    batch = input_ids.shape[0]
     laid_out = dict(inputs)
-    for key, value in inputs.items():
-        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == (batch, length):
-            moved = value.new_full((batch, width, *value.shape[2:]), pad_id if key == "input_ids" else 0)
-            for row, (source, target) in enumerate(zip(sources, targets)):
-                moved[row, target] = value[row, source]
-            laid_out[key] = moved
+    for key in per_token_keys(inputs):
+        value = inputs[key]
+        moved = value.new_full((batch, width, *value.shape[2:]), pad_id if key == "input_ids" else 0)
+        for row, (source, target) in enumerate(zip(sources, targets)):
+            moved[row, target] = value[row, source]
+        laid_out[key] = moved
     for index, layer in enumerate(cache.layers):
         if layout[index]:
             sample = next(p.layers[index] for p, n in zip(prefixes, reused) if n)
