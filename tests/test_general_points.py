@@ -88,16 +88,18 @@ def test_importing_the_env_does_not_import_torch() -> None:
 # -- dealing ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sampling", ["iid", "deck"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['face_card_rule']}-{v['suits']}")
-def test_hands_follow_the_spec(variant: dict) -> None:
-    env = GeneralPointsEnv(**variant)
+def test_hands_follow_the_spec(variant: dict, sampling: str) -> None:
+    env = GeneralPointsEnv(**variant, sampling=sampling)
     values, allowed_suits = card_values(variant["face_card_rule"]), set(SUIT_GROUPS[variant["suits"]])
     hands = set()
     for seed in range(300):
         env.reset(seed=seed)
         hand = env.hand
         hands.add(hand)
-        assert len(set(hand)) == 4 and {card.suit for card in hand} <= allowed_suits
+        assert len(hand) == 4 and {card.suit for card in hand} <= allowed_suits
+        assert len(set(hand)) == 4 or sampling == "iid"  # only the deck deals distinct cards
         assert env.numbers == [values[card.rank] for card in hand]
         assert solver.is_solvable(tuple(sorted(env.numbers)), 24)
         if variant["face_card_rule"] == "11-13":
@@ -145,10 +147,12 @@ def test_reset_does_not_search(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_chosen_hand_must_be_legal() -> None:
-    env = GeneralPointsEnv(suits="black")
+    env = GeneralPointsEnv(suits="black", sampling="deck")
     for bad in ([("3", "hearts")] + HAND_3388[1:], HAND_3388[:3], [HAND_3388[0]] * 4, [("1", "spades")] * 4):
         with pytest.raises(ValueError, match="options"):
             env.reset(options={"hand": bad})
+    iid = GeneralPointsEnv(suits="black")  # drawing with replacement can deal one card twice: 3*3*3-3
+    assert iid.reset(options={"hand": [HAND_3388[0]] * 4})[1]["cards"] == ["3"] * 4
     with pytest.raises(ValueError, match="make 24"):  # 1 1 1 1 cannot make 24
         env.reset(options={"hand": [("A", "spades"), ("A", "clubs"), ("2", "spades"), ("2", "clubs")]})
 
@@ -256,7 +260,8 @@ def test_text_modality_ignores_the_stated_cards() -> None:
 
 def test_reward_table_is_configurable_and_has_no_partial_reward() -> None:
     assert dict(DEFAULT_REWARDS) == {
-        "misread": -1.5, "illegal": -3.0, "wrong_numbers": -2.0, "success": 5.0, "wrong_value": -1.0
+        "misread": -1.5, "illegal": -3.0, "wrong_numbers": -2.0, "success": 5.0, "wrong_value": -1.0,
+        "budget_exhausted": -1.0,
     }
     env = env_3388(rewards={"success": 1, "wrong_value": 0.0})
     assert env.step(answer("8+3+8+3"))[1] == 0.0 and env.step(answer("8/(3-8/3)"))[1] == 1.0
@@ -270,8 +275,10 @@ def test_failed_attempts_continue_the_conversation_until_the_budget_is_spent() -
     first = env._observation()
     wrong = [answer("8+3+8+3"), "nonsense", answer("8*3")]
     for attempt, text in enumerate(wrong, start=1):
-        obs, _, terminated, truncated, info = env.step(text)
-        assert info["attempt"] == attempt and not terminated and truncated == (attempt == 3)
+        obs, reward, terminated, truncated, info = env.step(text)
+        # The budget's end is a terminal (the paper's MDP), its verdict carrying the budget penalty.
+        assert info["attempt"] == attempt and not truncated and terminated == info["budget_exhausted"] == (attempt == 3)
+        assert reward == DEFAULT_REWARDS[info["outcome"]] + (DEFAULT_REWARDS["budget_exhausted"] if attempt == 3 else 0)
         assert obs["messages"][0] == first["messages"][0] and len(obs["messages"]) == 1 + 2 * attempt
         assert obs["messages"][-2] == {"role": "assistant", "content": text}
         assert obs["messages"][-1] == {"role": "user", "content": REVISION_PREFIX + info["feedback"]}
@@ -294,7 +301,10 @@ def test_single_turn_budget_and_step_before_reset() -> None:
     with pytest.raises(RuntimeError, match="reset"):
         GeneralPointsEnv().step(answer("8/(3-8/3)"))
     env = env_3388(verify_iter=1)
-    assert env.step("nonsense")[2:4] == (False, True)
+    _, reward, terminated, truncated, info = env.step("nonsense")
+    assert (reward, terminated, truncated, info["budget_exhausted"], info["well_formed"]) == (-4.0, True, False, True, False)
+    env = env_3388(verify_iter=1, rewards={"budget_exhausted": -0.5})
+    assert env.step(answer("8+3+8+3"))[1] == -1.5
 
 
 # -- the expert ---------------------------------------------------------------------------------------------
@@ -460,8 +470,10 @@ def test_step_never_raises_and_rewards_come_from_the_table(texts: list[str], mod
     env.reset(seed=len(texts))
     for text in texts:
         _, reward, terminated, truncated, info = env.step(text)
-        assert reward in DEFAULT_REWARDS.values() and reward == DEFAULT_REWARDS[info["outcome"]]
-        assert {"cards", "numbers", "success", "correct", "recognized", "feedback", "attempt"} <= set(info)
+        penalty = DEFAULT_REWARDS["budget_exhausted"] if info["budget_exhausted"] else 0.0
+        assert reward == DEFAULT_REWARDS[info["outcome"]] + penalty and not truncated
+        assert {"cards", "numbers", "success", "correct", "recognized", "feedback", "attempt", "well_formed",
+                "budget_exhausted"} <= set(info)
         if terminated or truncated:
             env.reset()
 

@@ -69,6 +69,8 @@ class ChatEnv(gym.Env):
     """Base class: holds the conversation and builds observations; subclasses decide rewards."""
 
     metadata = {"render_modes": []}
+    # The revision turn's wording (a template with the field {feedback}; subclasses take it from their table).
+    revision_template = REVISION_PREFIX + "{feedback}"
     action_space = spaces.Text(max_length=MAX_ANSWER_CHARS, charset=string.printable)
 
     def __init__(self, image_size: int | None = None) -> None:
@@ -96,7 +98,7 @@ class ChatEnv(gym.Env):
     def _revise(self, answer: object, feedback: str) -> None:
         """Continue the conversation after a failed attempt: the answer, then why it failed."""
         self._messages.append({"role": "assistant", "content": answer_text(answer)})
-        self._messages.append({"role": "user", "content": REVISION_PREFIX + feedback})
+        self._messages.append({"role": "user", "content": self.revision_template.format_map({"feedback": feedback})})
 
     def _observation(self) -> dict[str, Any]:
         # Fresh data on every call (gymnasium's contract): callers may keep or modify what they get.

@@ -58,6 +58,20 @@ def draw_hand(cards: Sequence[Card], count: int, rng: np.random.Generator) -> tu
     return tuple(hand)
 
 
+def draw_iid_hand(
+    suits: Sequence[str], count: int, rng: np.random.Generator, forced_ranks: Sequence[str] = ()
+) -> tuple[Card, ...]:
+    """The original code's deal: ranks i.i.d. uniform over A..K *with replacement*, each suit drawn at random
+    from ``suits``. With ``forced_ranks`` (the 11-13 rule: J, Q, K), ``count - 1`` such ranks plus one drawn
+    from ``forced_ranks``, shuffled, so the forced card can sit anywhere. The same card may occur twice."""
+    free = count - 1 if forced_ranks else count
+    ranks = [RANKS[i] for i in rng.integers(len(RANKS), size=free)]
+    if forced_ranks:
+        ranks.append(forced_ranks[int(rng.integers(len(forced_ranks)))])
+        ranks = [ranks[i] for i in rng.permutation(count)]
+    return tuple(Card(rank, suits[i]) for rank, i in zip(ranks, rng.integers(len(suits), size=count)))
+
+
 def _uniform_below(bound: int, rng: np.random.Generator) -> int:
     """An exactly uniform integer in ``[0, bound)``, bound < 2**64: raw draws, rejecting the biased top."""
     limit = (1 << 64) - (1 << 64) % bound

@@ -3,7 +3,23 @@
 An episode is one hand. The model answers with a JSON object ``{"cards": [...], "number": [...], "formula":
 "..."}``; each attempt is judged by the first failing check of SPEC §1 (VL: cards misread; malformed formula;
 wrong numbers; success; wrong value). A failed attempt with budget left continues the conversation with
-"You failed this trial because <feedback>"; success terminates, the ``verify_iter``-th failure truncates.
+"You failed this trial because <feedback>". Success terminates the episode; so does the ``verify_iter``-th
+failure (the paper's MDP: the budget's end is a terminal, shown in the prompt by the attempts so far), whose
+reward is its verdict plus the ``budget_exhausted`` penalty of the reward table (default -1).
+
+Hands (``sampling``): ``"iid"`` (default) deals as the original code did, whose draws made the paper's numbers:
+ranks i.i.d. with replacement, suits at random within the colour, under the 11-13 rule ``num_cards - 1``
+such ranks plus one forced J/Q/K, shuffled. ``"deck"`` deals distinct cards from the colour's deck and, under
+the 11-13 rule, keeps only hands with a face card (the paper's prose). Both keep solvable hands only. Over
+solvable hands the 11-13 rule then gives 1.62 J/Q/K per hand (iid) vs 1.32 (deck).
+
+Wording: every prompt and feedback text is a template (see ``lit_sftrl.envs.templates``); ``templates``
+replaces any of ``DEFAULT_TEMPLATES``, whose fields ``TEMPLATE_FIELDS`` lists.
+
+Every step's ``info`` holds ``success``, ``correct``, ``recognized`` (VL: the stated cards are the true ones;
+None for GP-L), ``well_formed`` (the answer is a JSON object with every key the judge reads: ``formula``, and
+``cards`` in VL), ``budget_exhausted`` (this attempt used up the budget without success), ``outcome``,
+``feedback``, ``attempt``, ``cards`` and ``numbers``.
 
 Two decisions beyond the spec, both deliberate:
 
@@ -22,53 +38,72 @@ from typing import Any, Mapping, NamedTuple
 
 from lit_sftrl.envs.arithmetic import FormulaError, evaluate_formula, format_number
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
-from lit_sftrl.envs.cards import RANKS, Card, deck, draw_hand, render_table
+from lit_sftrl.envs.cards import RANKS, SUIT_GROUPS, Card, deck, draw_hand, draw_iid_hand, render_table
 from lit_sftrl.envs.parsing import extract_json_object
 from lit_sftrl.envs.solver import is_solvable, solutions
+from lit_sftrl.envs.templates import fill, template_table
 
 FACE_CARD_RULES = ("10", "11-13")
 SUIT_CHOICES = ("black", "red", "all")
 MODALITIES = ("text", "image")
+SAMPLINGS = ("iid", "deck")
 NUM_CARDS_CHOICES = (2, 3, 4, 5, 6)  # placeholders in the prompt go up to 6; 4 is the game
 MIN_IMAGE_SIZE = 64
 DEFAULT_REWARDS: Mapping[str, float] = MappingProxyType(
-    {"misread": -1.5, "illegal": -3.0, "wrong_numbers": -2.0, "success": 5.0, "wrong_value": -1.0}
+    {"misread": -1.5, "illegal": -3.0, "wrong_numbers": -2.0, "success": 5.0, "wrong_value": -1.0,
+     "budget_exhausted": -1.0}  # added to the verdict of the attempt that uses up the budget
 )
 FACE_RANKS = frozenset({"J", "Q", "K"})
+FORCED_FACES = ("J", "Q", "K")
 # Rejection sampling gives up after this many hands: only a target no hand can reach gets there.
 MAX_DRAWS = 10_000
 
 # ----------------------------------------------------------------------------------------------------------
-# Wording: every sentence the model reads. Printable ASCII only (the observation space's charset).
+# Wording: every sentence the model reads, as templates (printable ASCII: the observation space's charset).
 # ----------------------------------------------------------------------------------------------------------
-PROMPT = (
-    "You are an expert {target} points card game player. {seeing}\n"
-    "{rule} Each card must be used exactly once.\n"
-    "Your goal is to output a formula that evaluates to {target}, using the numbers from the cards and the "
-    "operators '+', '-', '*', '/', '(' and ')'.\n"
-    "Answer with a JSON object of this form:\n"
-    '{{"cards": [{card_slots}], "number": [{number_slots}], "formula": "an equation that equals {target}"}}\n'
-    "where 'cards' lists the card labels (A, 2 to 10, J, Q, K), 'number' their values and 'formula' uses "
-    "each value once."
-)
-SEEING = {
-    "text": "You are given these {count} cards: {labels}.",
-    "image": "You are observing the {count} cards in the image.",
-}
-RULE = {
-    "10": "Note that 'J', 'Q' and 'K' all count as 10, and 'A' counts as 1.",
-    "11-13": "Note that 'J', 'Q' and 'K' count as 11, 12 and 13, and 'A' counts as 1.",
-}
-FEEDBACK = {
-    "no_json": "your answer is malformed: {reason}.",
-    "misread": "you misread the cards: the cards you listed are not the cards in the image.",
-    "illegal": "your formula is illegal: {reason}.",
-    "no_formula": "your answer has no 'formula'.",
-    "wrong_numbers": "your formula must use each of the card values {values} exactly once, but {problem}.",
-    "extra": "it uses {numbers}, which the cards do not provide,",
-    "missing": "it leaves out {numbers}",
-    "wrong_value": "your formula evaluates to {value}, not {target}.",
-}
+DEFAULT_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "prompt": (
+        "You are an expert {target} points card game player. {seeing}\n"
+        "{face_card_rule} Each card must be used exactly once.\n"
+        "Your goal is to output a formula that evaluates to {target}, using the numbers from the cards and the "
+        "operators '+', '-', '*', '/', '(' and ')'.\n"
+        "{answer_format}"
+    ),
+    "seeing_text": "You are given these {num_cards} cards: {cards}.",
+    "seeing_image": "You are observing the {num_cards} cards in the image.",
+    "face_card_rule_10": "Note that 'J', 'Q' and 'K' all count as 10, and 'A' counts as 1.",
+    "face_card_rule_11-13": "Note that 'J', 'Q' and 'K' count as 11, 12 and 13, and 'A' counts as 1.",
+    "answer_format": (
+        "Answer with a JSON object of this form:\n"
+        '{{"cards": [{card_slots}], "number": [{number_slots}], "formula": "an equation that equals {target}"}}\n'
+        "where 'cards' lists the card labels (A, 2 to 10, J, Q, K), 'number' their values and 'formula' uses "
+        "each value once."
+    ),
+    "revision": "You failed this trial because {feedback}",
+    "feedback_no_json": "your answer is malformed: {reason}.",
+    "feedback_misread": "you misread the cards: the cards you listed are not the cards in the image.",
+    "feedback_illegal": "your formula is illegal: {reason}.",
+    "feedback_no_formula": "your answer has no 'formula'.",
+    "feedback_wrong_numbers": "your formula must use each of the card values {values} exactly once, but {problem}.",
+    "feedback_extra": "it uses {numbers}, which the cards do not provide,",
+    "feedback_missing": "it leaves out {numbers}",
+    "feedback_wrong_value": "your formula evaluates to {value}, not {target}.",
+})
+_PROMPT_FIELDS = frozenset({"target", "num_cards", "cards", "card_slots", "number_slots"})
+# ``target_number`` and ``face_card_msg`` are the original prompt library's names, so its prompts paste in.
+TEMPLATE_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType({
+    "prompt": _PROMPT_FIELDS | {"seeing", "face_card_rule", "answer_format", "target_number", "face_card_msg"},
+    "seeing_text": _PROMPT_FIELDS, "seeing_image": _PROMPT_FIELDS,
+    "face_card_rule_10": frozenset(), "face_card_rule_11-13": frozenset(),
+    "answer_format": _PROMPT_FIELDS,
+    "revision": frozenset({"feedback"}),
+    "feedback_no_json": frozenset({"reason"}), "feedback_misread": frozenset(),
+    "feedback_illegal": frozenset({"reason"}), "feedback_no_formula": frozenset(),
+    "feedback_wrong_numbers": frozenset({"values", "problem"}),
+    "feedback_extra": frozenset({"numbers"}), "feedback_missing": frozenset({"numbers"}),
+    "feedback_wrong_value": frozenset({"value", "target"}),
+})
+_CARDS_SLOT = "\x00cards\x00"  # stands for the card labels in the prompt prepared at construction
 # Whether a hand is playable depends only on its sorted labels, the rule and the target: memoised per process
 # and shared by all envs, so that after warm-up a draw costs one dict lookup.
 _PLAYABLE: dict[tuple[str, int], dict[tuple[str, ...], bool]] = {}
@@ -78,11 +113,13 @@ NO_HAND = "no hand has been dealt; call reset() first"
 
 
 class Verdict(NamedTuple):
-    """How one attempt was judged: the reward key, the feedback (None on success), the card check."""
+    """How one attempt was judged: the reward key, the feedback (None on success), the card check, and
+    whether the answer was a JSON object with every key the judge reads."""
 
     outcome: str | None  # a key of DEFAULT_REWARDS; None before any attempt
     feedback: str | None
     recognized: bool | None
+    well_formed: bool | None = None  # None before any attempt
 
 
 class GeneralPointsEnv(ChatEnv):
@@ -98,6 +135,8 @@ class GeneralPointsEnv(ChatEnv):
         verify_iter: int = 5,
         image_size: int = 224,
         rewards: Mapping[str, float] | None = None,
+        sampling: str = "iid",
+        templates: Mapping[str, str] | None = None,
     ) -> None:
         check_positive_int("target", target)
         check_positive_int("num_cards", num_cards)
@@ -105,6 +144,7 @@ class GeneralPointsEnv(ChatEnv):
         check_choice("face_card_rule", face_card_rule, FACE_CARD_RULES)
         check_choice("suits", suits, SUIT_CHOICES)
         check_choice("modality", modality, MODALITIES)
+        check_choice("sampling", sampling, SAMPLINGS)
         check_positive_int("verify_iter", verify_iter)
         check_positive_int("image_size", image_size)
         if image_size < MIN_IMAGE_SIZE:
@@ -113,6 +153,9 @@ class GeneralPointsEnv(ChatEnv):
         self.target, self.num_cards, self.face_card_rule = target, num_cards, face_card_rule
         self.suits, self.modality, self.verify_iter, self.image_size = suits, modality, verify_iter, image_size
         self.rewards: dict[str, float] = reward_table(DEFAULT_REWARDS, rewards)
+        self.sampling = sampling
+        self.templates = template_table(DEFAULT_TEMPLATES, TEMPLATE_FIELDS, templates)
+        self.revision_template = self.templates["revision"]
         self._deck = deck(suits)
         self._value = card_values(face_card_rule)
         self._playable_labels = _PLAYABLE.setdefault((face_card_rule, target), {})
@@ -139,7 +182,7 @@ class GeneralPointsEnv(ChatEnv):
         self._attempt, self._over = 0, False
         image = render_table(self._hand, self.image_size) if self.modality == "image" else None
         self._start_conversation(self._prompt(), image)
-        return self._observation(), self._info(Verdict(None, None, None), correct=False)
+        return self._observation(), self._info(Verdict(None, None, None), correct=False, exhausted=False)
 
     def step(self, action: Any) -> tuple[dict, float, bool, bool, dict]:
         """Judge one answer. Never raises on the answer itself, whatever it is; only on a finished episode."""
@@ -148,38 +191,41 @@ class GeneralPointsEnv(ChatEnv):
         self._attempt += 1
         verdict = self.judge(action)
         success = verdict.outcome == "success"
-        truncated = not success and self._attempt >= self.verify_iter
-        self._over = success or truncated
-        if not success:
-            # Also on truncation: the obs is then the state the episode stopped in, for value bootstrapping.
+        exhausted = not success and self._attempt >= self.verify_iter
+        self._over = success or exhausted
+        reward = self.rewards[verdict.outcome] + (self.rewards["budget_exhausted"] if exhausted else 0.0)
+        if not success:  # also when the budget is used up: the last observation shows why the episode ended
             self._revise(action, verdict.feedback or "")
-        return self._observation(), self.rewards[verdict.outcome], success, truncated, self._info(verdict, success)
+        # Never truncated: the budget's end is a terminal of the task (the prompt shows the attempts so far).
+        return self._observation(), reward, self._over, False, self._info(verdict, success, exhausted)
 
     # -- judging ------------------------------------------------------------------------------------------
 
     def judge(self, answer: Any) -> Verdict:
         """The first failing check of SPEC §1 for ``answer`` on the current hand (no state change)."""
         parsed, reason = extract_json_object(answer)
-        image = self.modality == "image"
+        image, text = self.modality == "image", self.templates
         if parsed is None:
-            return Verdict("illegal", FEEDBACK["no_json"].format(reason=reason), False if image else None)
+            return Verdict("illegal", fill(text["feedback_no_json"], reason=reason), False if image else None, False)
+        well_formed = "formula" in parsed and ("cards" in parsed or not image)
         recognized = _stated_labels(parsed.get("cards")) == Counter(self._labels) if image else None
         if recognized is False:
-            return Verdict("misread", FEEDBACK["misread"], recognized)
+            return Verdict("misread", text["feedback_misread"], recognized, well_formed)
         if "formula" not in parsed:
-            return Verdict("illegal", FEEDBACK["no_formula"], recognized)
+            return Verdict("illegal", text["feedback_no_formula"], recognized, well_formed)
         try:
             evaluation = evaluate_formula(parsed["formula"], self.target)
         except FormulaError as error:
-            return Verdict("illegal", FEEDBACK["illegal"].format(reason=error), recognized)
-        problem = _number_problem(Counter(evaluation.numbers), Counter(self._numbers))
+            return Verdict("illegal", fill(text["feedback_illegal"], reason=error), recognized, well_formed)
+        problem = _number_problem(Counter(evaluation.numbers), Counter(self._numbers), text)
         if problem:
-            feedback = FEEDBACK["wrong_numbers"].format(values=_join(sorted(self._numbers)), problem=problem)
-            return Verdict("wrong_numbers", feedback, recognized)
+            feedback = fill(text["feedback_wrong_numbers"], values=_join(sorted(self._numbers)), problem=problem)
+            return Verdict("wrong_numbers", feedback, recognized, well_formed)
         if evaluation.value != self.target:
-            feedback = FEEDBACK["wrong_value"].format(value=format_number(evaluation.value), target=self.target)
-            return Verdict("wrong_value", feedback, recognized)
-        return Verdict("success", None, recognized)
+            value = format_number(evaluation.value)
+            return Verdict("wrong_value", fill(text["feedback_wrong_value"], value=value, target=self.target),
+                           recognized, well_formed)
+        return Verdict("success", None, recognized, well_formed)
 
     # -- experts ------------------------------------------------------------------------------------------
 
@@ -228,10 +274,14 @@ class GeneralPointsEnv(ChatEnv):
         return tuple(sorted(self.numbers))
 
     def _deal(self) -> tuple[Card, ...]:
-        """Uniform over the hands that satisfy SPEC §1 (rejection sampling; solvability is a table lookup)."""
+        """The sampler's hands, kept when playable (rejection sampling; solvability is a table lookup)."""
         known = self._playable_labels
+        forced = FORCED_FACES if self.face_card_rule == "11-13" else ()
         for _ in range(MAX_DRAWS):
-            hand = draw_hand(self._deck, self.num_cards, self.np_random)
+            if self.sampling == "iid":
+                hand = draw_iid_hand(SUIT_GROUPS[self.suits], self.num_cards, self.np_random, forced)
+            else:
+                hand = draw_hand(self._deck, self.num_cards, self.np_random)
             labels = tuple(sorted([card.rank for card in hand]))
             playable = known.get(labels)
             if playable if playable is not None else self._playable(labels):
@@ -239,7 +289,7 @@ class GeneralPointsEnv(ChatEnv):
         raise RuntimeError(f"no playable hand in {MAX_DRAWS} draws: can {self.num_cards} cards make {self.target}?")
 
     def _playable(self, labels: tuple[str, ...]) -> bool:
-        """SPEC §1 beyond distinct cards from the deck: a J, Q or K under "11-13", and solvable (memoised)."""
+        """Solvable, and a J, Q or K under "11-13" (the iid sampler forces one; deck hands are filtered)."""
         labels = tuple(sorted(labels))
         if labels not in self._playable_labels:
             has_face = not FACE_RANKS.isdisjoint(labels)
@@ -252,9 +302,11 @@ class GeneralPointsEnv(ChatEnv):
             hand = tuple(Card(*card) for card in cards)
         except TypeError:
             hand = ()
-        if len(hand) != self.num_cards or len(set(hand)) != len(hand) or not set(hand) <= set(self._deck):
+        distinct = len(set(hand)) == len(hand) or self.sampling == "iid"  # iid draws may repeat a card
+        if len(hand) != self.num_cards or not distinct or not set(hand) <= set(self._deck):
+            kind = "distinct " if self.sampling == "deck" else ""
             raise ValueError(
-                f"options['hand']={cards!r} is not valid; it must be {self.num_cards} distinct (rank, suit) cards "
+                f"options['hand']={cards!r} is not valid; it must be {self.num_cards} {kind}(rank, suit) cards "
                 f"of the {self.suits!r} deck"
             )
         if not self._playable(tuple(card.rank for card in hand)):
@@ -265,29 +317,30 @@ class GeneralPointsEnv(ChatEnv):
         return hand
 
     def _prompt(self) -> str:
-        return self._prompt_template.replace("{labels}", ", ".join(f"'{label}'" for label in self._labels))
+        return self._prompt_template.replace(_CARDS_SLOT, ", ".join(f"'{label}'" for label in self._labels))
 
     def _prompt_template_for(self) -> str:
         """The task prompt with everything but the card labels filled in (they change every reset)."""
-        count = self.num_cards
-        return PROMPT.format(
-            target=self.target,
-            seeing=SEEING[self.modality].format(count=count, labels="{labels}"),
-            rule=RULE[self.face_card_rule],
-            card_slots=", ".join("xyzwuv"[:count]),
-            number_slots=", ".join("abcdef"[:count]),
-        )
+        count, text = self.num_cards, self.templates
+        fields = dict(target=self.target, num_cards=count, cards=_CARDS_SLOT, card_slots=", ".join("xyzwuv"[:count]),
+                      number_slots=", ".join("abcdef"[:count]))
+        rule = text[f"face_card_rule_{self.face_card_rule}"]
+        return fill(text["prompt"], **fields, seeing=fill(text[f"seeing_{self.modality}"], **fields),
+                    face_card_rule=rule, face_card_msg=rule, target_number=self.target,
+                    answer_format=fill(text["answer_format"], **fields))
 
     def _answer_text(self, formula: str) -> str:
         return json.dumps({"cards": self.labels, "number": self.numbers, "formula": formula})
 
-    def _info(self, verdict: Verdict, correct: bool) -> dict[str, Any]:
+    def _info(self, verdict: Verdict, correct: bool, exhausted: bool) -> dict[str, Any]:
         return {
             "cards": list(self._labels),
             "numbers": list(self._numbers),
             "success": correct,  # an episode succeeds exactly when an attempt is correct, which ends it
             "correct": correct,
             "recognized": verdict.recognized,
+            "well_formed": verdict.well_formed,
+            "budget_exhausted": exhausted,
             "feedback": verdict.feedback,
             "attempt": self._attempt,
             "outcome": verdict.outcome,
@@ -310,14 +363,14 @@ def _stated_labels(cards: Any) -> Counter | None:
     return Counter(str(card).strip().upper() for card in cards)
 
 
-def _number_problem(used: Counter, expected: Counter) -> str:
+def _number_problem(used: Counter, expected: Counter, text: Mapping[str, str]) -> str:
     """Why the formula's numbers are not the card values ('' when they are)."""
     if used == expected:
         return ""
     parts = []
-    for key, difference in (("extra", used - expected), ("missing", expected - used)):
+    for key, difference in (("feedback_extra", used - expected), ("feedback_missing", expected - used)):
         if difference:
-            parts.append(FEEDBACK[key].format(numbers=_join(sorted(difference.elements()))))
+            parts.append(fill(text[key], numbers=_join(sorted(difference.elements()))))
     return " and ".join(parts).rstrip(",")
 
 
