@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from lit_sftrl.llava_data import read_llava_json
 from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.validation import check_values, validate
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
 PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}
@@ -72,6 +73,9 @@ class EvalConfig:
     chunk: int = 16
     seed: int = 1234
     variants: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        validate(self, "evaluation")
 
 
 class EvalChunks(Dataset):
@@ -269,8 +273,7 @@ class SFTDataModule(EpisodeDataModule):
         evaluation: EvalConfig | None = None,
     ) -> None:
         super().__init__(task, evaluation, seed)
-        if not 0.0 <= multi_turn <= 1.0:
-            raise ValueError(f"data.multi_turn={multi_turn} must lie in [0, 1]")
+        check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers)
         self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
         self.llava_json, self.image_folder = llava_json, image_folder
         self.batches_consumed = 0
@@ -332,6 +335,7 @@ class RLDataModule(EpisodeDataModule):
     ) -> None:
         super().__init__(task, evaluation, seed)
         self.task.check_variant(variant)
+        check_values("data.", num_envs=num_envs, rollout_steps=rollout_steps)  # num_envs 0 would loop forever
         self.variant, self.num_envs, self.rollout_steps = variant, num_envs, rollout_steps
 
     def train_dataloader(self) -> DataLoader:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -24,6 +24,7 @@ from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.tasks import VARIANTS, make_env_from_spec
+from lit_sftrl.validation import check_values, validate
 
 STATE_PREFIX = "backbone."
 
@@ -45,8 +46,11 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    schedule: str = "constant"
+    schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        validate(self, "optim")
 
     def factor(self, step: int, total_steps: int) -> float:
         if step < self.warmup_steps:
@@ -74,6 +78,7 @@ class PolicyModule(L.LightningModule):
         self.optim = optim or OptimConfig()
         self.eval_sampling = eval_sampling or SamplingConfig(temperature=0.0)
         self.init_from = init_from
+        check_values("model.", max_nonfinite_losses=max_nonfinite_losses)
         self.max_nonfinite_losses = max_nonfinite_losses
         self._nonfinite_in_a_row = 0
         self.save_hyperparameters({"backbone": asdict(self.backbone_config), "init_from": init_from})

@@ -18,6 +18,7 @@ import gymnasium as gym
 
 from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
 from lit_sftrl.envs.base import ChatEnv
+from lit_sftrl.validation import PlainData, check_plain_data, validate
 
 TaskName = Literal["gp_l", "gp_vl", "virl_l", "virl_vl"]
 Variant = Literal["id", "rule_ood", "visual_ood"]
@@ -36,7 +37,8 @@ class TaskConfig:
         target: the GeneralPoints target number.
         routes: V-IRL route folder for training, id and rule_ood (official on-disk format).
         ood_routes: V-IRL route folder for visual_ood.
-        env_kwargs: any further environment keyword arguments (e.g. ``{"drop_rate": 0.0}``).
+        env_kwargs: any further environment keyword arguments (e.g. ``{"drop_rate": 0.0}``); plain data only,
+            a ``class_path`` inside is refused, never instantiated.
     """
 
     name: TaskName = "gp_l"
@@ -45,7 +47,11 @@ class TaskConfig:
     target: int = 24
     routes: str = "data/virl/metro"
     ood_routes: str = "data/virl/harbor"
-    env_kwargs: dict[str, Any] | None = None
+    env_kwargs: dict[str, PlainData] | None = None  # not dict[str, Any]: jsonargparse would instantiate class_paths
+
+    def __post_init__(self) -> None:
+        validate(self, "task")
+        check_plain_data(self.env_kwargs, "task.env_kwargs")
 
     @property
     def is_visual(self) -> bool:

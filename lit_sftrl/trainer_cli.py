@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from lit_sftrl import validation
 from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.datamodules import EpisodeDataModule
 from lit_sftrl.models.export import check_lightning_checkpoint
@@ -88,6 +89,14 @@ class SftRlCLI(LightningCLI):
             sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
                      "Resume from another checkpoint with --ckpt_path PATH.")
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        # Checkpoints are read with weights_only=True only (a pickle naming other code would run it); the
+        # option is checked in config_problems, so this pins what the trainer's own restore does.
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in kwargs:
+            kwargs["weights_only"] = True
+        return kwargs
+
     def fit(self, model: Any, **kwargs: Any) -> None:
         """``trainer.fit`` (LightningCLI runs this method in its place): a run that repeated non-finite losses
         stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
@@ -142,7 +151,10 @@ def ddp_strategy(strategy: Any) -> Any:
 
 def config_problems(config: Any) -> list[tuple[str, str]]:
     """Checks that a parser cannot make: paths that must exist, variants that must fit the task."""
-    problems: list[tuple[str, str]] = []
+    # Sizes, rates and free-form fields first: the checks below build config objects, which refuse them too.
+    problems = validation.config_problems(config.model, "model.") + validation.config_problems(config.data, "data.")
+    if problems:
+        return problems
     model = config.model.init_args if "init_args" in config.model else config.model
     data = config.data.init_args if "init_args" in config.data else config.data
     backbone_path = _get(model, "backbone.path")
@@ -151,6 +163,8 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     init_from = _get(model, "init_from")
     if init_from and not Path(init_from).exists():
         problems.append(("model.init_from", f"{init_from!r} does not exist"))
+    if config.get("weights_only") is False:
+        problems.append(("weights_only", "checkpoints are loaded with weights_only=True only: a pickle that needs more could run code"))
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))

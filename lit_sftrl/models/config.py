@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
 
+from lit_sftrl.validation import validate
+
 if TYPE_CHECKING:
     import numpy as np
     from lit_sftrl.models.kv_cache import ConversationCache
@@ -29,6 +31,9 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        validate(self, "lora")
 
 
 @dataclass
@@ -59,6 +64,9 @@ class BackboneConfig:
     reference: Literal["auto", "eager", "none"] = "auto"
     cache_conversations: bool = True
 
+    def __post_init__(self) -> None:
+        validate(self, "backbone")
+
 
 @dataclass
 class SamplingConfig:
@@ -68,6 +76,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        validate(self, "sampling")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -37,17 +38,26 @@ _SAFE_CLASSES = [BackboneConfig, LoraSettings, SamplingConfig]
 CRC_CHECK_LIMIT = 8 << 30
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose pickle names code beyond tensors and plain data: loading it could run that code."""
+
+
 def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and nothing else, ever: a pickle that names any other global
+    (``builtins.exec``, ``subprocess.Popen``...) would run it, and torch's own block list covers few modules.
+    lit-sftrl writes plain data only (hyper-parameters are dicts), so none of its checkpoints needs more."""
     try:
         with torch.serialization.safe_globals(_SAFE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):
+        if "Unsupported global" not in str(error) and "not an allowed global" not in str(error).lower():
             raise
-        # Hyper-parameters hold classes beyond ours. These files are written locally by this trainer (the trust
-        # Lightning itself gives them when resuming), so read them in full.
-        log.warning("%s holds non-tensor objects; loading it with weights_only=False", path)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        name = f" ({found.group(1)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"checkpoint {str(path)!r} is refused: it holds objects beyond tensors and plain data{name}, and "
+            "loading it could run code; lit-sftrl never writes such files"
+        ) from None
 
 
 def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -61,6 +71,8 @@ def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[s
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
         checkpoint = _torch_load(path, mmap=mmap)
+    except UnsafeCheckpointError:
+        raise
     except Exception as error:  # truncated zip, garbage bytes, foreign pickle...
         raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({_first_line(error)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

@@ -39,7 +39,7 @@ def auto_model_class(path: str | Path):
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
     )
 
-    model_type = AutoConfig.from_pretrained(path).model_type
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
     return (
         AutoModelForImageTextToText
         if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -52,7 +52,7 @@ def load_processor(path: str | Path):
     class it was derived from)."""
     from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-    return (AutoTokenizer if auto_model_class(path) is AutoModelForCausalLM else AutoProcessor).from_pretrained(path)
+    return (AutoTokenizer if auto_model_class(path) is AutoModelForCausalLM else AutoProcessor).from_pretrained(path, trust_remote_code=False)
 
 
 @lru_cache(maxsize=8)
@@ -62,7 +62,7 @@ def logical_num_parameters(path: str) -> int:
     from transformers import AutoConfig
 
     with torch.device("meta"):
-        model = auto_model_class(path).from_config(AutoConfig.from_pretrained(path))
+        model = auto_model_class(path).from_config(AutoConfig.from_pretrained(path, trust_remote_code=False))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -122,7 +122,7 @@ def load_base_model(config: BackboneConfig, path: Path) -> nn.Module:
     kwargs = {"dtype": DTYPES[config.dtype]}
     if config.quantization != "none":
         kwargs["quantization_config"] = _quantization_config(config)
-    model = auto_model_class(path).from_pretrained(path, **kwargs)
+    model = auto_model_class(path).from_pretrained(path, trust_remote_code=False, **kwargs)
     if config.quantization != "none":
         from peft import prepare_model_for_kbit_training
 
@@ -162,7 +162,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:
     """A frozen, eval-mode model from ``path``, no options applied (the full fine-tuning reference policy; a source
     of weights under their in-memory names, which transformers may store differently on disk)."""
-    model = auto_model_class(path).from_pretrained(path, dtype=DTYPES[dtype])
+    model = auto_model_class(path).from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=False)
     model.requires_grad_(False)
     return model.eval()
 
@@ -175,6 +175,7 @@ def check_model_directory(path: str | Path) -> None:
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: it has no config.json")
+    _refuse_remote_code(path)
     for file in sorted(path.glob("*.json")):
         try:
             json.loads(file.read_text(encoding="utf-8"))
@@ -190,6 +191,21 @@ def check_model_directory(path: str | Path) -> None:
         raise ValueError(f"{str(path)!r} has no weights (*.safetensors or *.bin)")
     for file in weights:
         _check_safetensors(file)
+
+
+def _refuse_remote_code(path: Path) -> None:
+    """A directory whose config maps its classes to its own Python (``auto_map``) needs trust_remote_code, which
+    lit-sftrl never gives (transformers would otherwise ask y/N on the console, or import that code)."""
+    for name in ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue  # missing, or reported as corrupted by the checks below
+        if isinstance(config, dict) and config.get("auto_map"):
+            raise ValueError(
+                f"{str(path / name)!r} maps its classes to the directory's own Python code (auto_map): refused, "
+                "lit-sftrl loads models with trust_remote_code=False"
+            )
 
 
 def _check_safetensors(file: Path) -> None:

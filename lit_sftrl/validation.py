@@ -1,0 +1,161 @@
+"""Checks on configuration values, made when a config object is built and again on the parsed CLI config.
+
+Every size must be a positive integer and every rate a finite number in its range: a zero ``num_envs`` would
+loop forever, an ``lr: .inf`` turns every weight NaN. The rules are keyed by field name, so the dataclasses
+call :func:`validate` in ``__post_init__`` and the CLI applies :func:`config_problems` to the whole parsed
+config at once, printing one line per problem before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Union
+
+PlainData = Union[str, bool, int, float, None, list, dict]
+"""The type of free-form config fields: jsonargparse instantiates a ``{class_path, init_args}`` found inside a
+``dict[str, Any]``, never inside this one (the bare ``list``/``dict`` are not parsed further)."""
+
+Rule = Callable[[Any], "str | None"]  # None when the value is fine, otherwise what is wrong
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    return None
+
+
+def nonnegative_int(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"must be an integer >= 0, got {value!r}"
+    return None
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    """A finite number in [low, high] (open ends where asked; math.inf for no bound)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def rule(value: Any) -> str | None:
+        if not _number(value) or not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high:
+            bounds = f"{left}{low:g}, {'inf' if math.isinf(high) else f'{high:g}'}{right}"
+            return f"must lie in {bounds}, got {value!r}"
+        return None
+
+    return rule
+
+
+POSITIVE = in_range(0.0, math.inf, low_open=True, high_open=True)
+NONNEGATIVE = in_range(0.0, math.inf, high_open=True)
+FRACTION = in_range(0.0, 1.0)
+
+# Field name -> rule, for every config dataclass and module argument of the project (PPO's included). A None
+# value passes where the field is optional (the default then applies).
+RULES: dict[str, Rule] = {
+    # sizes
+    "batch_size": positive_int, "num_envs": positive_int, "rollout_steps": positive_int,
+    "max_new_tokens": positive_int, "verify_iter": positive_int, "chunk": positive_int,
+    "val_episodes": nonnegative_int, "test_episodes": positive_int, "image_size": positive_int,
+    "target": positive_int, "ppo_epochs": positive_int, "minibatch_size": positive_int,
+    "micro_batch_size": positive_int, "r": positive_int, "alpha": positive_int, "value_head_hidden": positive_int,
+    "max_nonfinite_losses": positive_int, "warmup_steps": nonnegative_int, "num_workers": nonnegative_int,
+    "max_tokens": positive_int, "max_image_pixels": positive_int, "max_milestones": positive_int,
+    # rates
+    "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION, "dropout": in_range(0.0, 1.0, high_open=True),
+    "temperature": NONNEGATIVE, "top_p": in_range(0.0, 1.0, low_open=True), "multi_turn": FRACTION,
+    "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": POSITIVE,
+    "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
+    "thought_coef": NONNEGATIVE,
+}
+FINITE = in_range(-math.inf, math.inf, low_open=True, high_open=True)
+
+
+def value_problems(values: Iterable[tuple[str, Any]], prefix: str = "") -> list[tuple[str, str]]:
+    """(key, what is wrong) for each named value that breaks its rule; any other float must be finite."""
+    problems = []
+    for name, value in values:
+        if value is None:
+            continue
+        rule = RULES.get(name)
+        if rule is None and isinstance(value, float):
+            rule = FINITE
+        if rule is None and name == "betas" and isinstance(value, (list, tuple)):
+            rule = _betas
+        message = rule(value) if rule else None
+        if message:
+            problems.append((f"{prefix}{name}", message))
+    return problems
+
+
+def _betas(value: Any) -> str | None:
+    bad = [b for b in value if in_range(0.0, 1.0, high_open=True)(b)]
+    return f"each must lie in [0, 1), got {list(value)!r}" if bad or len(value) != 2 else None
+
+
+def validate(config: Any, name: str | None = None) -> None:
+    """Raise ValueError listing every broken rule of a dataclass instance, one ``key: problem`` per line."""
+    prefix = f"{name}." if name else ""
+    problems = value_problems(((f.name, getattr(config, f.name)) for f in dataclasses.fields(config)), prefix)
+    if problems:
+        raise ValueError("\n".join(f"{key}: {message}" for key, message in problems))
+
+
+def check_values(prefix: str = "", **values: Any) -> None:
+    """Raise ValueError listing every named value that breaks its rule (module arguments, not dataclasses)."""
+    problems = value_problems(values.items(), prefix)
+    if problems:
+        raise ValueError("\n".join(f"{key}: {message}" for key, message in problems))
+
+
+def plain_data_problems(value: Any, key: str) -> list[tuple[str, str]]:
+    """Where ``value`` holds anything but JSON-like data, or a ``class_path`` that something might instantiate."""
+    if isinstance(value, dict):
+        if "class_path" in value:
+            return [(key, "holds a 'class_path': free-form settings are plain data, nothing is instantiated from them")]
+        return [p for k, v in value.items() for p in plain_data_problems(v, f"{key}.{k}")]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in plain_data_problems(v, f"{key}[{i}]")]
+    if value is None or isinstance(value, (str, bool, int)):
+        return []
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [(key, f"must be a finite number, got {value!r}")]
+    return [(key, f"must be plain data (str, number, bool, list, dict), got a {type(value).__name__}")]
+
+
+def check_plain_data(value: Any, key: str) -> None:
+    problems = plain_data_problems(value, key)
+    if problems:
+        raise ValueError("\n".join(f"{k}: {m}" for k, m in problems))
+
+
+def config_problems(node: Any, prefix: str) -> list[tuple[str, str]]:
+    """Walk a parsed config (a jsonargparse Namespace or dicts) and apply :data:`RULES` to every leaf by its
+    name; ``init_args`` levels are left out of the reported keys (``data.num_envs``, as users write them)."""
+    node = _plain(node)
+    if not isinstance(node, dict):
+        return []
+    problems = []
+    for name, value in node.items():
+        if name in ("class_path", "__path__") or name.startswith("_"):
+            continue
+        if name == "env_kwargs":
+            problems += plain_data_problems(value, f"{prefix}{name}")
+        elif isinstance(value, dict):
+            problems += config_problems(value, prefix if name == "init_args" else f"{prefix}{name}.")
+        else:
+            problems += value_problems([(name, value)], prefix)
+    return problems
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace as dicts (what the config file said)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    return value
