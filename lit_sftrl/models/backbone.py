@@ -43,6 +43,7 @@ from lit_sftrl.models.loading import (
     load_plain_model,
     load_processor,
     logical_num_parameters,
+    resolve_backbone_path,
 )
 from lit_sftrl.models.sampling import (
     FinalHiddenStates,
@@ -54,7 +55,7 @@ from lit_sftrl.models.sampling import (
     only_generation_config,
     suppressed_token_ids,
 )
-from lit_sftrl.models.tiny import resolve_model_path
+from lit_sftrl.models.processors import save_processor
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
 from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
 
@@ -71,7 +72,7 @@ class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig | dict[str, Any] | None = None) -> None:
         super().__init__()
         self.config = config = as_backbone_config(config)
-        self.path = resolve_model_path(config.path)
+        self.path = resolve_backbone_path(config.path)  # a .gguf file: its dequantised directory
         check_model_directory(self.path)
         self.processor = load_processor(self.path)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -413,7 +414,7 @@ class Backbone(nn.Module):
         else:
             self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(self.path.resolve())
             self.model.save_pretrained(out)
-        self.processor.save_pretrained(out)
+        save_processor(self.processor, out)  # image-only processors under a class plain transformers has
         if self.value_head is not None:
             self.value_head.save(out)
         return out

@@ -26,8 +26,8 @@ from lit_sftrl.models.config import (
     SamplingConfig,
     as_backbone_config,
 )
-from lit_sftrl.models.loading import check_model_directory, load_plain_model
-from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name
+from lit_sftrl.models.loading import check_model_directory, is_gguf, load_plain_model
+from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name, merge_lora_state
 
 log = logging.getLogger(__name__)
 PREFIX = "backbone."
@@ -170,6 +170,8 @@ def inherited_flops(path: str | Path) -> float:
     """Cumulative FLOPs of the run that produced ``path`` (its Lightning checkpoint's ``flops`` counter, or the
     record an export wrote beside the weights); 0.0 for a plain model directory (a base model)."""
     path = Path(path)
+    if is_gguf(path):
+        return 0.0  # a base model
     if path.is_dir():
         record = path / EXPORT_RECORD
         return float(json.loads(record.read_text()).get("flops") or 0.0) if record.exists() else 0.0
@@ -196,9 +198,12 @@ def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
         check_lightning_checkpoint(path)
         checkpoint = read_lightning_checkpoint(path)
         source = _backbone_config(checkpoint)
-        if Path(source.path).resolve() != backbone.path.resolve():
-            log.warning("%s was trained on %s, this backbone loads %s", path, source.path, backbone.path)
+        if Path(source.path).resolve() != Path(backbone.config.path).resolve():
+            log.warning("%s was trained on %s, this backbone loads %s", path, source.path, backbone.config.path)
         state = _backbone_state(checkpoint)
+        if source.lora is not None and backbone.config.lora is None:
+            # A LoRA run into full fine-tuning: its adapter merged into the base weights this backbone loaded.
+            state = merge_lora_state(state, source.lora.alpha, source.lora.r, backbone)
     try:
         copy_by_canonical_name(backbone, state, skip_value_head=True)
     except ValueError as error:

@@ -1,10 +1,18 @@
 """Loading a local Hugging Face model with the backbone's options: dtype, bitsandbytes quantisation, LoRA,
-activation checkpointing, frozen vision tower. Nothing here downloads anything."""
+activation checkpointing, frozen vision tower. Nothing here downloads anything.
+
+A ``.gguf`` file stands for the Hugging Face directory transformers' GGUF support makes of it (dequantised), built
+once into a cache (:func:`dequantised_gguf`): reading a GGUF file costs tens of seconds per load, and a model
+loaded from one refuses ``save_pretrained``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +21,8 @@ import torch
 from torch import nn
 
 from lit_sftrl.models.config import BackboneConfig, LoraSettings
+
+log = logging.getLogger(__name__)
 
 # Module-name fragments of vision towers and projectors across families (Mllama, LLaVA, Qwen2-VL, Idefics3,
 # Gemma3...). Used to keep LoRA and quantisation off the vision side and to freeze it.
@@ -48,11 +58,83 @@ def auto_model_class(path: str | Path):
 
 
 def load_processor(path: str | Path):
-    """The processor of a VLM; the tokenizer alone for a text-only LM (whose directory may still name a processor
-    class it was derived from)."""
-    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+    """The processor of a VLM (image-only where its video side needs torchvision, see ``processors``); the
+    tokenizer alone for a text-only LM (whose directory may still name a processor class it was derived from)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoTokenizer if auto_model_class(path) is AutoModelForCausalLM else AutoProcessor).from_pretrained(path, trust_remote_code=False)
+    from lit_sftrl.models.processors import load_vlm_processor
+
+    if auto_model_class(path) is AutoModelForCausalLM:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return load_vlm_processor(path)
+
+
+GGUF_CACHE_ENV = "LIT_SFTRL_GGUF_CACHE"
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def resolve_backbone_path(path: str | Path) -> Path:
+    """The model directory ``backbone.path`` stands for: itself, the dequantised directory of a ``.gguf`` file, or
+    a tiny model built on first use (``tiny-<family>[-small]``)."""
+    from lit_sftrl.models.tiny import resolve_model_path
+
+    return dequantised_gguf(path) if is_gguf(path) else resolve_model_path(path)
+
+
+def gguf_cache_dir(file: str | Path) -> Path:
+    """Where the dequantised directory of ``file`` lives: under ``$LIT_SFTRL_GGUF_CACHE`` (default
+    ``checkpoints/gguf``), keyed by the file's absolute path, size and modification time."""
+    file = Path(file)
+    stat = file.stat()
+    key = hashlib.sha256(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Path(os.environ.get(GGUF_CACHE_ENV, "checkpoints/gguf")) / f"{file.stem}-{key}"
+
+
+def check_gguf_file(path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{str(path)!r} is not a GGUF file (its first bytes are not 'GGUF')")
+
+
+def dequantised_gguf(path: str | Path) -> Path:
+    """A standard Hugging Face directory (float32 weights, tokenizer with its chat template) of the GGUF file at
+    ``path``, converted through transformers' GGUF support on first use and reused after (see
+    :func:`gguf_cache_dir`). Written to a temporary sibling and renamed, so a crash leaves no half directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = Path(path)
+    check_gguf_file(file)
+    out = gguf_cache_dir(file)
+    if (out / "config.json").is_file():
+        return out
+    # Causal LMs only: transformers reads no vision tower from GGUF. Each read parses the whole file (~10-40 s).
+    kwargs = {"gguf_file": file.name, "trust_remote_code": False}
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
+    # The weights are dequantised floats already; only the GGUF marker makes save_pretrained refuse them.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the directory is a shared cache
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "lit_sftrl_gguf.json").write_text(json.dumps({"source": str(file.resolve())}, indent=1) + "\n")
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "config.json").is_file():  # a real failure, not a concurrent converter that won the rename
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: dequantised into %s", file, out)
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -169,10 +251,13 @@ def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:
 
 def check_model_directory(path: str | Path) -> None:
     """Raise ValueError naming the file unless ``path`` reads back as a whole Hugging Face model (or LoRA adapter)
-    directory: a config, every JSON file parsing, and every safetensors file as long as its header says (a copy
+    directory, or a GGUF file (its magic bytes only): a config, every JSON file parsing, and every safetensors file as long as its header says (a copy
     cut short, a half-written export). Reads headers only, so it is cheap at any model size; flipped bytes inside
     tensors are not caught (safetensors carries no checksum)."""
     path = Path(path)
+    if is_gguf(path):
+        check_gguf_file(path)
+        return
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: it has no config.json")
     _refuse_remote_code(path)

@@ -29,8 +29,9 @@ def is_adapter_key(name: str) -> bool:
 
 
 def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every LoRA delta added to its layer, under plain Hugging Face names.
-    Nothing is modified in place (peft's merge/unmerge would perturb the live weights by rounding)."""
+    """The base model's state dict with every LoRA delta added to its layer, under plain Hugging Face names; tied
+    weights stay one tensor. Nothing is modified in place (peft's merge/unmerge would perturb the live weights by
+    rounding)."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
@@ -41,12 +42,21 @@ def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoraLayer) and adapter in module.lora_A
     }
     merged = {}
+    # Tied weights (input and output embeddings) are one tensor under two names: keep them one tensor, so that
+    # save_pretrained stores it once (two clones would double the embeddings on disk: +113 MB on SmolLM2-135M).
+    copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
     for key, value in base.state_dict().items():
         if is_adapter_key(key):
             continue
         key = key.replace(".base_layer.", ".")
         delta = deltas.get(key)
-        merged[key] = (value + delta.to(value.dtype)) if delta is not None else value.detach().clone()
+        if delta is not None:
+            merged[key] = value + delta.to(value.dtype)
+            continue
+        identity = (value.data_ptr(), tuple(value.shape))
+        if identity not in copies:
+            copies[identity] = value.detach().clone()
+        merged[key] = copies[identity]
     return merged
 
 
@@ -80,3 +90,26 @@ def copy_by_canonical_name(module: nn.Module, state: dict[str, torch.Tensor], sk
             "architecture or LoRA configuration?"
         )
     return copied
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], alpha: float, r: int, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` of a LoRA run (adapter weights under peft names) turned into full weights for ``module`` (a full
+    fine-tuning backbone loaded from the same base): each adapted layer becomes its weight in ``module`` plus
+    ``B @ A * alpha / r`` (peft's merge, without rsLoRA). Other entries pass through unchanged."""
+    params = {canonical_name(name): param for name, param in module.named_parameters()}
+    merged, pairs = {}, {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            layer, kind = key.split(".lora_")[0], key.split(".lora_")[1][0]
+            pairs.setdefault(canonical_name(layer), {})[kind] = value
+        else:
+            merged[key] = value
+    for layer, pair in pairs.items():
+        weight = params.get(f"{layer}.weight")
+        if weight is None or set(pair) != {"A", "B"}:
+            raise ValueError(f"the LoRA layer {layer!r} has no weight to merge into in this model")
+        delta = (pair["B"].float() @ pair["A"].float()) * (alpha / r)
+        if delta.shape != weight.shape:
+            raise ValueError(f"the LoRA layer {layer!r} gives {tuple(delta.shape)}, its weight is {tuple(weight.shape)}")
+        merged[f"model.{layer}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
+    return merged
