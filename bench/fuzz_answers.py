@@ -430,6 +430,15 @@ def _describe(answer: Any) -> str:
     return f"<{type(answer).__name__}>"
 
 
+def expected_reward(env: Any, info: dict) -> float | None:
+    """The reward table's entry for the judged outcome, plus the budget penalty on the attempt that used the
+    budget up (the paper's MDP); None for an outcome the table lacks."""
+    base = env.rewards.get(info.get("outcome"))
+    if base is None:
+        return None
+    return base + (env.rewards["budget_exhausted"] if info.get("budget_exhausted") else 0.0)
+
+
 def fuzz_env(
     env: Any, answers: int, seed: int, generators: dict[str, Generator] | None = None, traps: CodeTraps | None = None
 ) -> FuzzStats:
@@ -437,7 +446,6 @@ def fuzz_env(
     generators = generators or GENERATORS
     names = list(generators)
     rng = random.Random(seed)
-    table = set(env.rewards.values())
     stats = FuzzStats()
     episode = 0
     with GcClock() as gc_clock:
@@ -463,7 +471,7 @@ def fuzz_env(
                     stats.slowest = (cpu_ms, name, _describe(answer))
                 stats.rewards[reward] += 1
                 stats.outcomes[info.get("outcome")] += 1
-                if reward not in table or env.rewards.get(info.get("outcome")) != reward or not math.isfinite(reward):
+                if expected_reward(env, info) != reward or not math.isfinite(reward):
                     stats.bad_rewards.append(f"{name}: reward {reward!r}, outcome {info.get('outcome')!r} <- {_describe(answer)}")
             finally:
                 if traps is not None:

@@ -108,6 +108,7 @@ def test_a_template_override_changes_the_prompt_and_the_env_still_judges() -> No
         "prompt": ORIGINAL_STYLE,
         "face_card_rule_10": "'J', 'Q', and 'K' count as '10'.",
         "feedback_wrong_value": "the formula gives {value} instead of {target}.",
+        "feedback_no_formula": "no {{formula}} key.",  # doubled braces are literal, also in a text without fields
         "revision": "Attempt failed: {feedback}",
     }
     env = GeneralPointsEnv(templates=templates)
@@ -120,6 +121,7 @@ def test_a_template_override_changes_the_prompt_and_the_env_still_judges() -> No
     )
     obs, reward, *_ , info = env.step(json.dumps({"formula": "8+3+8+3"}))
     assert reward == -1.0 and obs["messages"][-1]["content"] == "Attempt failed: the formula gives 22 instead of 24."
+    assert env.step(json.dumps({"cards": []}))[4]["feedback"] == "no {formula} key."
     _, reward, terminated, _, info = env.step(env.expert_answer())
     assert (reward, terminated, info["success"]) == (5.0, True, True)
     # the defaults are untouched by another env's override

@@ -22,7 +22,8 @@ from lit_sftrl.envs.virl import (
     DEFAULT_REWARDS, FORWARD, INTERSECTION_TEXT, STOP, VIRLEnv, claims_intersection, normalize_action, relative_word,
 )
 
-INFO_KEYS = {"gt_action", "success", "correct", "feedback", "at_intersection", "attempt", "route_index", "recognized"}
+INFO_KEYS = {"gt_action", "success", "correct", "feedback", "at_intersection", "attempt", "route_index", "recognized",
+             "well_formed", "budget_exhausted"}
 
 
 def milestone(landmarks: str, heading: int) -> str:
@@ -80,7 +81,8 @@ def expert_actions(env: VIRLEnv, **reset) -> list[str]:
 
 
 def test_rail_absolute_and_relative_across_north(hand_routes):
-    kwargs = dict(straight_line_length=2, drop_rate=0.0)
+    # n = 3 on segments of 56-60 m: candidates at 1/3 and 2/3 kept, the one at 3/3 (the segment's end) never
+    kwargs = dict(straight_line_length=3, drop_rate=0.0)
     absolute = expert_actions(VIRLEnv(str(hand_routes), **kwargs), options={"route_index": 0})
     relative = expert_actions(VIRLEnv(str(hand_routes), action_space="relative", **kwargs),
                               options={"route_index": 0})
@@ -92,7 +94,7 @@ def test_rail_absolute_and_relative_across_north(hand_routes):
 
 
 def test_instructions_and_text_observation(hand_routes):
-    env = VIRLEnv(str(hand_routes), straight_line_length=1, drop_rate=0.0)
+    env = VIRLEnv(str(hand_routes), straight_line_length=2, drop_rate=0.0)
     obs, _ = env.reset(options={"route_index": 0})
     prompt = obs["messages"][0]["content"]
     assert "\n".join([
@@ -126,7 +128,7 @@ def test_drops_follow_the_seed(hand_routes):
     assert len({tuple(r) for r in rails.values()}) > 1
     full = expert_actions(VIRLEnv(str(hand_routes), drop_rate=0.0), options={"route_index": 0})
     none = expert_actions(VIRLEnv(str(hand_routes), drop_rate=1.0), options={"route_index": 0})
-    assert full.count(FORWARD) == 15 and none.count(FORWARD) == 0
+    assert full.count(FORWARD) == 12 and none.count(FORWARD) == 0  # i/5, i = 1..4, on each of 3 segments
 
 
 def test_random_init_heading_is_seeded(hand_routes):
@@ -140,7 +142,7 @@ def test_random_init_heading_is_seeded(hand_routes):
 
 
 def test_every_reward_case(hand_routes):
-    env = VIRLEnv(str(hand_routes), straight_line_length=1, drop_rate=0.0, verify_iter=10)
+    env = VIRLEnv(str(hand_routes), straight_line_length=2, drop_rate=0.0, verify_iter=10)
     env.reset(options={"route_index": 0})
     cases = [
         ("no json here", "malformed"),
@@ -152,7 +154,7 @@ def test_every_reward_case(hand_routes):
     for text, outcome in cases:
         _, reward, terminated, truncated, info = env.step(text)
         assert (reward, info["outcome"], info["correct"]) == (DEFAULT_REWARDS[outcome], outcome, False)
-        assert info["feedback"] and not (terminated or truncated)
+        assert info["feedback"] and not (terminated or truncated) and info["well_formed"] == (outcome != "malformed")
         assert env._observation()["messages"][-1]["content"] == REVISION_PREFIX + info["feedback"]
     assert "not an action" in env.step(answer("jump()"))[4]["feedback"]
     _, reward, *_ , info = env.step(answer(" Turn_Direction( 'North' ) "))  # normalised: right
@@ -182,7 +184,7 @@ def test_intersection_claims():
 
 
 def test_suboptimal_answer_is_a_plausible_mistake(hand_routes):
-    env = VIRLEnv(str(hand_routes), straight_line_length=1, drop_rate=0.0)
+    env = VIRLEnv(str(hand_routes), straight_line_length=2, drop_rate=0.0)
     env.reset(options={"route_index": 0})
     done = False
     while not done:
@@ -206,8 +208,9 @@ def test_revision_then_budget_exhaustion(hand_routes):
     assert not (terminated or truncated) and info["attempt"] == 1 and len(obs["messages"]) == 3
     assert obs["messages"][1] == {"role": "assistant", "content": answer("stop()")}
     obs, reward, terminated, truncated, info = env.step(answer("stop()"))
-    assert truncated and not terminated and not info["success"] and info["attempt"] == 2 and reward == -1.0
-    assert INFO_KEYS <= set(info)
+    # The budget's end terminates the (failed) route; the attempt carries its verdict plus the budget penalty.
+    assert terminated and not truncated and not info["success"] and info["attempt"] == 2 and reward == -2.0
+    assert INFO_KEYS <= set(info) and info["budget_exhausted"] and info["well_formed"]
     with pytest.raises(RuntimeError, match="reset"):
         env.step(env.expert_answer())
 
@@ -300,7 +303,9 @@ def test_missing_folder_is_named(tmp_path):
         VIRLEnv(str(tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore::lit_sftrl.envs.virl.MissingPanoramaWarning")  # forward points: skipped
 def test_missing_panorama_names_route_and_point(city, tmp_path):
+    """A start, turn or destination with no panorama is an error naming the route and the point."""
     unmapped = shutil.copytree(city, tmp_path / "unmapped")
     mapping = load_pano_mapping(unmapped / "gps_pano_mapping.pkl")
     (unmapped / "gps_pano_mapping.pkl").write_bytes(pickle.dumps(dict(list(mapping.items())[:3])))

@@ -105,9 +105,11 @@ def render_panorama(
     width: int,
     salt: int,
 ) -> Image.Image:
-    """The equirectangular view from local point ``cam``; its centre column faces compass ``rotation``."""
+    """The equirectangular view from local point ``cam``: compass heading h at column ((h + rotation) mod 360) / 360
+    x ``width``, the original reader's convention (see ``lit_sftrl.envs.routes``), so the centre column faces
+    180 - rotation."""
     height = width // 2
-    compass = rotation + ((np.arange(width) + 0.5) / width - 0.5) * 360.0
+    compass = (np.arange(width) + 0.5) / width * 360.0 - rotation
     phi = np.radians(compass - angle)
     dx, dy = np.sin(phi), np.cos(phi)
     dist, along, x_face, key = _cast(style, cam, dx, dy)
@@ -198,7 +200,7 @@ def _draw_sign(panorama, style: CityStyle, mark: Landmark, cam, angle: float, ro
     if not 1.0 < distance <= SIGN_RANGE_M:
         return
     compass = angle + math.degrees(math.atan2(vx, vy))
-    column = (((compass - rotation) / 360.0 + 0.5) % 1.0) * width
+    column = ((compass + rotation) / 360.0 % 1.0) * width
     if dist[int(column) % width] < distance - 1.0:
         return
     font_px = max(6, int(np.clip(FONT_SCALE / distance, *FONT_PX) * width / 1024 + 0.5))

@@ -210,9 +210,9 @@ class GeneralPointsEnv(ChatEnv):
         well_formed = "formula" in parsed and ("cards" in parsed or not image)
         recognized = _stated_labels(parsed.get("cards")) == Counter(self._labels) if image else None
         if recognized is False:
-            return Verdict("misread", text["feedback_misread"], recognized, well_formed)
+            return Verdict("misread", fill(text["feedback_misread"]), recognized, well_formed)
         if "formula" not in parsed:
-            return Verdict("illegal", text["feedback_no_formula"], recognized, well_formed)
+            return Verdict("illegal", fill(text["feedback_no_formula"]), recognized, well_formed)
         try:
             evaluation = evaluate_formula(parsed["formula"], self.target)
         except FormulaError as error:
@@ -324,7 +324,7 @@ class GeneralPointsEnv(ChatEnv):
         count, text = self.num_cards, self.templates
         fields = dict(target=self.target, num_cards=count, cards=_CARDS_SLOT, card_slots=", ".join("xyzwuv"[:count]),
                       number_slots=", ".join("abcdef"[:count]))
-        rule = text[f"face_card_rule_{self.face_card_rule}"]
+        rule = fill(text[f"face_card_rule_{self.face_card_rule}"])
         return fill(text["prompt"], **fields, seeing=fill(text[f"seeing_{self.modality}"], **fields),
                     face_card_rule=rule, face_card_msg=rule, target_number=self.target,
                     answer_format=fill(text["answer_format"], **fields))

@@ -7,11 +7,13 @@ A route folder (the released ``nyc_1k_routes/`` and ``VLN_mini/``, or one writte
                                milestone_info (brace blocks of '"key": "value",' lines, one per milestone)
     gps_pano_mapping.pkl       pickled dict (lat, lng) -> panorama id
     street_views/<pano>.jpg    equirectangular panorama (360 x 180 degrees)
-    street_views/<pano>.metadata.json   {"rotation": <compass heading of the panorama's centre column>, ...}
+    street_views/<pano>.metadata.json   {"rotation": <the panorama's north offset in degrees>, ...}
 
-Conventions: headings are compass degrees (0 = north, clockwise). A panorama's column ``u`` of ``W`` looks at
-compass heading ``rotation + (u + 0.5) / W * 360 - 180``, i.e. ``rotation`` is the heading of the centre column
-(Google's convention). Nothing here touches the network: a missing panorama is an error.
+Conventions: headings are compass degrees (0 = north, clockwise). Compass heading ``h`` lies at column
+``((h + rotation) mod 360) / 360 * W`` of a panorama ``W`` pixels wide, so its centre column faces
+``180 - rotation``: the original code's reader, which the released panoramas and their ``rotation`` values were
+used with. The synthetic city generator writes its panoramas by the same rule. Nothing here touches the
+network: a missing panorama is an error (a forward() rail point with none within 20 m is left off the rail).
 """
 
 from __future__ import annotations
@@ -242,7 +244,8 @@ def perspective_view(pano: np.ndarray, rotation: float, heading: float, size: in
     view_px_per_rad = (size / 2) / math.tan(math.radians(fov) / 2)
     factor = max(1, min(4, int(pano_px_per_rad / view_px_per_rad)))
     u, row0, row1, fv = _sampling_grid(size * factor, float(fov), width, height)
-    u = u + np.float32(((heading - rotation) / 360.0 % 1.0) * width)
+    # Heading h at column (h + rotation) / 360 * W; the grid's own centre column is W / 2.
+    u = u + np.float32(((heading + rotation) / 360.0 - 0.5) % 1.0 * width)
     flat = pano.reshape(-1, pano.shape[2])
     if factor > 1:
         nearest = flat[np.where(fv[..., 0] < 0.5, row0, row1) + np.rint(u).astype(np.int64) % width]
@@ -288,17 +291,31 @@ class RouteFolder:
                 self._coords = np.array(list(mapping.keys()), dtype=np.float64)
         return self._ids, self._coords
 
-    def snap(self, geocode: Geocode, where: str) -> str:
-        """The id of the nearest panorama within 20 m of ``geocode``; ``where`` names the route and point."""
+    @property
+    def has_mapping(self) -> bool:
+        """Whether the folder has a panorama mapping (text-only route folders need none)."""
+        return self._ids is not None or (self.path / MAPPING_FILE).is_file()
+
+    def nearest(self, geocode: Geocode) -> tuple[str, float]:
+        """The nearest panorama's id and its distance in metres."""
         ids, coords = self._load_mapping()
         distances = haversine_m(geocode[0], geocode[1], coords[:, 0], coords[:, 1])
         best = int(np.argmin(distances))
-        if distances[best] > SNAP_RADIUS_M:
+        return ids[best], float(distances[best])
+
+    def has_panorama(self, geocode: Geocode) -> bool:
+        """Whether a panorama lies within 20 m of ``geocode`` (the original's relocation radius)."""
+        return self.nearest(geocode)[1] <= SNAP_RADIUS_M
+
+    def snap(self, geocode: Geocode, where: str) -> str:
+        """The id of the nearest panorama within 20 m of ``geocode``; ``where`` names the route and point."""
+        pano_id, distance = self.nearest(geocode)
+        if distance > SNAP_RADIUS_M:
             raise LookupError(
                 f"{where}: no panorama within {SNAP_RADIUS_M:.0f} m of {geocode} in {self.path / MAPPING_FILE} "
-                f"(nearest is {distances[best]:.1f} m away)"
+                f"(nearest is {distance:.1f} m away)"
             )
-        return ids[best]
+        return pano_id
 
     def panorama(self, pano_id: str, where: str) -> tuple[np.ndarray, float]:
         """The decoded panorama and its north rotation (LRU-cached)."""

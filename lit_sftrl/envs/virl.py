@@ -1,10 +1,9 @@
 """V-IRL navigation (SPEC §2): follow route instructions through street views, one rail point at a time.
 
-An episode is one route. The agent only ever stands on the route's *rail* (the expert trajectory): the start,
-up to ``straight_line_length`` interpolated points per segment (each dropped with probability ``drop_rate``,
-drawn from the env's seeded RNG), every turn intersection and the destination. At each rail point the model
-answers a JSON object; a right action moves it to the next point with a fresh prompt, a wrong one earns a
-revision turn until ``verify_iter`` attempts at that point are used up.
+An episode is one route. The agent only ever stands on the route's *rail* (the expert trajectory, built as the
+original code built it: see ``lit_sftrl.envs.rail``). At each rail point the model answers a JSON object; a
+right action moves it to the next point with a fresh prompt, a wrong one earns a revision turn until
+``verify_iter`` attempts at that point are used up.
 
 Decisions the spec leaves open (documented once, here):
 
@@ -15,148 +14,111 @@ Decisions the spec leaves open (documented once, here):
 * **Intersection claim.** Read from the answer's ``current observation``: it claims an intersection when the
   text mentions "intersection" without a negation just before it ("no intersection", "not at an
   intersection"). A missing observation claims none. The claim is compared with the true flag of the point.
-* **Budget exhaustion** ends the episode with ``truncated=True`` (as GeneralPoints): the state was not a
-  terminal of the task, the attempt budget ran out, so a learner should bootstrap from the returned state.
-  That observation holds the failed answer and its feedback, like a revision turn.
-* **Interpolation** places points strictly between milestones (fractions i/(n+1)), so no forward() point
-  coincides with the intersection that follows it (the original code duplicated it).
-* ``info["attempt"]`` counts attempts at the judged rail point (1..verify_iter; 0 after reset), and
-  ``gt_action``/``at_intersection`` in a step's info describe that judged point.
+* **Budget exhaustion** ends the episode with ``terminated=True`` (the paper's MDP: the route has failed; the
+  prompt shows the attempts so far, so the budget's end is part of the state, and nothing is bootstrapped
+  after it). That attempt's reward is its verdict plus the ``budget_exhausted`` penalty (default -1).
+* **Per-step accuracy**, both counts, from the step infos: ours is correct attempts / attempts; the paper's
+  counts the call that exceeds a rail point's budget in the original code as one more wrong step, i.e.
+  correct / (attempts + number of steps with ``info["budget_exhausted"]``), C / (A + 1) on a failed route.
+* **Missing panoramas.** A forward() point with no panorama within 20 m is left off the rail (as the original
+  does), with a :class:`MissingPanoramaWarning` and a count (``info["skipped_rail_points"]`` at reset,
+  ``skipped_rail_points`` on the env over its life). The check runs whenever the folder has a panorama
+  mapping, in both modalities, so text and image tasks walk one rail. A start, intersection or destination
+  with no panorama is an error in the image modality (skipping it would drop a turn from the task).
+* ``info`` of every step: ``success``, ``correct``, ``recognized`` (None: V-IRL has no recognition check),
+  ``well_formed`` (the answer is a JSON object with an ``action`` key), ``budget_exhausted``, ``outcome``,
+  ``feedback``, ``gt_action``/``at_intersection``/``rail_index`` of the judged point, ``attempt`` (attempts at
+  that point, 1..verify_iter; 0 after reset), ``route_index``, ``rail_length``.
 * ``route_order="sequential"`` walks routes in file order, one per reset, independent of the seed, wrapping
   after ``num_routes``; ``reset(options={"route_index": i})`` forces a route and does not advance that walk.
+* Wording: every prompt and feedback text is a template (``lit_sftrl.envs.templates``); ``templates``
+  replaces any of ``DEFAULT_TEMPLATES`` (fields in ``TEMPLATE_FIELDS``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
 from lit_sftrl.envs.parsing import extract_json_object
-from lit_sftrl.envs.routes import COMPASS, NO_LANDMARK, Route, interpolate, load_route_folder, wrap_degrees
+from lit_sftrl.envs.rail import (  # noqa: F401  (re-exported: the rail's names were this module's)
+    FORWARD, INTERSECTION_TEXT, STOP, RailPoint, build_rail, move_sentence, relative_word, route_sentences,
+    turn_sentence,
+)
+from lit_sftrl.envs.routes import COMPASS, SNAP_RADIUS_M, load_route_folder
+from lit_sftrl.envs.templates import fill, template_table
 
 ACTION_SPACES = ("absolute", "relative")
 MODALITIES = ("text", "image")
 ROUTE_ORDERS = ("random", "sequential")
 RELATIVE_WORDS = ("left", "right", "slightly left", "slightly right")
-DEFAULT_REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "malformed": -1.0}
+DEFAULT_REWARDS = {"correct": 1.0, "wrong_observation": -1.5, "wrong_action": -1.0, "malformed": -1.0,
+                   "budget_exhausted": -1.0}  # added to the verdict of the attempt that uses up a point's budget
 VIEW_ORDER = ("front", "right", "back", "left")  # grid: top-left, top-right, bottom-left, bottom-right
-FORWARD, STOP = "forward()", "stop()"
 MAX_QUOTED_CHARS = 80  # feedback quotes at most this much of a wrong action
 
 # ---------------------------------------------------------------------------------- all wording lives here
-INTERSECTION_TEXT = "You observe an intersection"
 VIEWS_TEXT = "You observe an image of 4 views"
-TASK_TEXT = (
-    "[Task]\nYou are an expert in navigation. Follow the numbered instructions below. You are given your "
-    "observations and actions so far. First identify the instruction sentence to execute now, then choose the "
-    "action to take at your current observation."
-)
-IMAGE_TEXT = (
-    "[Observation format]\nThe image is a 2x2 grid of street views around you: top left = {0} view, top right = "
-    "{1} view, bottom left = {2} view, bottom right = {3} view. Check whether landmarks from the instruction are "
-    "visible in it."
-).format(*VIEW_ORDER)
-ACTION_TEXT = (
-    '[Action space]\n"forward()": move forward one step\n"turn_direction(x)": turn towards direction x, where x is '
-    'one of {choices}\n"stop()": the navigation is finished'
-)
-OUTPUT_TEXT = (
-    "[Output]\nAnswer with only a JSON object:\n"
-    '{"current observation": "your latest observation", '
-    '"current instruction": "the instruction sentence to execute now", '
-    '"action": "the action to take, from the action space"}'
-)
-FEEDBACK_MALFORMED = (
-    'your answer could not be read ({reason}). Answer with a JSON object with the keys "current observation", '
-    '"current instruction" and "action".'
-)
-FEEDBACK_NOT_AN_ACTION = "{action!r} is not an action of the action space."
-FEEDBACK_WRONG_ACTION = "{action!r} is not the right action here."
-FEEDBACK_CLAIMED_INTERSECTION = "you are not at an intersection, but your observation says you are."
-FEEDBACK_MISSED_INTERSECTION = "you are at an intersection, but your observation does not say so."
+_SECTIONS = "{task}\n\n[Instruction]\n{instructions}\n\n"
+_REST = "{action_space}\n\n[Observations and actions]\n{history}\n\n{answer_format}"
+DEFAULT_TEMPLATES: Mapping[str, str] = MappingProxyType({
+    "prompt_text": _SECTIONS + _REST,
+    "prompt_image": _SECTIONS + "{observation_format}\n\n" + _REST,
+    "task": (
+        "[Task]\nYou are an expert in navigation. Follow the numbered instructions below. You are given your "
+        "observations and actions so far. First identify the instruction sentence to execute now, then choose the "
+        "action to take at your current observation."
+    ),
+    "observation_format": (
+        "[Observation format]\nThe image is a 2x2 grid of street views around you: top left = {0} view, top right = "
+        "{1} view, bottom left = {2} view, bottom right = {3} view. Check whether landmarks from the instruction are "
+        "visible in it."
+    ).format(*VIEW_ORDER),
+    "action_space": (
+        '[Action space]\n"forward()": move forward one step\n"turn_direction(x)": turn towards direction x, where x '
+        'is one of {choices}\n"stop()": the navigation is finished'
+    ),
+    "answer_format": (
+        "[Output]\nAnswer with only a JSON object:\n"
+        '{{"current observation": "your latest observation", '
+        '"current instruction": "the instruction sentence to execute now", '
+        '"action": "the action to take, from the action space"}}'
+    ),
+    "revision": "You failed this trial because {feedback}",
+    "feedback_malformed": (
+        'your answer could not be read ({reason}). Answer with a JSON object with the keys "current observation", '
+        '"current instruction" and "action".'
+    ),
+    "feedback_not_an_action": "{action} is not an action of the action space.",
+    "feedback_wrong_action": "{action} is not the right action here.",
+    "feedback_claimed_intersection": "you are not at an intersection, but your observation says you are.",
+    "feedback_missed_intersection": "you are at an intersection, but your observation does not say so.",
+})
+# ``instruction``, ``obs_act_seq`` are the original prompt library's names, so its prompts paste in.
+_PROMPT_FIELDS = frozenset({"task", "instructions", "instruction", "action_space", "history", "obs_act_seq",
+                            "answer_format", "observation_format"})
+TEMPLATE_FIELDS: Mapping[str, frozenset[str]] = MappingProxyType({
+    **{key: frozenset() for key in DEFAULT_TEMPLATES},
+    "prompt_text": _PROMPT_FIELDS, "prompt_image": _PROMPT_FIELDS,
+    "action_space": frozenset({"choices"}), "revision": frozenset({"feedback"}),
+    "feedback_malformed": frozenset({"reason"}),
+    "feedback_not_an_action": frozenset({"action"}), "feedback_wrong_action": frozenset({"action"}),
+})
 
 
-def turn_sentence(first: bool, relative: str, compass: str) -> str:
-    return f"{'First, turn' if first else 'Turn'} {relative} to face {compass}."
+class MissingPanoramaWarning(UserWarning):
+    """Rail points were left off a route because no panorama lies within 20 m of them."""
 
 
-def move_sentence(landmarks: str, last: bool) -> str:
-    if last:
-        return f"Move forward until you reach destination where {landmarks}."
-    if landmarks == NO_LANDMARK:
-        return "Move forward until you reach next intersection."
-    return f"Move forward until you reach next intersection where {landmarks}."
-
-
-# ------------------------------------------------------------------------------------------ rail and judge
-
-
-def relative_word(delta: float) -> str:
-    """Relative turn for a heading change: beyond 45 degrees a full turn, else a slight one (0 -> slightly left)."""
-    delta = wrap_degrees(delta)
-    if delta < -45:
-        return "left"
-    if delta > 45:
-        return "right"
-    return "slightly left" if delta <= 0 else "slightly right"
-
-
-@dataclass(frozen=True)
-class RailPoint:
-    geocode: tuple[float, float]
-    heading: float  # the way the agent faces here (views are cut facing it)
-    absolute_action: str
-    relative_action: str
-    landmark: str  # the landmark text observed here
-    at_intersection: bool
-    instruction: int  # index of the sentence to execute here
-
-    def observation(self) -> str:
-        return f"{self.landmark}; {INTERSECTION_TEXT}" if self.at_intersection else self.landmark
-
-
-def route_sentences(route: Route, init_heading: float) -> tuple[list[str], list[str]]:
-    """Instruction sentences (turn, move per milestone) and the relative word of each milestone's turn."""
-    sentences, relatives, previous = [], [], init_heading
-    last = len(route.milestones) - 1
-    for index, milestone in enumerate(route.milestones):
-        relatives.append(relative_word(milestone.heading - previous))
-        sentences.append(turn_sentence(index == 0, relatives[-1], milestone.compass))
-        sentences.append(move_sentence(milestone.landmarks, index == last))
-        previous = milestone.heading
-    return sentences, relatives
-
-
-def build_rail(
-    route: Route, init_heading: float, relatives: list[str], points: int, drop_rate: float, rng: np.random.Generator
-) -> list[RailPoint]:
-    """The expert trajectory: start turn, kept forward points, turns at intersections, stop at the end."""
-    milestones = route.milestones
-    rail = [
-        RailPoint(route.start, init_heading, f"turn_direction({milestones[0].compass})",
-                  f"turn_direction({relatives[0]})", NO_LANDMARK, False, 0)
-    ]
-    previous = route.start
-    for index, target in enumerate(route.geocodes):
-        heading = milestones[index].heading
-        for k in range(1, points + 1):
-            if rng.random() >= drop_rate:
-                rail.append(RailPoint(interpolate(previous, target, k / (points + 1)), heading, FORWARD, FORWARD,
-                                      NO_LANDMARK, False, 2 * index + 1))
-        arrived = milestones[index].landmarks
-        if index + 1 < len(milestones):
-            turn = milestones[index + 1]
-            rail.append(RailPoint(target, heading, f"turn_direction({turn.compass})",
-                                  f"turn_direction({relatives[index + 1]})", arrived, True, 2 * index + 2))
-        else:  # the destination shares the last move sentence
-            rail.append(RailPoint(target, heading, STOP, STOP, arrived, False, 2 * index + 1))
-        previous = target
-    return rail
+# ------------------------------------------------------------------------------------------ judge
 
 
 _NEGATED = re.compile(r"\b(?:no|not|without|never)\s+(?:\w+\s+){0,3}?intersection")
@@ -184,20 +146,26 @@ class Verdict:
     def correct(self) -> bool:
         return self.feedback is None
 
+    @property
+    def well_formed(self) -> bool:
+        return self.outcome != "malformed"
 
-def judge(answer: object, point: RailPoint, expert: str, valid: frozenset[str]) -> Verdict:
+
+def judge(answer: object, point: RailPoint, expert: str, valid: frozenset[str],
+          text: Mapping[str, str] = DEFAULT_TEMPLATES) -> Verdict:
     """Grade one answer at one rail point (see the module docstring for the order of checks)."""
     parsed, reason = extract_json_object(answer)
     if parsed is None or "action" not in parsed:
-        return Verdict("malformed", FEEDBACK_MALFORMED.format(reason=reason or 'it has no "action" key'))
+        return Verdict("malformed", fill(text["feedback_malformed"], reason=reason or 'it has no "action" key'))
     action = normalize_action(parsed["action"])
     if action == normalize_action(expert):
         return Verdict("correct", None)
     claimed = claims_intersection(parsed.get("current observation"))
     if claimed != point.at_intersection:
-        return Verdict("wrong_observation", FEEDBACK_CLAIMED_INTERSECTION if claimed else FEEDBACK_MISSED_INTERSECTION)
-    template = FEEDBACK_WRONG_ACTION if action in valid else FEEDBACK_NOT_AN_ACTION
-    return Verdict("wrong_action", template.format(action=str(parsed["action"])[:MAX_QUOTED_CHARS]))
+        key = "feedback_claimed_intersection" if claimed else "feedback_missed_intersection"
+        return Verdict("wrong_observation", fill(text[key]))
+    key = "feedback_wrong_action" if action in valid else "feedback_not_an_action"
+    return Verdict("wrong_action", fill(text[key], action=repr(str(parsed["action"])[:MAX_QUOTED_CHARS])))
 
 
 # ------------------------------------------------------------------------------------------ the env
@@ -225,6 +193,7 @@ class VIRLEnv(ChatEnv):
         image_size: int = 224,
         route_order: str = "random",
         rewards: dict[str, float] | None = None,
+        templates: Mapping[str, str] | None = None,
     ) -> None:
         check_choice("action_space", action_space, ACTION_SPACES)
         check_choice("modality", modality, MODALITIES)
@@ -239,9 +208,12 @@ class VIRLEnv(ChatEnv):
         self.drop_rate = float(drop_rate)
         self.image_size = image_size
         self.rewards = reward_table(DEFAULT_REWARDS, rewards)
+        self.templates = template_table(DEFAULT_TEMPLATES, TEMPLATE_FIELDS, templates)
+        self.revision_template = self.templates["revision"]
         choices = COMPASS if action_space == "absolute" else RELATIVE_WORDS
         self._valid = frozenset({FORWARD, STOP, *(f"turn_direction({c})" for c in choices)})
-        self._action_text = ACTION_TEXT.format(choices=", ".join(choices))
+        self._action_text = fill(self.templates["action_space"], choices=", ".join(choices))
+        self.skipped_rail_points = 0  # forward() points left off for want of a panorama, over this env's life
         self._next_sequential = 0
         self._rail: list[RailPoint] = []
         self._index = self._attempt = 0
@@ -260,14 +232,22 @@ class VIRLEnv(ChatEnv):
         init = self.route.init_heading
         self.init_heading = float(self.np_random.integers(0, 360)) if init is None else init
         self.sentences, relatives = route_sentences(self.route, self.init_heading)
-        self._rail = build_rail(self.route, self.init_heading, relatives, self.straight_line_length, self.drop_rate,
-                                self.np_random)
-        if self.modality == "image":  # fail at reset, naming the point, if a panorama is missing
+        has_panorama = self.folder.has_panorama if self.folder.has_mapping else None
+        self._rail, skipped = build_rail(self.route, self.init_heading, relatives, self.straight_line_length,
+                                         self.drop_rate, self.np_random, has_panorama)
+        if skipped:
+            self.skipped_rail_points += skipped
+            warnings.warn(
+                f"route {self.route.index} ({self.folder.path}): {skipped} forward() point(s) with no panorama within "
+                f"{SNAP_RADIUS_M:.0f} m left off the rail ({self.skipped_rail_points} by this env so far)",
+                MissingPanoramaWarning, stacklevel=2,
+            )
+        if self.modality == "image":  # fail at reset, naming the point, if a start/turn/stop panorama is missing
             for i, point in enumerate(self._rail):
                 self.folder.snap(point.geocode, self._where(i))
         self._index, self._attempt, self._done = 0, 0, False
         self._start_point()
-        return self._observation(), self._info(0, None)
+        return self._observation(), {**self._info(0, None, False), "skipped_rail_points": skipped}
 
     def step(self, action: str):
         """Judge one answer at the current rail point; never raises on any answer text."""
@@ -276,21 +256,23 @@ class VIRLEnv(ChatEnv):
         judged = self._index
         point = self._rail[judged]
         self._attempt += 1
-        verdict = judge(action, point, self.gt_action(point), self._valid)
-        terminated = truncated = False
+        verdict = judge(action, point, self.gt_action(point), self._valid, self.templates)
+        exhausted = False
         if verdict.correct and self._index == len(self._rail) - 1:
             terminated = True
         elif verdict.correct:
             self._index += 1
+            terminated = False
         else:
             self._revise(action, verdict.feedback)
-            truncated = self._attempt >= self.verify_iter
-        info = self._info(judged, verdict)
-        self._done = terminated or truncated
+            terminated = exhausted = self._attempt >= self.verify_iter  # a failed route: the paper's terminal
+        info = self._info(judged, verdict, exhausted)
+        self._done = terminated
         if verdict.correct and not terminated:
             self._attempt = 0
             self._start_point()
-        return self._observation(), self.rewards[verdict.outcome], terminated, truncated, info
+        reward = self.rewards[verdict.outcome] + (self.rewards["budget_exhausted"] if exhausted else 0.0)
+        return self._observation(), reward, terminated, False, info
 
     # --------------------------------------------------------------------------------- expert
 
@@ -347,7 +329,7 @@ class VIRLEnv(ChatEnv):
         self._start_conversation(self._prompt(), self._grid() if self.modality == "image" else None)
 
     def _prompt(self) -> str:
-        instruction = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(self.sentences))
+        instructions = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(self.sentences))
         history = []
         for i, point in enumerate(self._rail[: self._index]):
             history += [f"O_{i + 1}: {point.observation()}", f"A_{i + 1}: {self.gt_action(point)}"]
@@ -357,11 +339,11 @@ class VIRLEnv(ChatEnv):
         else:
             seen = current.observation()
         history.append(f"O_{self._index + 1}: {seen}")
-        parts = [TASK_TEXT, f"[Instruction]\n{instruction}"]
-        if self.modality == "image":
-            parts.append(IMAGE_TEXT)
-        parts += [self._action_text, "[Observations and actions]\n" + "\n".join(history), OUTPUT_TEXT]
-        return "\n\n".join(parts)
+        text, history_text = self.templates, "\n".join(history)
+        return fill(text[f"prompt_{self.modality}"], task=fill(text["task"]), instructions=instructions,
+                    instruction=instructions, observation_format=fill(text["observation_format"]),
+                    action_space=self._action_text, history=history_text, obs_act_seq=history_text,
+                    answer_format=fill(text["answer_format"]))
 
     def _grid(self) -> np.ndarray:
         """Four perspective views (front, right, back, left) in a 2x2 grid of ``image_size`` pixels."""
@@ -374,9 +356,11 @@ class VIRLEnv(ChatEnv):
             grid[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile] = view
         return grid
 
-    def _info(self, index: int, verdict: Verdict | None) -> dict[str, Any]:
+    def _info(self, index: int, verdict: Verdict | None, exhausted: bool) -> dict[str, Any]:
         point = self._rail[index]
         return {
+            "well_formed": None if verdict is None else verdict.well_formed,
+            "budget_exhausted": exhausted,
             "gt_action": self.gt_action(point),
             "success": verdict is not None and verdict.correct and point.absolute_action == STOP,
             "correct": verdict is not None and verdict.correct,
