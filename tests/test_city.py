@@ -133,6 +133,10 @@ def test_make_city_checks_and_ensure_city(tmp_path):
         make_city(out, "harbor", 2, 0)
     make_city(out, "harbor", 3, 0, overwrite=True, pano_width=64)
     assert json.loads((out / "route_infos.json").read_text())[1] == 3
+    for meta in (out / "street_views").glob("*.metadata.json"):  # as generated before the heading convention
+        meta.write_text(json.dumps({key: v for key, v in json.loads(meta.read_text()).items() if key != "heading_convention"}))
+    with pytest.raises(ValueError, match="older heading convention"):
+        ensure_city(out, "harbor", 3, 0)
 
 
 def test_offset_geocode_round_trip():

@@ -32,6 +32,9 @@ from lit_sftrl.envs.routes import (
 )
 
 TRAIN_STYLE, VISUAL_OOD_STYLE = "metro", "harbor"
+# Written into every panorama's metadata: cities generated before the generator adopted the original reader's
+# heading convention (the centre column faced ``rotation``) lack it, and ensure_city refuses them.
+HEADING_CONVENTION = "column = (heading + rotation) / 360 * width"
 DEFAULT_ROUTES = {TRAIN_STYLE: 1000, VISUAL_OOD_STYLE: 18}
 DIRECTIONS = ((0, 1), (1, 0), (0, -1), (-1, 0))  # lattice steps along local +y, +x, -y, -x
 SPATIAL = ("in front of you", "on your right", "behind you", "on your left")  # quadrants clockwise from ahead
@@ -231,6 +234,10 @@ def ensure_city(out: str | Path, style: str, num_routes: int, seed: int, **optio
         except FileExistsError:  # another process finished first
             pass
     count = json.loads((out / ROUTES_FILE).read_text())[1]
+    sample = next((out / VIEWS_DIR).glob("*.metadata.json"), None)
+    if sample is not None and json.loads(sample.read_text()).get("heading_convention") != HEADING_CONVENTION:
+        raise ValueError(f"{out} was generated with an older heading convention (views would face the wrong way); "
+                         "remove it to have it generated again")
     if count != num_routes:
         raise ValueError(f"{out} holds {count} routes, not {num_routes}; remove it or choose another folder")
     return out
@@ -258,7 +265,8 @@ def _write_city(folder: Path, style: CityStyle, num_routes: int, seed: int, grid
         image = render_panorama(style, district.angle, (x, y), rotation, signs[d], pano_width, salt=seed * 31 + d)
         image.save(folder / VIEWS_DIR / f"{pano_id}.jpg", quality=jpeg_quality)
         geo = district.lattice_geocode(point)
-        meta = {"pano_id": pano_id, "lat": geo[0], "lng": geo[1], "rotation": rotation}
+        meta = {"pano_id": pano_id, "lat": geo[0], "lng": geo[1], "rotation": rotation,
+                "heading_convention": HEADING_CONVENTION}
         (folder / VIEWS_DIR / f"{pano_id}.metadata.json").write_text(json.dumps(meta))
         mapping[geo] = pano_id
     (folder / MAPPING_FILE).write_bytes(pickle.dumps(mapping, protocol=4))
