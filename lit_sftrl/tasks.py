@@ -37,8 +37,13 @@ class TaskConfig:
         target: the GeneralPoints target number.
         routes: V-IRL route folder for training, id and rule_ood (official on-disk format).
         ood_routes: V-IRL route folder for visual_ood.
-        env_kwargs: any further environment keyword arguments (e.g. ``{"drop_rate": 0.0}``); plain data only,
-            a ``class_path`` inside is refused, never instantiated.
+        env_kwargs: any further environment keyword arguments (e.g. ``{"drop_rate": 0.0}``, or
+            ``{"sampling": "deck"}`` for GeneralPoints hands of distinct cards); plain data only, a ``class_path``
+            inside is refused, never instantiated.
+        templates: replacement wording, template key -> text with named fields (``{cards}``, ``{target}``,
+            ``{instructions}``, ``{history}``, ...; the keys and fields are the environment's
+            ``DEFAULT_TEMPLATES`` / ``TEMPLATE_FIELDS``), e.g. the prompts a released checkpoint was trained on.
+            Applies to every variant; the environment still judges answers the same way.
     """
 
     name: TaskName = "gp_l"
@@ -48,6 +53,7 @@ class TaskConfig:
     routes: str = "data/virl/metro"
     ood_routes: str = "data/virl/harbor"
     env_kwargs: dict[str, PlainData] | None = None  # not dict[str, Any]: jsonargparse would instantiate class_paths
+    templates: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         validate(self, "task")
@@ -89,6 +95,8 @@ class TaskConfig:
             kwargs["target"] = self.target
             kwargs["face_card_rule"] = "11-13" if variant == "rule_ood" else "10"
             kwargs["suits"] = "red" if variant == "visual_ood" else "black"
+        if self.templates:
+            kwargs["templates"] = dict(self.templates)
         kwargs.update(self.env_kwargs or {})
         return env_id, kwargs
 

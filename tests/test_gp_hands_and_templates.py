@@ -150,3 +150,17 @@ def test_bad_templates_fail_at_construction_naming_the_key(templates: object, ma
 
 def test_every_default_template_is_ascii() -> None:
     assert all(text.isascii() for text in DEFAULT_TEMPLATES.values())
+
+
+def test_task_config_passes_templates_to_every_variant() -> None:
+    from lit_sftrl.tasks import TaskConfig
+
+    task = TaskConfig(name="gp_l", templates={"prompt": "Make {target} from {cards}. {answer_format}"},
+                      env_kwargs={"sampling": "deck"})
+    for variant in task.variants:
+        env = task.make_env(variant)
+        assert env.sampling == "deck"
+        obs, info = env.reset(seed=0)
+        assert obs["messages"][0]["content"].startswith("Make 24 from '")
+        assert env.step(env.expert_answer())[4]["success"]
+    assert "templates" not in TaskConfig(name="gp_l").env_spec()[1]
