@@ -2,6 +2,7 @@
 
     lit-sftrl fit --config configs/gp_l_sft.yaml [--model.backbone.path DIR] [--trainer.devices 8 ...]
     lit-sftrl make-tiny --family mllama --out checkpoints/tiny-mllama
+    lit-sftrl make-tiny --pretrain        # pretrained base: configs/pretrain_base.yaml -> checkpoints/tiny-mllama-base
     lit-sftrl make-city --style metro --routes 1000 --seed 0 --out data/virl/metro
     lit-sftrl export --ckpt checkpoints/gp_l_sft/checkpoints/last.ckpt --out exported/gp_l_sft
     lit-sftrl report checkpoints/gp_l_sft checkpoints/gp_l_ppo --out reports/gp_l
@@ -82,13 +83,25 @@ def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
 
     parser.add_argument("--family", choices=FAMILIES, default="mllama")
     parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny ~4M parameters, small ~20M")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=None, help="default 0 (with --pretrain: the config's)")
+    parser.add_argument("--out", type=Path, help="model directory (with --pretrain: default from the config)")
+    parser.add_argument("--pretrain", action="store_true", help="then fit it on the skills corpus: a pretrained base")
+    parser.add_argument("--config", type=Path, help="with --pretrain: YAML (default configs/pretrain_base.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --pretrain: override a "
+                        "config key, e.g. --set max_steps=100 --set skills.size=500")
 
     def command(args: argparse.Namespace) -> Path:
+        if args.pretrain:
+            from lit_sftrl.pretrain import load_config, pretrain_base
+
+            given = {"out": args.out, "seed": args.seed, "family": args.family, "size": args.size}
+            given = [f"{key}={value}" for key, value in given.items() if value is not None]
+            return pretrain_base(load_config(args.config, given + args.set))
+        if args.out is None:
+            raise ValueError("--out is required (without --pretrain)")
         from lit_sftrl.corpus import build_tiny
 
-        return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed)
+        return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed or 0)
 
     return command
 

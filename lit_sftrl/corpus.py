@@ -1,4 +1,5 @@
-"""The tiny default backbone's text: its tokenizer is trained on what the environments actually say.
+"""The tiny default backbone's text: its tokenizer is trained on what the environments actually say (plus a
+sample of the skills corpus that :mod:`lit_sftrl.pretrain` trains the pretrained base on).
 
 This module is the glue between ``envs`` (which know nothing of models) and ``models.tiny`` (which knows
 nothing of environments): it plays expert and sub-optimal episodes of every task variant and hands the
@@ -46,11 +47,22 @@ def _episode_text(env, seed: int) -> list[str]:
     return texts
 
 
+TOKENIZER_SKILL_ITEMS = 3000  # skills-corpus items the tokenizer sees: ~3 chars/token on it, env text unchanged
+
+
+def tokenizer_corpus(seed: int = 0) -> list[str]:
+    """The one tokenizer rule of every tiny model: the environments' text plus a fixed sample of the skills
+    corpus (so the pretrained base and the random-init default share tokenizer and initial weights)."""
+    from lit_sftrl.skills import SkillsConfig, corpus_texts
+
+    return environment_corpus(seed=seed) + corpus_texts(SkillsConfig(size=TOKENIZER_SKILL_ITEMS, seed=seed))
+
+
 def build_tiny(out: str | Path, family: str = "mllama", size: str = "tiny", seed: int = 0) -> Path:
-    """``lit-sftrl make-tiny``: a tiny model whose tokenizer was trained on the environments' text."""
+    """``lit-sftrl make-tiny``: a tiny model whose tokenizer was trained on :func:`tokenizer_corpus`."""
     from lit_sftrl.models.tiny import make_tiny
 
-    return make_tiny(Path(out), family=family, size=size, seed=seed, corpus=environment_corpus(seed=seed))
+    return make_tiny(Path(out), family=family, size=size, seed=seed, corpus=tokenizer_corpus(seed=seed))
 
 
 def ensure_backbone(path: str) -> None:

@@ -1,0 +1,220 @@
+"""``lit-sftrl make-tiny --pretrain``: the tiny model, then a plain Lightning fit on the skills corpus.
+
+The base is the tiny default (same builder, same tokenizer rule, same initial weights for the same seed) after
+causal-LM training on :mod:`lit_sftrl.skills`: answers only, as in SFT, through the project's own
+:class:`~lit_sftrl.sft.SFTModule`. It is written, like the tiny default, as a plain Hugging Face directory
+(atomically: a temporary sibling renamed into place), so configs name it as ``--model.backbone.path``.
+
+Determinism: batch ``b`` is a pure function of ``(seed, b)`` and CPU training in one thread is reproducible,
+so the same config gives byte-identical weights as long as the run completes ``max_steps``. ``max_minutes``
+is a safety cap: a run it stops is recorded as such (``stopped_by_time`` in ``lit_sftrl_base.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from itertools import count
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import yaml
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_sftrl.skills import IMAGE_SKILLS, TEXT_SKILLS, SkillsConfig, item_skill, skill_item
+
+DEFAULT_CONFIG = "configs/pretrain_base.yaml"
+RECORD = "lit_sftrl_base.json"
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run (every key of ``configs/pretrain_base.yaml``).
+
+    Args:
+        out: the base model directory to write (left untouched when it exists).
+        family, size, seed: the tiny model built first (as ``make-tiny``); ``seed`` also seeds the batches.
+        skills: the corpus (size, image share, mix).
+        batch_size: conversations per optimizer step.
+        lr, warmup_steps, min_lr_ratio: AdamW peak learning rate, linear warm-up, cosine floor.
+        max_steps: optimizer steps (the cosine schedule spans them).
+        max_minutes: wall-clock cap on the fit; 0 = none.
+        threads: torch intra-op threads (1 is fastest for tiny models on a shared machine).
+        log_every: steps between logged losses.
+    """
+
+    out: str = "checkpoints/tiny-mllama-base"
+    family: str = "mllama"
+    size: str = "tiny"
+    seed: int = 0
+    skills: SkillsConfig = field(default_factory=SkillsConfig)
+    batch_size: int = 16
+    lr: float = 1.0e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    max_steps: int = 1600
+    max_minutes: float = 35.0
+    threads: int = 1
+    log_every: int = 25
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """The YAML at ``path`` (default: the project's) with ``key=value`` overrides (``skills.size=500``)."""
+    data: dict[str, Any] = {}
+    path = Path(path or DEFAULT_CONFIG)
+    if path.exists():
+        data = yaml.safe_load(path.read_text()) or {}
+    elif path != Path(DEFAULT_CONFIG):
+        raise FileNotFoundError(f"pretraining config {str(path)!r} does not exist")
+    for override in overrides or []:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ValueError(f"override {override!r} must look like key=value (e.g. max_steps=100)")
+        target = data
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[last] = yaml.safe_load(value)
+    known = {f.name for f in fields(PretrainConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown pretraining keys {sorted(unknown)}; known: {sorted(known)}")
+    skills = data.pop("skills", {}) or {}
+    if "weights" in skills:
+        skills["weights"] = tuple(skills["weights"])
+    return PretrainConfig(**data, skills=SkillsConfig(**skills))
+
+
+class SkillBatches(IterableDataset):
+    """Endless batches of corpus items; batch ``b`` is drawn from ``(seed, b)`` only. A batch is all-image or
+    all-text (what one model forward takes), image batches making up ``image_share`` of the stream."""
+
+    def __init__(self, skills: SkillsConfig, batch_size: int, seed: int) -> None:
+        self.skills, self.batch_size, self.seed = skills, batch_size, seed
+        kinds = np.array([item_skill(skills, i) in IMAGE_SKILLS for i in range(skills.size)])
+        self.pools = {True: np.flatnonzero(kinds), False: np.flatnonzero(~kinds)}
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        for batch in count():
+            rng = np.random.default_rng([self.seed, 7, batch])
+            images = bool(rng.random() < self.skills.image_share) and len(self.pools[True]) > 0
+            pool = self.pools[images if len(self.pools[False]) else True]
+            yield [skill_item(self.skills, int(i)) for i in rng.choice(pool, size=self.batch_size)]
+
+
+def pretrain_base(config: PretrainConfig) -> Path:
+    """Build the tiny model, fit it on the skills corpus, write the base to ``config.out``; return the path."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_sftrl.corpus import build_tiny
+    from lit_sftrl.models.config import BackboneConfig
+    from lit_sftrl.policy import OptimConfig
+    from lit_sftrl.sft import SFTModule
+
+    out = Path(config.out)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        init = build_tiny(tmp / "init", family=config.family, size=config.size, seed=config.seed)
+        L.seed_everything(config.seed, workers=True, verbose=False)
+        module = SFTModule(
+            backbone=BackboneConfig(path=str(init)),
+            optim=OptimConfig(lr=config.lr, warmup_steps=config.warmup_steps, schedule="cosine",
+                              min_lr_ratio=config.min_lr_ratio),
+        )
+        data = DataLoader(SkillBatches(config.skills, config.batch_size, config.seed), batch_size=None,
+                          collate_fn=lambda batch: batch)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, precision="32-true", max_steps=config.max_steps,
+            max_time={"minutes": config.max_minutes} if config.max_minutes else None, gradient_clip_val=1.0,
+            logger=CSVLogger(tmp, name="", version="log"), log_every_n_steps=config.log_every,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=0, num_sanity_val_steps=0,
+        )
+        wall, cpu = time.time(), time.process_time()
+        trainer.fit(module, train_dataloaders=data)
+        wall, cpu = time.time() - wall, time.process_time() - cpu
+        final = tmp / "base"
+        module.backbone.model.save_pretrained(final)
+        module.backbone.processor.save_pretrained(final)
+        shutil.copy(tmp / "log" / "metrics.csv", final / "pretrain_metrics.csv")
+        record = {
+            "config": asdict(config), "steps": trainer.global_step,
+            "stopped_by_time": trainer.global_step < config.max_steps,
+            "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "tokens": module.tokens_seen,
+            "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        }
+        (final / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        try:
+            os.rename(final, out)
+        except OSError:
+            if not out.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+_STATED_RESULT = re.compile(r"([0-9+\-*/() ]+?)\s*=\s*\d+")
+
+
+def answer_is_correct(item: dict[str, Any], text: str) -> bool:
+    """Whether ``text`` answers corpus ``item``: arithmetic by checking the expression (any correct one counts:
+    it must use exactly the given numbers and make the target), everything else by exact match."""
+    from lit_sftrl.envs.arithmetic import FormulaError, evaluate_formula
+
+    check, reference, text = item["check"], item["messages"][-1]["content"], text.strip()
+    if "target" not in check:
+        return text.lower().rstrip(".") == reference.lower().rstrip(".")
+    if "expression_key" in check:  # a JSON answer: the keys asked for, in order, and a correct expression
+        try:
+            answer = json.loads(text)
+            expression = answer[check["expression_key"]]
+            if list(answer) != list(json.loads(reference)):
+                return False
+        except (ValueError, TypeError, KeyError):
+            return False
+    else:
+        prefix = check.get("prefix", "")  # card items first state the values
+        found = _STATED_RESULT.findall(text[len(prefix):]) if text.startswith(prefix) else []
+        if not found:
+            return False
+        expression = found[-1]
+    try:
+        evaluation = evaluate_formula(str(expression).strip(), check["target"])
+    except FormulaError:
+        return False
+    return evaluation.value == check["target"] and sorted(evaluation.numbers) == sorted(check["numbers"])
+
+
+def probe_skills(path: str | os.PathLike, items: int = 100, seed: int = 1000, image_size: int = 224,
+                 skills: tuple[str, ...] = (*TEXT_SKILLS, "card_image")) -> dict[str, float]:
+    """Greedy accuracy of the model at ``path`` on held-out corpus items (another seed) of each skill."""
+    from lit_sftrl.models.backbone import Backbone
+    from lit_sftrl.models.config import BackboneConfig, SamplingConfig
+
+    backbone = Backbone(BackboneConfig(path=str(path)))
+    corpus = SkillsConfig(size=items, seed=seed, image_size=image_size)
+    scores = {}
+    for skill in skills:
+        batch = [skill_item(corpus, i, skill=skill) for i in range(items)]
+        prompts = [(item["messages"][:-1], item["image"]) for item in batch]
+        answers = []
+        for start in range(0, items, 25):
+            answers += backbone.generate(prompts[start:start + 25], SamplingConfig(temperature=0.0, max_new_tokens=64))
+        scores[skill] = sum(answer_is_correct(item, a.text) for item, a in zip(batch, answers)) / items
+    return scores

@@ -1,0 +1,388 @@
+"""The skills corpus a tiny base model is pretrained on: general knowledge the tasks rely on, never the tasks.
+
+The paper's base model (Llama-3.2-Vision) arrives knowing arithmetic, both face-card conventions and relative
+directions; post-training then either memorises one rule (SFT) or keeps following the rule the prompt states
+(RL). A randomly initialised tiny model knows none of it, so this module writes that prior knowledge as short
+question/answer chats:
+
+- ``arithmetic``: reach a stated target from numbers 1-13 with ``+ - * /`` and brackets (many targets);
+- ``cards``: card values under "J, Q, K count 10" and under "J, Q, K count 11, 12, 13", in varied sentences,
+  alone or followed by arithmetic on the values;
+- ``compass``: compass words and degrees, and relative turns both ways (where a turn leads; which turn leads
+  from one heading to another);
+- ``json``: any of the facts above asked for as a JSON object whose keys the question names;
+- ``card_image`` / ``street_image``: rendered card tables (every suit and colour) and street-view panels of
+  every city style, described in text.
+
+What it must never contain is the tasks' own prompt wording or answer layout (the JSON keys of the answers):
+the base would then already be an SFT model of the task. ``TASK_ANSWER_KEYS`` is excluded from the JSON key
+pool and the tests check the corpus against the environments' prompts.
+
+Item ``i`` of a corpus is a pure function of ``(seed, i)``: the corpus is reproducible, needs no storage and can
+be sliced (a held-out probe uses another seed).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable
+
+import numpy as np
+
+from lit_sftrl.envs.cards import RANKS, RED_SUITS, SUITS, Card, render_table
+from lit_sftrl.envs.city_render import STYLES, Landmark, render_panorama
+from lit_sftrl.envs.routes import COMPASS, perspective_view, wrap_degrees
+from lit_sftrl.envs.solver import solutions
+from lit_sftrl.envs.virl import relative_word
+
+Conversation = dict[str, Any]  # {"messages": [user, assistant], "image": ndarray | None}, as SFT batches take
+
+# The answer keys of the tasks (GeneralPoints, V-IRL): never used as keys here.
+TASK_ANSWER_KEYS = frozenset({"cards", "number", "formula", "current observation", "current instruction", "action"})
+TEXT_SKILLS = ("arithmetic", "cards", "compass", "json")
+IMAGE_SKILLS = ("card_image", "street_image")
+RANK_NAMES = {"A": "ace", "J": "jack", "Q": "queen", "K": "king"}
+STYLE_WORDS = {  # what a caption says about each city style (styles without an entry get their name only)
+    "metro": "a big-city avenue with tall brick and stone blocks",
+    "harbor": "a harbour-town lane with low pastel houses and pitched roofs",
+}
+PANELS = ("upper left", "upper right", "lower left", "lower right")  # the 2x2 panel order: ahead, right, back, left
+SIDES = ("ahead of you", "to your right", "behind you", "to your left")
+
+
+@dataclass
+class SkillsConfig:
+    """What the corpus holds.
+
+    Args:
+        size: number of items (question/answer chats) in the corpus.
+        seed: item ``i`` is drawn from ``(seed, i)`` alone.
+        image_share: share of items carrying an image (cards or street panels); 0 = text only.
+        image_size: side of the rendered images in pixels (the tasks' default is 224).
+        street_scenes: distinct street renderings per city style (each costs ~0.1 s once, then is cached).
+        weights: relative frequency of the text skills, in the order of ``TEXT_SKILLS``.
+    """
+
+    size: int = 20000
+    seed: int = 0
+    image_share: float = 0.1
+    image_size: int = 224
+    street_scenes: int = 48
+    weights: tuple[float, ...] = (0.35, 0.25, 0.25, 0.15)
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0.0 <= self.image_share <= 1.0 or len(self.weights) != len(TEXT_SKILLS):
+            raise ValueError(f"invalid skills config {self}: size >= 1, image_share in [0, 1], "
+                             f"one weight per skill of {TEXT_SKILLS}")
+
+
+def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Conversation:
+    """Corpus item ``index``: one user question and the assistant's answer (plus an image for image skills)."""
+    rng = np.random.default_rng([config.seed, index])
+    drawn = _draw_skill(config, rng)  # drawn even when ``skill`` is forced, so the rest of the stream is the same
+    skill = skill or drawn
+    image, meta = None, {}
+    if skill == "card_image":
+        question, answer, image = _card_image(rng, config.image_size)
+    elif skill == "street_image":
+        question, answer, image = _street_image(rng, config)
+    else:
+        question, answer, meta = _TEXT[skill](rng)
+    user = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "image": image, "skill": skill, "check": meta}
+
+
+def item_skill(config: SkillsConfig, index: int) -> str:
+    """The skill of item ``index``, without building it (to batch image and text items apart)."""
+    return _draw_skill(config, np.random.default_rng([config.seed, index]))
+
+
+def _draw_skill(config: SkillsConfig, rng: np.random.Generator) -> str:
+    if rng.random() < config.image_share:
+        return IMAGE_SKILLS[int(rng.integers(len(IMAGE_SKILLS)))]
+    weights = np.asarray(config.weights, dtype=float)
+    return TEXT_SKILLS[int(rng.choice(len(TEXT_SKILLS), p=weights / weights.sum()))]
+
+
+def corpus_texts(config: SkillsConfig) -> list[str]:
+    """The corpus's text (questions and answers), e.g. for the tokenizer; images are not rendered."""
+    texts, text_only = [], SkillsConfig(**{**config.__dict__, "image_share": 0.0})
+    for index in range(config.size):
+        item = skill_item(text_only, index)
+        texts += [message_text(message) for message in item["messages"]]
+    return texts
+
+
+def message_text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+
+
+def _pick(rng: np.random.Generator, options: tuple | list) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _spaced(formula: str, rng: np.random.Generator) -> str:
+    """Solver formulas are unspaced; people write both, so both are shown."""
+    if rng.random() < 0.5:
+        return formula
+    for symbol in "+-*/":
+        formula = formula.replace(symbol, f" {symbol} ")
+    return formula
+
+
+# ------------------------------------------------------------------------------------------ arithmetic
+
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def _random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[str, Fraction | None]:
+    """Combine ``numbers`` pairwise in random order with random operators (exact arithmetic): an expression that
+    uses each number once, and its value (None on a division by zero). Forward generation costs microseconds,
+    where searching for a given target costs milliseconds per multiset and target."""
+    nodes = [(str(n), Fraction(n), 3) for n in numbers]  # (text, value, precedence of the outermost operator)
+    while len(nodes) > 1:
+        i, j = (int(k) for k in rng.choice(len(nodes), size=2, replace=False))
+        (a, x, pa), (b, y, pb) = nodes[i], nodes[j]
+        op = _pick(rng, "+-*/")
+        if op == "/" and y == 0:
+            return "", None
+        p = _PRECEDENCE[op]
+        a = f"({a})" if pa < p else a
+        b = f"({b})" if pb < p or (pb == p and op in "-/") else b
+        value = {"+": x + y, "-": x - y, "*": x * y, "/": x / y if y else x}[op]
+        nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [(f"{a}{op}{b}", value, p)]
+    return nodes[0][0], nodes[0][1]
+
+
+def _reach(rng: np.random.Generator, numbers: list[int]) -> tuple[int, str]:
+    """A positive integer target up to 100 that ``numbers`` make, and how; 24 (via the solver) a quarter of the
+    time when the numbers allow it, since it is the most common such puzzle."""
+    if len(numbers) <= 4 and rng.random() < 0.25:
+        found = solutions(tuple(sorted(numbers)), 24)
+        if found:
+            return 24, _pick(rng, found)
+    for _ in range(200):
+        text, value = _random_expression(rng, numbers)
+        if value is not None and value.denominator == 1 and 0 < value <= 100:
+            return int(value), text
+    return sum(numbers), "+".join(map(str, numbers))
+
+
+def _arithmetic_fact(rng: np.random.Generator, values: list[int] | None = None) -> dict[str, Any]:
+    """Numbers in 1..13 (or the given card values), a target they make, and one expression making it."""
+    if values is None:
+        values = [int(v) for v in rng.integers(1, 14, size=int(_pick(rng, (2, 3, 3, 4, 4, 4, 4, 5))))]
+    target, formula = _reach(rng, values)
+    return {"numbers": values, "target": target, "expression": _spaced(formula, rng)}
+
+
+def _arithmetic(rng: np.random.Generator) -> tuple[str, str, dict]:
+    fact = _arithmetic_fact(rng)
+    numbers = ", ".join(map(str, fact["numbers"]))
+    target, expression = fact["target"], fact["expression"]
+    question = _pick(rng, (
+        f"Make {target} from {numbers}, using every number once and any of + - * / with brackets.",
+        f"How can {numbers} be combined with addition, subtraction, multiplication and division to give {target}?",
+        f"Numbers: {numbers}. Target: {target}. Use each number exactly one time.",
+        f"Write an expression equal to {target} that uses each of {numbers} once.",
+        f"Puzzle: reach {target} with {numbers} (each once; + - * / and parentheses allowed).",
+    ))
+    answer = _pick(rng, (f"{expression} = {target}",) * 2 + (f"One way is {expression} = {target}.",))
+    return question, answer, {"numbers": fact["numbers"], "target": target}
+
+
+# --------------------------------------------------------------------------------------------- cards
+
+
+def card_value(rank: str, faces_are_ten: bool) -> int:
+    if rank == "A":
+        return 1
+    if rank in ("J", "Q", "K"):
+        return 10 if faces_are_ten else 11 + ("J", "Q", "K").index(rank)
+    return int(rank)
+
+
+def _convention(rng: np.random.Generator, faces_are_ten: bool) -> str:
+    """One of many ways of stating a face-card convention (the tasks' own wording is not among them)."""
+    if faces_are_ten:
+        return _pick(rng, (
+            "Jacks, queens and kings are each worth 10, and an ace is worth 1.",
+            "In this scoring every picture card (J, Q, K) is 10 points and A is 1 point.",
+            "Face cards all score ten; aces score one.",
+            "Here J = 10, Q = 10, K = 10 and A = 1.",
+            "Court cards are valued at 10 and the ace at 1.",
+        ))
+    return _pick(rng, (
+        "A jack is worth 11, a queen 12 and a king 13, and an ace is worth 1.",
+        "In this scoring J is 11 points, Q is 12 points, K is 13 points and A is 1 point.",
+        "Face cards follow their rank order: jack eleven, queen twelve, king thirteen; ace one.",
+        "Here J = 11, Q = 12, K = 13 and A = 1.",
+        "The jack is valued at 11, the queen at 12, the king at 13 and the ace at 1.",
+    ))
+
+
+def _draw_ranks(rng: np.random.Generator, count: int) -> list[str]:
+    ranks = [RANKS[int(i)] for i in rng.integers(len(RANKS), size=count)]
+    if rng.random() < 0.6:  # face cards are where the conventions differ: make them common
+        ranks[int(rng.integers(count))] = _pick(rng, ("J", "Q", "K"))
+    return ranks
+
+
+def _cards(rng: np.random.Generator) -> tuple[str, str, dict]:
+    faces_are_ten = bool(rng.random() < 0.5)
+    rule = _convention(rng, faces_are_ten)
+    kind = int(rng.integers(3))
+    if kind == 0:  # one card
+        rank = _pick(rng, ("J", "Q", "K", "A", *RANKS))
+        name = RANK_NAMES.get(rank, rank)
+        value = card_value(rank, faces_are_ten)
+        return f"{rule} What is a {name} worth?", _pick(rng, (f"{value}", f"A {name} is worth {value}.")), {}
+    ranks = _draw_ranks(rng, int(_pick(rng, (2, 3, 4, 4, 5))))
+    values = [card_value(rank, faces_are_ten) for rank in ranks]
+    shown = ", ".join(ranks)
+    if kind == 1:  # the values of a hand
+        question = _pick(rng, (f"{rule} What are {shown} worth?", f"{rule} Give the values of the hand {shown}."))
+        return question, ", ".join(map(str, values)), {}
+    fact = _arithmetic_fact(rng, values)  # values, then arithmetic on them
+    question = f"{rule} The hand is {shown}. Using each card's value once, reach {fact['target']}."
+    stated = f"The values are {', '.join(map(str, values))}."
+    return question, f"{stated} {fact['expression']} = {fact['target']}", {**fact, "prefix": stated}
+
+
+# ------------------------------------------------------------------------------------------- compass
+
+TURNS = {"left": -90, "right": 90, "slightly left": -45, "slightly right": 45}
+
+
+def _compass_fact(rng: np.random.Generator) -> dict[str, Any]:
+    start = int(rng.integers(8))
+    turn = _pick(rng, tuple(TURNS))
+    end = (start + TURNS[turn] // 45) % 8
+    assert relative_word(TURNS[turn]) == turn  # the same words, in the same sense, as the navigation task
+    return {"start": COMPASS[start], "turn": turn, "end": COMPASS[end]}
+
+
+def _compass(rng: np.random.Generator) -> tuple[str, str, dict]:
+    fact = _compass_fact(rng)
+    start, turn, end = fact["start"], fact["turn"], fact["end"]
+    kind = int(rng.integers(4))
+    if kind == 0:  # where a turn leads
+        question = _pick(rng, (f"I am facing {start} and I turn {turn}. Which way am I facing now?",
+                               f"Facing {start}, you make a turn {turn}. What is your new heading?"))
+        return question, _pick(rng, (end, f"Facing {start}, turning {turn} you face {end}.")), {}
+    if kind == 1:  # which turn leads from one heading to another
+        question = _pick(rng, (f"Going from facing {start} to facing {end}: is that left, right, slightly left or "
+                               f"slightly right?", f"Which turn takes you from {start} to {end}?"))
+        return question, _pick(rng, (turn, f"From {start} to {end} is {turn}.")), {}
+    if kind == 2:  # degrees and words
+        degrees = COMPASS.index(start) * 45
+        if rng.random() < 0.5:
+            return f"Which compass direction is a heading of {degrees} degrees?", start, {}
+        return f"How many degrees is {start}, measured clockwise from north?", f"{degrees}", {}
+    other = int(rng.integers(8))
+    delta = wrap_degrees((other - COMPASS.index(start)) * 45)
+    return (f"Turning from {start} to {COMPASS[other]}, by how many degrees do you turn? (positive = clockwise)",
+            f"{int(delta)}", {})
+
+
+# ---------------------------------------------------------------------------------------------- json
+
+# Each fact type, with the key names a question may ask for its fields (never a task answer key).
+_JSON_FACTS: dict[str, tuple[Callable, dict[str, tuple[str, ...]]]] = {
+    "arithmetic": (_arithmetic_fact, {"numbers": ("inputs", "numbers", "given"), "target": ("goal", "target"),
+                                      "expression": ("expression", "solution", "equation")}),
+    "compass": (_compass_fact, {"start": ("from", "start", "heading"), "turn": ("turn", "rotation"),
+                                "end": ("to", "end", "new heading")}),
+}
+
+
+def _json(rng: np.random.Generator) -> tuple[str, str, dict]:
+    kind, meta = _pick(rng, ("arithmetic", "compass", "hand")), {}
+    if kind == "hand":
+        faces_are_ten = bool(rng.random() < 0.5)
+        ranks = _draw_ranks(rng, int(_pick(rng, (2, 3, 4))))
+        keys = (_pick(rng, ("hand", "ranks", "labels")), _pick(rng, ("values", "points", "worth")))
+        answer = {keys[0]: ranks, keys[1]: [card_value(rank, faces_are_ten) for rank in ranks]}
+        question = f"{_convention(rng, faces_are_ten)} Hand: {', '.join(ranks)}."
+    else:
+        make, key_names = _JSON_FACTS[kind]
+        fact = make(rng)
+        keys = tuple(_pick(rng, names) for names in key_names.values())
+        answer = dict(zip(keys, fact.values()))
+        if kind == "arithmetic":
+            question = f"Reach {fact['target']} from {', '.join(map(str, fact['numbers']))} (each once, + - * /)."
+            meta = {"numbers": fact["numbers"], "target": fact["target"], "expression_key": keys[2]}
+        else:
+            question = f"You face {fact['start']} and turn {fact['turn']}."
+    assert not TASK_ANSWER_KEYS & set(answer)
+    named = ", ".join(f'"{key}"' for key in answer)
+    ask = _pick(rng, (f"Reply with a JSON object with the keys {named}.", f"Give a JSON object with keys {named}.",
+                      f"Respond in JSON using the keys {named}."))
+    return f"{question} {ask}", json.dumps(answer), meta
+
+
+_TEXT: dict[str, Callable[[np.random.Generator], tuple[str, str, dict]]] = {
+    "arithmetic": _arithmetic, "cards": _cards, "compass": _compass, "json": _json,
+}
+
+# -------------------------------------------------------------------------------------------- images
+
+
+def _card_image(rng: np.random.Generator, size: int) -> tuple[str, str, np.ndarray]:
+    cards = [Card(_pick(rng, RANKS), _pick(rng, SUITS)) for _ in range(int(rng.integers(1, 6)))]
+    names = [f"{card.rank} of {card.suit}" for card in cards]
+    colours = ["red" if card.suit in RED_SUITS else "black" for card in cards]
+    kind = int(rng.integers(3))
+    if kind == 0:
+        question, answer = "Which cards lie on the table, from left to right?", ", ".join(names)
+    elif kind == 1:
+        question, answer = "List the ranks you see, left to right.", ", ".join(card.rank for card in cards)
+    else:
+        question = "Name each card and its colour."
+        answer = "; ".join(f"{name} ({colour})" for name, colour in zip(names, colours))
+    return question, answer, render_table(cards, size)
+
+
+def _street_image(rng: np.random.Generator, config: SkillsConfig) -> tuple[str, str, np.ndarray]:
+    style = _pick(rng, sorted(STYLES))
+    image, name, panel = _street_scene(style, int(rng.integers(config.street_scenes)), config.image_size, config.seed)
+    where = f"{SIDES[panel]}, in the {PANELS[panel]} panel"
+    described = STYLE_WORDS.get(style, f"a street in the {style} style")
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return "Describe this street.", f"This is {described}. A {name} sign stands {where}.", image
+    if kind == 1:
+        return "What sign can you read, and where is it?", f"{name}, {where}.", image
+    return "What kind of place is shown?", f"{described[0].upper()}{described[1:]}.", image
+
+
+@lru_cache(maxsize=256)
+def _street_scene(style_name: str, scene: int, size: int, seed: int) -> tuple[np.ndarray, str, int]:
+    """Four views (ahead, right, back, left) around a street corner with one landmark sign, as a 2x2 grid."""
+    rng = np.random.default_rng([seed, scene, len(style_name)])
+    style = STYLES[style_name]
+    name = _pick(rng, style.landmark_names)
+    edge, along = style.road_half_m + style.sidewalk_m - 1.0, style.block_m * 0.34  # as the city generator does
+    sx, sy = _pick(rng, (-1, 1)), _pick(rng, (-1, 1))
+    x, y = (sx * along, sy * edge) if rng.random() < 0.5 else (sx * edge, sy * along)
+    heading = style.grid_angle + 90.0 * int(rng.integers(4))
+    rotation = float(rng.uniform(0, 360))
+    width = max(256, 2 * size)
+    pano = np.asarray(render_panorama(style, style.grid_angle, (0.0, 0.0), rotation,
+                                      [Landmark(name, x, y, int(rng.integers(len(style.sign_colors))))], width, scene))
+    bearing = style.grid_angle + float(np.degrees(np.arctan2(x, y)))
+    panel = int(((bearing - heading + 45.0) % 360.0) // 90.0)
+    tile = size // 2
+    grid = np.zeros((size, size, 3), np.uint8)
+    for k in range(4):
+        row, col = divmod(k, 2)
+        view = perspective_view(pano, rotation, heading + 90 * k, tile)
+        grid[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile] = view
+    return grid, name, panel
+

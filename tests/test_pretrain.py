@@ -1,0 +1,70 @@
+"""``lit-sftrl make-tiny --pretrain``: a few real optimizer steps through the CLI, reproducible from the seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lit_sftrl.pretrain import RECORD, SkillBatches, load_config
+from lit_sftrl.skills import IMAGE_SKILLS, SkillsConfig
+
+STEPS = 4
+SMOKE = [f"max_steps={STEPS}", "batch_size=2", "warmup_steps=1", "skills.size=40", "skills.image_share=0.5",
+         "skills.image_size=64", "skills.street_scenes=1", "log_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def small_tokenizer_corpus(monkeypatch, corpus):
+    """The real rule plays every environment (seconds); the test corpus keeps the build under a second."""
+    from lit_sftrl import corpus as corpus_module
+    from lit_sftrl.skills import corpus_texts
+
+    monkeypatch.setattr(corpus_module, "tokenizer_corpus",
+                        lambda seed=0: corpus + corpus_texts(SkillsConfig(size=100, seed=seed)))
+
+
+def test_smoke_through_the_cli_and_deterministic(tmp_path):
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lit_sftrl.cli import run
+    from lit_sftrl.pretrain import pretrain_base
+
+    # the smoke stream holds both kinds of batch (image and text), so both forward paths are trained
+    stream = iter(SkillBatches(load_config(None, SMOKE).skills, 2, 0))
+    kinds = {next(stream)[0]["skill"] in IMAGE_SKILLS for _ in range(STEPS)}
+    assert kinds == {True, False}
+
+    first = run(["make-tiny", "--pretrain", "--out", str(tmp_path / "a"), *sum((["--set", s] for s in SMOKE), [])])
+    record = json.loads((first / RECORD).read_text())
+    assert record["steps"] == STEPS and not record["stopped_by_time"] and record["tokens"] > 0
+    assert (first / "pretrain_metrics.csv").read_text().count("\n") >= 2
+    model = AutoModelForImageTextToText.from_pretrained(first)  # a plain Hugging Face directory
+    assert AutoProcessor.from_pretrained(first).tokenizer.padding_side == "left"
+    assert model.config.model_type == "mllama"
+    assert not list(tmp_path.glob(".a.tmp-*"))
+
+    second = pretrain_base(load_config(None, [*SMOKE, f"out={tmp_path / 'b'}"]))
+    assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+    init = tmp_path / "init"
+    from lit_sftrl.corpus import build_tiny
+
+    build_tiny(init)  # the same seed's untrained tiny model: pretraining changed the weights
+    assert (init / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
+    vocabulary = [{k: json.loads((d / "tokenizer.json").read_text())[k] for k in ("model", "added_tokens")}
+                  for d in (init, first)]
+    assert vocabulary[0] == vocabulary[1]  # the same tokenizer rule: the base and the tiny default share it
+
+
+def test_config_file_and_overrides(tmp_path):
+    config = load_config(Path(__file__).parents[1] / "configs" / "pretrain_base.yaml", ["skills.size=7", "lr=0.5"])
+    assert config.out == "checkpoints/tiny-mllama-base" and config.skills.size == 7 and config.lr == 0.5
+    assert config.max_minutes > 0 and config.max_steps > 0
+    with pytest.raises(ValueError, match="unknown pretraining keys"):
+        load_config(None, ["max_step=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["max_steps"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
