@@ -220,7 +220,8 @@ def test_text_only_prompts_and_mixed_batches(tiny_dir, chats, images):
 
 
 # -- SFT ---------------------------------------------------------------------------------------------------------
-def test_sft_labels_are_exactly_the_assistant_turns(tiny_dir, images):
+def test_sft_labels_are_exactly_the_final_assistant_turn(tiny_dir, images):
+    """Earlier assistant turns (a revision conversation's wrong answers) are context, not trained on."""
     backbone = make(tiny_dir)
     eot = backbone.tokenizer.eos_token
     conversations = [
@@ -236,7 +237,7 @@ def test_sft_labels_are_exactly_the_assistant_turns(tiny_dir, images):
         ([{"role": "user", "content": "short"}, {"role": "assistant", "content": "24"}], images[1]),
     ]
     batch = backbone.sft_batch(conversations)
-    expected = [['{"formula": "1 + 5"}' + eot, '{"formula": "(10 - 5) * 1 + 10"}' + eot], ["24" + eot]]
+    expected = [['{"formula": "(10 - 5) * 1 + 10"}' + eot], ["24" + eot]]
     for row, spans in enumerate(expected):
         labels = batch["labels"][row]
         labelled = labels != -100
@@ -249,6 +250,23 @@ def test_sft_labels_are_exactly_the_assistant_turns(tiny_dir, images):
         assert decoded == spans
     loss, tokens = backbone.sft_loss(batch)
     assert loss.requires_grad and loss.item() > 0 and tokens >= int(batch["attention_mask"].sum())
+
+
+def test_multi_turn_sft_ablation_trains_on_the_final_correct_answer_only(tiny_dir):
+    """The paper's App. C.1 ablation (data.multi_turn): wrong answer and feedback sit in the prompt."""
+    from lit_sftrl.datamodules import expert_conversations
+    from lit_sftrl.envs.general_points import GeneralPointsEnv
+
+    backbone = make(tiny_dir)
+    conversations = expert_conversations(GeneralPointsEnv(), 3, {}, np.random.default_rng(0), multi_turn=1.0)
+    [conversation] = conversations
+    roles = [m["role"] for m in conversation["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant"]  # wrong answer, feedback, correction
+    batch = backbone.sft_batch([(conversation["messages"], None)])
+    labels = batch["labels"][0]
+    decoded = backbone.tokenizer.decode(labels[labels != -100])
+    assert decoded == conversation["messages"][-1]["content"] + backbone.tokenizer.eos_token
+    assert conversation["messages"][1]["content"] != conversation["messages"][-1]["content"]
 
 
 def test_gradient_checkpointing_gives_the_same_loss(tiny_dir, chats, images):

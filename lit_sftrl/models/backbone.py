@@ -331,8 +331,9 @@ class Backbone(nn.Module):
         """Model inputs + ``labels`` for full conversations ending with an assistant turn (CPU tensors).
 
         Layout: left-padded first prompt, then the rest of the conversation, right padding. Labels are IGNORE
-        (-100) everywhere except each assistant turn's tokens through its end-of-turn token. All conversations
-        of a batch must have an image, or none.
+        (-100) everywhere except the final assistant turn's tokens through its end-of-turn token (earlier
+        assistant turns are context: see ``ChatEncoder.sft_row``). All conversations of a batch must have an
+        image, or none.
         """
         rows = [self.encoder.sft_row(conversation) for conversation in conversations]
         inputs = self.encoder.encode_prompts([row.prompt for row in rows])

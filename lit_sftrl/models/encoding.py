@@ -127,8 +127,10 @@ class ChatEncoder:
 
     # -- SFT -------------------------------------------------------------------------------------------------
     def sft_row(self, conversation: Prompt) -> SftRow:
-        """Split a conversation at its first assistant turn; label every assistant turn's tokens through its
-        end-of-turn token, nothing else (user turns, template headers, trailing template text)."""
+        """Split a conversation at its first assistant turn; label the *final* assistant turn's tokens through
+        its end-of-turn token, nothing else. Earlier assistant turns are context, like the user turns: in a
+        revision conversation (the paper's multi-turn SFT ablation, App. C.1) they are the wrong answers the
+        feedback refers to, and the loss must cover the correction only."""
         messages, image = conversation
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns or turns[-1] != len(messages) - 1:
@@ -142,7 +144,8 @@ class ChatEncoder:
         for k, turn in enumerate(turns):
             if k > 0:  # the turns between two assistant turns, up to the next generation prompt
                 rendered = self._extend(rendered, messages[:turn], has_image, True, ids, labelled, train=False)
-            rendered = self._extend(rendered, messages[: turn + 1], has_image, False, ids, labelled, train=True)
+            final = k == len(turns) - 1
+            rendered = self._extend(rendered, messages[: turn + 1], has_image, False, ids, labelled, train=final)
         return SftRow(prompt=(list(messages[: turns[0]]), image), ids=ids, labelled=labelled)
 
     def _extend(self, rendered, messages, has_image, generation_prompt, ids, labelled, train: bool) -> str:
