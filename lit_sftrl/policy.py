@@ -24,6 +24,7 @@ from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.tasks import VARIANTS, make_env_from_spec
+from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 from lit_sftrl.validation import check_values, validate
 
 STATE_PREFIX = "backbone."
@@ -74,8 +75,13 @@ class PolicyModule(L.LightningModule):
         max_nonfinite_losses: int = 5,
     ) -> None:
         super().__init__()
+        save_transcripts: bool = False,
         self.backbone_config = backbone or BackboneConfig()
         self.optim = optim or OptimConfig()
+        # Evaluation transcripts (prompt, answer, feedback, reward per attempt) beside each record: lit_sftrl.transcripts
+        self.save_transcripts = save_transcripts
+        self._transcripts: list[EpisodeTranscript] = []
+        self._eval_cap = {"answers": 0, "at_cap": 0}
         self.eval_sampling = eval_sampling or SamplingConfig(temperature=0.0)
         self.init_from = init_from
         check_values("model.", max_nonfinite_losses=max_nonfinite_losses)
@@ -179,7 +185,30 @@ class PolicyModule(L.LightningModule):
             self._eval_envs[chunk.variant] = envs
         self._eval_task = chunk.task
         engine = RolloutEngine(self.backbone, self.eval_sampling)
-        self.eval_metrics[chunk.variant].update(engine.evaluate(envs, chunk.episodes))
+        engine.record_transcripts = self.save_transcripts  # the engine then gives each result a `transcript`
+        before = dict(self.backbone.cap_counts)
+        results = engine.evaluate(envs, chunk.episodes)
+        for key in self._eval_cap:
+            self._eval_cap[key] += self.backbone.cap_counts[key] - before[key]
+        self.eval_metrics[chunk.variant].update(results)
+        if self.save_transcripts:
+            self._transcripts += [
+                EpisodeTranscript(chunk.variant, int(seed), dict(options or {}), bool(result.success),
+                                  list(getattr(result, "transcript", None) or []))
+                for (seed, options), result in zip(chunk.episodes, results)
+            ]
+
+    def _warn_if_answers_hit_the_cap(self) -> None:
+        """validate/test: most answers running into max_new_tokens means they were cut off, not wrong (a real model
+        thinks aloud before its answer; the paper allows 512 tokens)."""
+        answers, capped = self._eval_cap["answers"], self._eval_cap["at_cap"]
+        self._eval_cap = {"answers": 0, "at_cap": 0}
+        if answers and capped / answers >= 0.5 and self.trainer.state.fn in ("validate", "test"):
+            rank_zero_warn(
+                f"{capped} of {answers} evaluation answers hit the cap eval_sampling.max_new_tokens="
+                f"{self.eval_sampling.max_new_tokens} and were cut off: raise --model.init_args.eval_sampling."
+                "max_new_tokens (the paper allows 512)"
+            )
 
     def _finish_evaluation(self, stage: str) -> None:
         metrics = {}
@@ -203,3 +232,7 @@ class PolicyModule(L.LightningModule):
             }
             name = f"{stage}-step{step:07d}.json"
             write_results(run_dir / "eval" / name, record)
+            if self.save_transcripts:
+                write_transcripts(transcript_path(run_dir / "eval" / name), self._transcripts)
+        self._transcripts = []
+        self._warn_if_answers_hit_the_cap()

@@ -95,6 +95,7 @@ class Backbone(nn.Module):
         self._accepts_logits_to_keep = "logits_to_keep" in forward_args
         self._final_hidden = FinalHiddenStates(self._base().get_output_embeddings())
         self._reference_holder: list[nn.Module] = []  # a list: a frozen copy must not become a submodule
+        self.cap_counts = {"answers": 0, "at_cap": 0}  # generated answers, and those that hit max_new_tokens
         if config.reference == "eager":
             self.prepare_reference()
         self.train()  # from_pretrained returns eval-mode models; start like any nn.Module (Lightning warns otherwise)
@@ -212,6 +213,9 @@ class Backbone(nn.Module):
                 Generation(
                     prompt_ids=inputs["input_ids"][row][inputs["attention_mask"][row].bool()].cpu(),
                     answer_ids=answer,
+        # Answers cut off by max_new_tokens cannot parse: evaluation reports how many (PolicyModule).
+        self.cap_counts["answers"] += len(lengths)
+        self.cap_counts["at_cap"] += sum(length >= sampling.max_new_tokens for length in lengths)
                     text=self.tokenizer.decode(answer, skip_special_tokens=True),
                     logprobs=token_logprobs[row, :length].cpu(),
                     value=values[row],
