@@ -14,7 +14,7 @@ from lit_sftrl import validation
 from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.datamodules import EpisodeDataModule
 from lit_sftrl.models.export import check_lightning_checkpoint
-from lit_sftrl.models.loading import check_model_directory
+from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
 from lit_sftrl.tasks import TaskConfig
@@ -120,7 +120,7 @@ def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
         if not path or path in CKPT_PATH_KEYWORDS or not Path(path).exists():
             continue
         try:
-            check_model_directory(path) if Path(path).is_dir() else check_lightning_checkpoint(path)
+            check_model_directory(path) if Path(path).is_dir() or is_gguf(path) else check_lightning_checkpoint(path)
         except (FileNotFoundError, ValueError) as error:
             problems.append((key, str(error)))
     return problems
