@@ -1,12 +1,15 @@
 """Reader for the released LLaVA-style SFT JSON: ``[{"image"?: path, "conversations": [{"from", "value"}]}]``.
 
-The image belongs to the first human turn; ``<image>`` markers are removed from the text because the backbone
-places the image itself, in whatever way its family expects.
+The image belongs to the first human turn; ``<image>`` markers (with the newline that follows one, as the
+original code removed them) are taken out of the text because the backbone places the image itself, in
+whatever way its family expects. Everything else is kept exactly as released: the released answers begin
+with a newline, and a model trained on them should learn that layout.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from PIL import Image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE_MARKER = "<image>"
+_MARKER = re.compile(re.escape(IMAGE_MARKER) + r"\n?")
 
 
 def read_llava_json(path: str | Path, image_folder: str | Path | None = None) -> list[dict[str, Any]]:
@@ -39,7 +43,7 @@ def _conversation(entry: Any, folder: Path, where: str) -> dict[str, Any]:
         role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise ValueError(f"{where}: each turn needs 'from' (human or gpt) and a string 'value', got {turn!r}")
-        messages.append({"role": role, "content": turn["value"].replace(IMAGE_MARKER, "").strip()})
+        messages.append({"role": role, "content": _MARKER.sub("", turn["value"])})  # no strip: see the docstring
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last turn must be the model's ('gpt')")
     image = None

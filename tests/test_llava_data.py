@@ -22,6 +22,21 @@ def test_reads_conversations_and_images_relative_to_the_folder(tmp_path):
     assert samples[1]["image"] is None and [m["role"] for m in samples[1]["messages"]] == ["user", "assistant"] * 2
 
 
+def test_message_text_is_kept_exactly_as_released(tmp_path):
+    """Only the image marker and its newline go; the released answers' leading newline and any other
+    whitespace stay (the original code did not strip either)."""
+    answer = "\n{\n  \"cards\": ['3', '8', '3', '8'],\n  \"formula\": \"8/(3-8/3)\",\n}  "
+    entries = [{"conversations": [{"from": "human", "value": "<image>\n[Task]\n  Cards: 3 8\n"},
+                                  {"from": "gpt", "value": answer}]},
+               {"conversations": [{"from": "human", "value": " before<image>after "}, {"from": "gpt", "value": " x"}]}]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(entries))
+    first, second = read_llava_json(path)
+    assert first["messages"] == [{"role": "user", "content": "[Task]\n  Cards: 3 8\n"},
+                                 {"role": "assistant", "content": answer}]
+    assert second["messages"] == [{"role": "user", "content": " beforeafter "}, {"role": "assistant", "content": " x"}]
+
+
 @pytest.mark.parametrize(
     "entries, message",
     [
