@@ -8,9 +8,42 @@ total as its starting point (the paper's D_init), so SFT and RL curves share one
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6
 INFERENCE_FLOPS_PER_PARAM_TOKEN = 2
+PAPER_IMAGE_TOKENS = 1600  # what the original counted per image
+
+
+@dataclass
+class ComputeConfig:
+    """How FLOPs are counted.
+
+    Args:
+        mode: ``tokens`` (default) counts every token the model really processed: prompt, image and answer tokens
+            of training passes at 6N, of rollout generation (and reference scoring) at 2N. ``paper`` follows the
+            paper's approximation: each image counts ``image_tokens`` tokens, and RL's rollout tokens are taken
+            as ``buffer_ratio`` x the tokens PPO trained on (D_buffer = lambda x D_RL).
+        buffer_ratio: lambda in ``paper`` mode; ``None`` = the paper's (6 for GeneralPoints, 5.1 for V-IRL).
+        image_tokens: tokens per image in ``paper`` mode (the original counted 1,600).
+    """
+
+    mode: Literal["tokens", "paper"] = "tokens"
+    buffer_ratio: float | None = None
+    image_tokens: int = PAPER_IMAGE_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("tokens", "paper"):
+            raise ValueError(f"model.compute.mode={self.mode!r} must be 'tokens' or 'paper'")
+        if self.buffer_ratio is not None and not 0 <= self.buffer_ratio < float("inf"):
+            raise ValueError(f"model.compute.buffer_ratio={self.buffer_ratio!r} must be a finite number >= 0")
+        if isinstance(self.image_tokens, bool) or not isinstance(self.image_tokens, int) or self.image_tokens < 0:
+            raise ValueError(f"model.compute.image_tokens={self.image_tokens!r} must be an integer >= 0")
+
+    @property
+    def tokens_per_image(self) -> int | None:
+        """What the backbone counts per image: the paper's constant, or None (the images' real token count)."""
+        return self.image_tokens if self.mode == "paper" else None
 
 
 @dataclass

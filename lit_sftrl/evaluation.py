@@ -2,8 +2,10 @@
 
 * ``success``: episodes solved within the attempt budget (GP) / routes completed (V-IRL route success).
 * ``per_step_accuracy``: correct attempts / all attempts, retries counted (V-IRL's headline metric).
+* ``per_step_accuracy_paper``: the same as the original code counted it: an episode that failed by using up an
+  attempt budget counts one more wrong step (C / (A + 1) on a failed route). Compare with the paper using this.
 * ``recognition``: cards read right on the first attempt (GP-VL).
-* ``well_formed``: share of answers that parse as a JSON object (does the model follow the format?).
+* ``well_formed``: share of answers the environment could parse as its answer format.
 * ``attempts``: mean attempts per episode.
 """
 
@@ -32,7 +34,7 @@ class EpisodeMetrics(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("episodes", "successes", "attempts", "correct", "well_formed", "recognized", "recognition_judged"):
+        for name in ("episodes", "successes", "attempts", "correct", "well_formed", "recognized", "recognition_judged", "exhausted"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, results: Sequence[EpisodeResult]) -> None:
@@ -42,6 +44,7 @@ class EpisodeMetrics(Metric):
             self.attempts += result.attempts
             self.correct += result.correct_attempts
             self.well_formed += result.well_formed_attempts
+            self.exhausted += result.budget_exhausted
             if result.recognized is not None:
                 self.recognition_judged += 1
                 self.recognized += result.recognized
@@ -51,6 +54,7 @@ class EpisodeMetrics(Metric):
         rates = {
             "success": (float(self.successes), episodes),
             "per_step_accuracy": (float(self.correct), attempts),
+            "per_step_accuracy_paper": (float(self.correct), attempts + float(self.exhausted)),
             "well_formed": (float(self.well_formed), attempts),
         }
         if judged:

@@ -1,53 +1,65 @@
-"""Turn-level PPO with sequential revision (SPEC §5), one Lightning epoch per update.
+"""Turn-level PPO with sequential revision, one Lightning epoch per update.
 
-One action is one whole answer: its log-probability is the sum over its tokens (fp32, at the sampling
-temperature) and its state value comes from the value head on the prompt's last token. Each update rolls out
-``num_envs`` environments per rank with the batched engine, computes GAE over attempts, then takes
-``ppo_epochs`` passes of shuffled mini-batches (manual optimisation, gradient accumulation over micro-batches).
-Because an update is an epoch, ``--ckpt_path`` resumes at an update boundary and ``max_epochs`` counts updates.
+One action is one whole answer: its log-probability is the (optionally weighted, ``thought_coef``) sum over its
+tokens (fp32, at the sampling temperature) and its state value comes from the value head on the prompt's last
+token. Each update rolls the rank's environments on with the batched engine (episodes carry over from update to
+update, as in the original trainer), computes GAE over attempts, then takes ``ppo_epochs`` passes of shuffled
+mini-batches (manual optimisation, gradient accumulation over micro-batches). Because an update is an epoch,
+``--ckpt_path`` resumes at an update boundary (with the same running episodes) and ``max_epochs`` counts updates.
+
+The paper's MDP: an attempt that solves the task or uses up the attempt budget ends the episode (terminal: no
+bootstrap after it; the budget's end carries the environment's budget penalty); only the rollout's end cuts an
+episode, and the cut is bootstrapped from the value of the state it was cut in.
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import count
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from lit_sftrl.datamodules import RolloutSpec, stream_rng
+from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.evaluation import EpisodeMetrics
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
+from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
-from lit_sftrl.rollout import Attempt, RolloutEngine
-from lit_sftrl.tasks import make_env_from_spec
+from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
+from lit_sftrl.seeding import stream_seed
+from lit_sftrl.tasks import make_env_from_spec, paper_buffer_ratio
 
 
 @dataclass
 class PPOConfig:
-    """PPO hyper-parameters; the paper's value (Llama-3.2-11B, 8 GPUs) stands beside each.
+    """PPO hyper-parameters; what the paper ran (Llama-3.2-11B, 8 GPUs) stands beside each.
 
     Args:
         gamma: discount over attempts (paper 0.9).
         gae_lambda: GAE lambda (paper 0.95).
-        clip_eps: surrogate clipping (paper 0.1).
-        value_clip: clipping of the value update around the rollout's values (paper: as clip_eps).
+        clip_eps: surrogate clipping of the per-answer ratio (paper 0.1).
+        value_clip: clipping of the value update around the rollout's values; ``None`` = no clipping (the paper
+            clipped at 0.1, which lets V move at most 0.1 per update against returns of several units).
         value_coef: weight of the value loss (paper 0.5).
         entropy_coef: entropy bonus (paper 0, i.e. off).
         kl_coef: KL penalty to the reference policy (paper 0, i.e. off); under LoRA the reference is the
             adapter-disabled base model, so it costs no memory.
         ppo_epochs: passes over each rollout (paper 4).
-        minibatch_size: attempts per optimizer step and rank.
-        micro_batch_size: attempts per forward/backward (gradient accumulation up to ``minibatch_size``).
-        max_grad_norm: gradient-norm clipping (paper 0.01).
+        minibatch_size: attempts per optimizer step, summed over all ranks (paper 1,024: 8 optimizer steps per
+            update of 8 GPUs x 256 attempts x 4 epochs). Each rank takes ``minibatch_size / world_size``.
+        micro_batch_size: attempts per forward/backward and rank (gradients accumulate up to the mini-batch).
+        max_grad_norm: gradient-norm clipping. The paper's config says 0.01, but under its DeepSpeed set-up the
+            clipping was never applied.
         normalize_advantages: normalise advantages over the whole batch across ranks.
+        thought_coef: weight of the answer's tokens before its action field (``formula`` in GeneralPoints,
+            ``action`` in V-IRL) in the answer's log-prob: 1.0 = a plain sum; the paper 0.5.
     """
 
     gamma: float = 0.9
     gae_lambda: float = 0.95
     clip_eps: float = 0.1
-    value_clip: float = 0.1
+    value_clip: float | None = None
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
@@ -56,16 +68,32 @@ class PPOConfig:
     micro_batch_size: int = 8
     max_grad_norm: float = 1.0
     normalize_advantages: bool = True
+    thought_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("ppo_epochs", "minibatch_size", "micro_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.ppo.{name}={value!r} must be a positive integer")
+        for name in ("gamma", "gae_lambda", "thought_coef"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.ppo.{name}={getattr(self, name)!r} must lie in [0, 1]")
+        for name in ("clip_eps", "value_coef", "entropy_coef", "kl_coef", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
+                raise ValueError(f"model.ppo.{name}={value!r} must be a finite number >= 0")
+        if self.value_clip is not None and not 0 < self.value_clip < float("inf"):
+            raise ValueError(f"model.ppo.value_clip={self.value_clip!r} must be a positive finite number or null")
 
 
 def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, episode_ends: torch.Tensor,
+    *, rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, episode_ends: torch.Tensor,
     gamma: float, lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over one environment's attempts in time order; returns ``(advantages, returns)``.
 
-    ``next_values[t]`` is V(s_{t+1}): 0 after a terminal attempt, the truncated state's own value after a
-    truncation, the next attempt's value otherwise. ``episode_ends[t]`` stops the advantage from flowing
+    ``next_values[t]`` is V(s_{t+1}): 0 after a terminal attempt (success, budget used up), the cut state's own
+    value after a cut, the next attempt's value otherwise. ``episode_ends[t]`` stops the advantage from flowing
     back across an episode boundary.
     """
     advantages = torch.zeros_like(rewards)
@@ -77,18 +105,28 @@ def compute_gae(
     return advantages, advantages + values
 
 
+def answer_logprob(token_logprobs: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """log pi(answer | prompt): the sum of its tokens' log-probs, the reasoning tokens weighted by thought_coef."""
+    if token_weights is None:
+        return token_logprobs.sum()
+    return (token_logprobs * token_weights.to(token_logprobs.device)).sum()
+
+
 def ppo_loss(
-    logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+    *, logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
     values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
     entropy: torch.Tensor, kl: torch.Tensor, config: PPOConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The whole objective in one place: clipped surrogate + clipped value loss - entropy bonus + KL penalty."""
+    """The whole objective in one place: clipped surrogate + (clipped) value loss - entropy bonus + KL penalty."""
     log_ratio = logprob - old_logprob
     ratio = log_ratio.exp()
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps))
     policy_loss = surrogate.mean()
-    clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
-    value_loss = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2).mean()
+    value_error = (values - returns) ** 2
+    if config.value_clip is not None:
+        clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
+        value_error = torch.max(value_error, (clipped_values - returns) ** 2)
+    value_loss = 0.5 * value_error.mean()
     loss = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + config.kl_coef * kl.mean()
     with torch.no_grad():
         stats = {
@@ -107,10 +145,12 @@ class PPOModule(PolicyModule):
         backbone: the model; ``value_head`` is switched on automatically.
         ppo: PPO hyper-parameters.
         sampling: decoding during rollouts (paper: temperature 0.2, up to 512 new tokens).
-        optim: optimizer and learning-rate schedule, stepped per optimizer step (paper lr 1e-6; 1e-7 V-IRL-VL).
-        eval_sampling: decoding for validation/test episodes (greedy by default).
+        optim: optimizer and learning-rate schedule; the schedule steps once per update, so ``warmup_steps``
+            counts updates and ``cosine`` decays over the run's updates (paper: lr 1e-6, 1e-7 for V-IRL-VL).
+        eval_sampling: decoding for validation/test episodes.
         init_from: an SFT run's Lightning checkpoint or exported directory: its weights (and LoRA adapters)
             but not its optimizer; the value head starts fresh; its FLOPs become this run's starting point.
+        compute: how FLOPs are counted (real tokens, or the paper's approximation).
         max_nonfinite_losses: NaN/inf losses in a row after which the run stops (each skips its mini-batch).
     """
 
@@ -122,78 +162,63 @@ class PPOModule(PolicyModule):
         optim: OptimConfig | None = None,
         eval_sampling: SamplingConfig | None = None,
         init_from: str | None = None,
+        compute: ComputeConfig | None = None,
         max_nonfinite_losses: int = 5,
     ) -> None:
         backbone = backbone or BackboneConfig()
         backbone.value_head = True
-        super().__init__(backbone, optim, eval_sampling, init_from, max_nonfinite_losses)
+        super().__init__(backbone, optim, eval_sampling, init_from, compute, max_nonfinite_losses)
         self.automatic_optimization = False
         self.ppo = ppo or PPOConfig()
         self.sampling = sampling or SamplingConfig(temperature=1.0)
         self.train_metrics = EpisodeMetrics()
         self.env_steps = 0
-        self._train_envs: list | None = None
+        self._pool: EnvironmentPool | None = None
+        self._pool_states: list | None = None  # from a checkpoint: rebuilds each rank's running episodes
 
     def total_optimizer_steps(self) -> int:
-        """For the learning-rate schedule: updates (epochs) x optimizer steps per update."""
-        rollout_steps = getattr(self.trainer.datamodule, "rollout_steps", self.ppo.minibatch_size)
-        return max(1, self.trainer.max_epochs or 1) * self.optimizer_steps_per_update(rollout_steps)
-
-    def optimizer_steps_per_update(self, rollout_steps: int) -> int:
-        return self.ppo.ppo_epochs * -(-rollout_steps // self.ppo.minibatch_size)
+        """The schedule's length: it steps once per update."""
+        return max(1, self.trainer.max_epochs or 1)
 
     # ------------------------------------------------------------------------------------ update
 
     def training_step(self, spec: RolloutSpec, batch_idx: int) -> None:
-        attempts, finished, rollout_tokens = self._rollout(spec)
-        advantages, returns = self._advantages(attempts)
-        stats = self._optimize(attempts, advantages, returns)
-        tokens = self._sum_over_ranks(rollout_tokens)
-        self.flops.add_inference(tokens)
-        self.train_metrics.update(finished)
-        episode = self.train_metrics.compute()
-        self.train_metrics.reset()
-        rewards = torch.tensor([a.reward for a in attempts], dtype=torch.float32, device=self.device)
-        self.env_steps += int(self._sum_over_ranks(len(attempts)))
-        self.log_dict(
-            {
-                "train/reward": self.trainer.strategy.reduce(rewards.mean(), reduce_op="mean"),
-                "train/episode_return": self._mean_return(finished),
-                **{f"train/{k}": v for k, v in episode.items() if not k.endswith("_stderr")},
-                **{f"train/{k}": v for k, v in stats.items()},
-                "train/env_steps": float(self.env_steps),
-                "train/rollout_tokens": float(tokens),
-                "train/flops": self.flops.total,
-                "train/update": float(self.current_epoch + 1),
-            },
-            prog_bar=False,
-        )
-        self.log("reward", rewards.mean(), prog_bar=True, logger=False)
+        rollout = self._rollout(spec)
+        advantages, returns = self._advantages(rollout.attempts)
+        start = time.perf_counter()
+        stats, trained_tokens = self._optimize(spec, rollout.attempts, advantages, returns)
+        update_seconds = time.perf_counter() - start
+        self._count_compute(spec, rollout, trained_tokens)
+        self._log_update(rollout, stats, update_seconds)
+        self.lr_schedulers().step()
 
-    def _rollout(self, spec: RolloutSpec) -> tuple[list[Attempt], list, int]:
-        if self._train_envs is None:
-            self._train_envs = [make_env_from_spec(spec.env_id, spec.env_kwargs) for _ in range(spec.num_envs)]
-        engine = RolloutEngine(self.backbone, self.sampling)
-        # No dropout during the whole update: the ratio of the first PPO epoch must start at exactly 1.
-        self.backbone.eval()
-        # Sampling, like the episodes, is seeded by (seed, rank, update): a resumed run samples exactly the
-        # answers an unbroken one would (the global RNG is not in checkpoints), and ranks sample independently.
-        sampling_seed = int(stream_rng(spec.seed, spec.rank, self.current_epoch, 0, 0).integers(2**63))
-        with torch.no_grad(), _forked_rng(self.device, sampling_seed):
-            attempts, finished = engine.collect(self._train_envs, self._episodes(spec), spec.rollout_steps)
+    def _rollout(self, spec: RolloutSpec) -> Rollout:
+        if self._pool is None:
+            envs = [make_env_from_spec(spec.env_id, spec.env_kwargs) for _ in range(spec.num_envs)]
+            state = self._pool_states[spec.rank] if self._pool_states else None
+
+            def episode_for(env_index: int, number: int) -> tuple[int, dict]:
+                return stream_seed("ppo_episodes", spec.seed, spec.rank, env_index, number), {}
+
+            self._pool = EnvironmentPool(envs, episode_for, state)
+        engine = RolloutEngine(self.backbone, self.sampling, thought_coef=self.ppo.thought_coef)
+        self.backbone.eval()  # no dropout during the whole update: the first PPO epoch's ratio starts at exactly 1
+        update = self.current_epoch
+
+        def seed_for(env_index: int, k: int) -> int:
+            return stream_seed("ppo_sampling", spec.seed, spec.rank, update, env_index * 2**20 + k)
+
+        with torch.no_grad():
+            rollout = engine.collect(self._pool, spec.rollout_steps, seed_for)
             if self.ppo.kl_coef:
-                self._reference_logprobs(attempts)
-        return attempts, finished, engine.inference_tokens
-
-    def _episodes(self, spec: RolloutSpec) -> Iterator[tuple[int, dict]]:
-        """Seeds depend on the update, so a resumed run replays exactly the episodes an unbroken one would."""
-        for n in count():
-            yield int(stream_rng(spec.seed, spec.rank, self.current_epoch, n).integers(2**31)), {}
+                self._reference_logprobs(rollout.attempts)
+        return rollout
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
         for batch in _chunks(list(attempts), self.ppo.micro_batch_size):
             scores = self.backbone.score([a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature, reference=True)
-            self.flops.add_inference(scores.num_tokens)
+            if self.compute.mode == "tokens":
+                self.flops.add_inference(scores.num_tokens)
             for attempt, token_logprobs in zip(batch, scores.token_logprobs):
                 attempt.reference_token_logprobs = token_logprobs.detach()
 
@@ -209,9 +234,11 @@ class PPOModule(PolicyModule):
             next_values = torch.tensor(
                 [0.0 if a.terminated else a.bootstrap_value if a.truncated else values[t + 1].item() for t, a in enumerate(sequence)]
             )
-            ends = torch.tensor([a.terminated or a.truncated for a in sequence])
-            rewards = torch.tensor([a.reward for a in sequence])
-            adv, ret = compute_gae(rewards, values, next_values, ends, self.ppo.gamma, self.ppo.gae_lambda)
+            adv, ret = compute_gae(
+                rewards=torch.tensor([a.reward for a in sequence]), values=values, next_values=next_values,
+                episode_ends=torch.tensor([a.terminated or a.truncated for a in sequence]),
+                gamma=self.ppo.gamma, lam=self.ppo.gae_lambda,
+            )
             advantages[indices], returns[indices] = adv, ret
         if self.ppo.normalize_advantages:
             advantages = self._normalize_over_ranks(advantages)
@@ -224,19 +251,28 @@ class PPOModule(PolicyModule):
         std = max(squares / n - mean**2, 0.0) ** 0.5
         return (advantages - mean) / (std + 1e-8)
 
-    def _optimize(self, attempts: Sequence[Attempt], advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        old_logprob = torch.tensor([a.logprob for a in attempts])
+    def _optimize(self, spec: RolloutSpec, attempts, advantages, returns) -> tuple[dict[str, float], int]:
+        optimizer = self.optimizers()
+        per_rank = self.ppo.minibatch_size // self.trainer.world_size
+        if per_rank < 1 or per_rank * self.trainer.world_size != self.ppo.minibatch_size:
+            raise ValueError(
+                f"model.ppo.minibatch_size={self.ppo.minibatch_size} must be a multiple of the {self.trainer.world_size} ranks"
+            )
+        old_logprob = torch.stack([answer_logprob(a.token_logprobs, a.token_weights) for a in attempts])
         old_values = torch.tensor([a.value for a in attempts])
-        generator = torch.Generator().manual_seed(int(stream_rng(self.current_epoch, self.global_rank).integers(2**31)))
+        generator = torch.Generator().manual_seed(stream_seed("ppo_shuffle", spec.seed, spec.rank, self.current_epoch))
         totals: dict[str, float] = {}
-        batches = 0
+        batches, tokens = 0, 0
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(len(attempts), generator=generator).tolist()
-            for minibatch in _chunks(order, self.ppo.minibatch_size):
+            for minibatch in _chunks(order, per_rank):
                 finite = True
                 for micro in _chunks(minibatch, self.ppo.micro_batch_size):
-                    loss, stats = self._micro_batch_loss([attempts[i] for i in micro], micro, old_logprob, old_values, advantages, returns)
+                    loss, stats, n = self._micro_batch_loss(
+                        [attempts[i] for i in micro], old_logprob=old_logprob[micro], old_values=old_values[micro],
+                        advantages=advantages[micro], returns=returns[micro],
+                    )
+                    tokens += n
                     finite = self.loss_is_finite(loss)
                     if not finite:
                         break
@@ -248,23 +284,78 @@ class PPOModule(PolicyModule):
                     self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                schedule.step()
-        self.log("train/lr", schedule.get_last_lr()[0])
-        return {key: value / max(batches, 1) for key, value in totals.items()}
+        return {key: value / max(batches, 1) for key, value in totals.items()}, self._sum_over_ranks(tokens)
 
-    def _micro_batch_loss(self, batch, indices, old_logprob, old_values, advantages, returns):
+    def _micro_batch_loss(self, batch: list[Attempt], *, old_logprob, old_values, advantages, returns):
         scores = self.backbone.score([a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature)
-        self.flops.add_training(self._sum_over_ranks(scores.num_tokens))
-        device = scores.logprob_sum.device
-        index = torch.tensor(indices)
+        device = scores.entropy.device
+        logprob = torch.stack([answer_logprob(lp, a.token_weights) for lp, a in zip(scores.token_logprobs, batch)])
         kl = torch.zeros(len(batch), device=device)
         if self.ppo.kl_coef:
             kl = torch.stack([_k3(new, a.reference_token_logprobs.to(device)) for new, a in zip(scores.token_logprobs, batch)])
-        return ppo_loss(
-            scores.logprob_sum, old_logprob[index].to(device), advantages[index].to(device),
-            scores.values, old_values[index].to(device), returns[index].to(device),
-            scores.entropy, kl, self.ppo,
+        loss, stats = ppo_loss(
+            logprob=logprob, old_logprob=old_logprob.to(device), advantages=advantages.to(device),
+            values=scores.values, old_values=old_values.to(device), returns=returns.to(device),
+            entropy=scores.entropy, kl=kl, config=self.ppo,
         )
+        return loss, stats, scores.num_tokens
+
+    # ------------------------------------------------------------------------------------ accounting
+
+    def _count_compute(self, spec: RolloutSpec, rollout: Rollout, trained_tokens: int) -> None:
+        """Training tokens at 6N; rollout tokens at 2N, counted (``tokens``) or approximated as the paper did
+        (``paper``: D_buffer = ratio x the update's training tokens)."""
+        self.flops.add_training(trained_tokens)
+        if self.compute.mode == "paper":
+            ratio = self.compute.buffer_ratio or paper_buffer_ratio(spec.env_id)
+            self.flops.add_inference(round(ratio * trained_tokens))
+        else:
+            self.flops.add_inference(self._sum_over_ranks(rollout.inference_tokens))
+
+    def _log_update(self, rollout: Rollout, stats: dict[str, float], update_seconds: float) -> None:
+        attempts = rollout.attempts
+        sums = torch.tensor(
+            [len(attempts), sum(a.reward for a in attempts), sum(a.correct for a in attempts),
+             sum(r.attempts for r in rollout.finished), rollout.inference_tokens],
+            dtype=torch.float64, device=self.device,
+        )
+        n, reward, correct, finished_attempts, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
+        furthest = torch.tensor(
+            [max((a.attempt_index for a in attempts), default=0), max((a.progress or 0 for a in attempts), default=0)],
+            device=self.device,
+        )
+        furthest = self.all_gather(furthest).reshape(-1, 2).max(dim=0).values.tolist()
+        self.train_metrics.update(rollout.finished)
+        episode = self.train_metrics.compute()
+        self.train_metrics.reset()
+        self.env_steps += int(n)
+        seconds = rollout.seconds
+        self.log_dict(
+            {
+                "train/reward": reward / n,
+                "train/per_step_accuracy": correct / n,
+                "train/episodes_finished": episode["episodes"],
+                "train/attempts_per_episode": finished_attempts / episode["episodes"] if episode["episodes"] else 0.0,
+                "train/max_attempt_index": float(furthest[0]),
+                "train/max_rail_index": float(furthest[1]),
+                "train/success": episode["success"],
+                "train/well_formed": episode["well_formed"],
+                "train/episode_return": self._mean_return(rollout.finished),
+                **{f"train/{k}": v for k, v in stats.items()},
+                "train/env_steps": float(self.env_steps),
+                "train/rollout_tokens": tokens,
+                "train/flops": self.flops.total,
+                "train/update": float(self.current_epoch + 1),
+                "train/lr": self.lr_schedulers().get_last_lr()[0],
+                "time/rollout_s": seconds["rollout"],
+                "time/update_s": update_seconds,
+                "time/model_share": seconds["model"] / seconds["rollout"] if seconds["rollout"] else 0.0,
+                "time/rollout_tokens_per_s": rollout.inference_tokens / seconds["rollout"] if seconds["rollout"] else 0.0,
+                "time/attempts_per_s": len(attempts) / seconds["rollout"] if seconds["rollout"] else 0.0,
+            },
+            prog_bar=False,
+        )
+        self.log("reward", reward / n, prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -279,20 +370,24 @@ class PPOModule(PolicyModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["env_steps"] = self.env_steps
+        checkpoint["rollout_state"] = self._gather_pool_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.env_steps = checkpoint.get("env_steps", 0)
+        self._pool_states = checkpoint.get("rollout_state")
+        self._pool = None
 
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
-    """Seed the RNG that sampling on ``device`` draws from, restoring the global RNG state afterwards."""
-    accelerator = device.type not in ("cpu", "meta")
-    devices = [device] if accelerator and device.index is not None else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else "cuda"):
-        torch.manual_seed(seed)
-        yield
+    def _gather_pool_states(self) -> list | None:
+        """Every rank's running episodes (rank 0 writes the checkpoint; each rank resumes its own)."""
+        local = self._pool.state_dict() if self._pool is not None else None
+        if self._pool is None and self._pool_states is not None:
+            local = self._pool_states[self.global_rank]
+        if self.trainer.world_size == 1:
+            return None if local is None else [local]
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return None if any(state is None for state in gathered) else gathered
 
 
 def _k3(logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -301,6 +396,6 @@ def _k3(logprobs: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (log_ratio.exp() - log_ratio - 1).mean()
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -1,69 +1,102 @@
 """The batched multi-turn rollout engine: the only place where environments and models meet.
 
-``num_envs`` environments advance in lockstep. Every environment waiting for an answer (all of them, since
-each is either mid-episode or freshly reset) gets its prompt into one batched generation; each keeps its own
-conversation, revision turns included; finished episodes are replaced in place. The original research code
-generated one answer at a time; see ``bench/rollout.py`` for the difference this makes.
+Environments advance in lockstep: every environment waiting for an answer gets its prompt into one batched
+generation; each keeps its own conversation, revision turns included. Data flows one way: env observation ->
+prompt -> backbone.generate -> answer text -> env.step, and what the environment judged (correct, well-formed,
+success, budget exhausted, where the action field starts) comes back in ``info``; nothing is judged here.
 
-Data flows one way: env observation -> prompt -> backbone.generate -> answer text -> env.step. Each running
-episode also holds the model's cache of its conversation (opaque here), handed back with the next prompt so the
-model encodes only the turn's new tokens; it lives only as long as the episode, within one rollout (the weights
-never change under it).
+Training environments live in an :class:`EnvironmentPool` that outlives each PPO update, as in the original
+trainer: an episode running when an update's rollout ends is cut there (a truncation, bootstrapped from the cut
+state's value) and goes on in the next update. A running episode also holds the model's cache of its
+conversation (opaque here), handed back with the next prompt so the model encodes only the turn's new tokens;
+caches are dropped when a new rollout starts, because the weights changed under them.
+
+Sampling is seeded per row (episode and attempt), never by batch: an episode samples the same answers whatever
+else shares its batch, so a resumed run replays an unbroken one and two sampled evaluations are identical.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from lit_sftrl.envs.parsing import extract_json_object
-from lit_sftrl.models.backbone import Backbone, Generation, SamplingConfig
+from lit_sftrl.episodes import Episode
+from lit_sftrl.models.backbone import Backbone, Generation, Prompt, SamplingConfig
 from lit_sftrl.models.kv_cache import ConversationCache
-
-Episode = tuple[int, dict[str, Any]]  # (reset seed, reset options)
+from lit_sftrl.seeding import stream_seed
 
 
 @dataclass
 class Attempt:
     """One answer to one prompt, with everything PPO needs. Sampled token ids are stored, never re-tokenised."""
 
-    prompt: tuple[list[dict[str, str]], Any]
-    prompt_ids: torch.Tensor
+    prompt: Prompt
     answer_ids: torch.Tensor
-    logprob: float  # summed fp32 log-prob of the answer under the sampling temperature
+    token_logprobs: torch.Tensor  # fp32 log-prob of each answer token at the sampling temperature
+    token_weights: torch.Tensor | None  # weight of each token in the answer's log-prob (thought_coef); None = 1
     value: float
     reward: float
-    terminated: bool  # the episode ended for good (success, or a failure the environment declares final)
-    truncated: bool  # the episode was cut: attempt budget used up, or the rollout ended mid-episode
+    correct: bool
+    terminated: bool  # the episode ended for good: success, or the attempt budget used up (the paper's MDP)
+    truncated: bool  # the episode was cut (the rollout ended mid-episode): bootstrapped from the cut state
     env_index: int
-    bootstrap_value: float = 0.0  # V of the state after a truncation (SPEC §5: the truncated state itself)
+    attempt_index: int  # the environment's attempt counter (GP: attempt of the episode; V-IRL: of the rail point)
+    progress: int | None  # V-IRL: the rail point judged
+    bootstrap_value: float = 0.0  # V of the cut state (the state itself, not the next episode's first)
     reference_token_logprobs: torch.Tensor | None = None
 
 
 @dataclass
 class EpisodeResult:
-    """Statistics of one finished episode (what logging and evaluation aggregate)."""
+    """Statistics of one finished episode (what logging and evaluation aggregate), all read from ``info``."""
 
-    success: bool
-    attempts: int
-    correct_attempts: int  # attempts whose action/answer was right (V-IRL per-step accuracy)
-    well_formed_attempts: int  # attempts whose answer parsed as a JSON object
-    episode_return: float
-    recognized: bool | None  # GP-VL: cards read right on the first attempt
-    tokens: int = 0
+    success: bool = False
+    attempts: int = 0
+    correct_attempts: int = 0  # attempts the environment judged correct (V-IRL per-step accuracy)
+    well_formed_attempts: int = 0  # attempts the environment could parse as its answer format
+    episode_return: float = 0.0
+    recognized: bool | None = None  # GP-VL: cards read right on the first attempt
+    budget_exhausted: bool = False  # ended by using up an attempt budget (the paper counts one more wrong step)
+    transcript: list[dict[str, Any]] | None = None  # per attempt, when the engine keeps transcripts
+
+    def record(self, reward: float, info: dict[str, Any]) -> None:
+        self.attempts += 1
+        self.episode_return += float(reward)
+        self.correct_attempts += bool(info.get("correct"))
+        self.well_formed_attempts += bool(info.get("well_formed"))
+        self.success = bool(info.get("success"))
+        self.budget_exhausted = bool(info.get("budget_exhausted"))
+        if self.attempts == 1:
+            self.recognized = info.get("recognized")
 
 
 @dataclass
 class _Running:
-    """An environment's episode in progress, and the model's keys and values of its conversation so far."""
+    """An environment's episode in progress: what rebuilds it (episode number, answers so far), its current
+    observation and statistics, and the model's keys and values of its conversation so far."""
 
+    episode: Episode
+    number: int  # the episode's index in its environment's stream (training); -1 for evaluation
     obs: dict[str, Any]
-    result: EpisodeResult = field(default_factory=lambda: EpisodeResult(False, 0, 0, 0, 0.0, None))
+    answers: list[str] = field(default_factory=list)
+    result: EpisodeResult = field(default_factory=EpisodeResult)
     cache: ConversationCache | None = None
+
+    @property
+    def last_prompt(self) -> Prompt:
+        """The prompt of the next attempt: the conversation so far and the image."""
+        return self.obs["messages"], self.obs.get("image")
+
+    def step(self, env: Any, answer: str) -> tuple:
+        step = env.step(answer)
+        self.answers.append(answer)
+        self.result.record(step[1], step[4])
+        return step
 
     def continue_with(self, obs: dict[str, Any], cache: ConversationCache | None) -> None:
         """Move on to the next observation, sharing the image array while it is unchanged: environments hand out
@@ -74,129 +107,201 @@ class _Running:
         self.obs, self.cache = obs, cache
 
 
+def _start(env: Any, episode: Episode, number: int) -> _Running:
+    seed, options = episode
+    obs, _ = env.reset(seed=seed, options=options or None)
+    return _Running(episode, number, obs)
+
+
+class EnvironmentPool:
+    """A rank's training environments and their running episodes, carried from one PPO update to the next.
+
+    ``episode_for(env_index, number)`` names each environment's episodes. :meth:`state_dict` is what rebuilds the
+    pool exactly (each running episode's number and the answers given so far, replayed through the environment),
+    so ``--ckpt_path last`` continues the very same episodes.
+    """
+
+    def __init__(self, envs: Sequence[Any], episode_for: Callable[[int, int], Episode], state: list | None = None):
+        self.envs, self.episode_for = list(envs), episode_for
+        if state is not None and len(state) != len(self.envs):
+            raise ValueError(f"the checkpoint's rollout state has {len(state)} environments, this run {len(self.envs)}")
+        self.running: list[_Running] = []
+        for index, env in enumerate(self.envs):
+            number = state[index]["episode"] if state else 0
+            running = _start(env, episode_for(index, number), number)
+            for answer in state[index]["answers"] if state else []:  # replay: environments are deterministic
+                obs, *_ = running.step(env, answer)
+                running.continue_with(obs, None)
+            self.running.append(running)
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [{"episode": running.number, "answers": list(running.answers)} for running in self.running]
+
+    def next_episode(self, index: int) -> _Running:
+        number = self.running[index].number + 1
+        self.running[index] = _start(self.envs[index], self.episode_for(index, number), number)
+        return self.running[index]
+
+
+@dataclass
+class Rollout:
+    """What one PPO rollout produced: its attempts in play order, the episodes that finished during it, and
+    where the time went."""
+
+    attempts: list[Attempt]
+    finished: list[EpisodeResult]
+    seconds: dict[str, float]
+    inference_tokens: int
+
+
 class RolloutEngine:
     """Plays episodes of many environments at once with one backbone.
 
     Args:
         backbone: the policy (and value head, for PPO).
-        sampling: decoding settings (temperature, top-p, max new tokens).
+        sampling: decoding settings (temperature, top-p, max new tokens); temperature 0 is greedy.
+        thought_coef: weight of the answer's tokens before its action field in the answer's log-prob (1.0: a plain
+            sum; the paper 0.5). The environment says where the action field starts (``info["action_offset"]``).
+        keep_transcripts: record prompt, answer, feedback and reward of every attempt in ``EpisodeResult``.
     """
 
-    def __init__(self, backbone: Backbone, sampling: SamplingConfig) -> None:
+    def __init__(
+        self, backbone: Backbone, sampling: SamplingConfig, thought_coef: float = 1.0, keep_transcripts: bool = False
+    ) -> None:
         self.backbone, self.sampling = backbone, sampling
+        self.thought_coef, self.keep_transcripts = thought_coef, keep_transcripts
         self.seconds = {"model": 0.0, "environment": 0.0}
         self.inference_tokens = 0
 
     # --------------------------------------------------------------------------------------- PPO
 
-    def collect(self, envs: Sequence[Any], episodes: Iterator[Episode], num_attempts: int) -> tuple[list[Attempt], list[EpisodeResult]]:
-        """Roll out until ``num_attempts`` attempts are collected; episodes still running at the end are cut."""
-        running = [self._reset(env, next(episodes)) for env in envs]
+    def collect(self, pool: EnvironmentPool, num_attempts: int, seed_for: Callable[[int, int], int]) -> Rollout:
+        """Roll the pool's episodes on until ``num_attempts`` attempts are collected. ``seed_for(env, k)`` seeds the
+        sampling of environment ``env``'s ``k``-th attempt of this rollout."""
+        start = time.perf_counter()
+        self.seconds, self.inference_tokens = {"model": 0.0, "environment": 0.0}, 0
+        for running in pool.running:
+            running.cache = None  # the weights changed since these were computed
         attempts: list[Attempt] = []
         finished: list[EpisodeResult] = []
-        pending_bootstrap: list[tuple[Attempt, dict[str, Any], ConversationCache | None]] = []
+        cuts: list[tuple[Attempt, _Running]] = []
+        counts = [0] * len(pool.envs)
         while len(attempts) < num_attempts:
-            active = list(range(min(len(envs), num_attempts - len(attempts))))
-            for i, generation, step in self._advance(envs, running, active):
-                obs, reward, terminated, truncated, _ = step
-                attempt = Attempt(
-                    prompt=_prompt(running[i].obs), prompt_ids=generation.prompt_ids, answer_ids=generation.answer_ids,
-                    logprob=float(generation.logprobs.sum()), value=float(generation.value or 0.0), reward=float(reward),
-                    terminated=terminated, truncated=truncated and not terminated, env_index=i,
-                )
-                attempts.append(attempt)
-                if attempt.truncated:
-                    pending_bootstrap.append((attempt, obs, generation.cache))
+            active = list(range(min(len(pool.envs), num_attempts - len(attempts))))
+            seeds = [seed_for(i, counts[i]) for i in active]
+            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(pool.envs, pool.running, active, seeds):
+                counts[i] += 1
+                attempts.append(self._attempt(pool.running[i], i, generation, reward, terminated, truncated, info))
                 if terminated or truncated:
-                    finished.append(running[i].result)
-                    running[i] = self._reset(envs[i], next(episodes))
+                    if truncated and not terminated:  # the environment cut it (a time limit): bootstrap from there
+                        cuts.append((attempts[-1], _Running(pool.running[i].episode, -1, obs)))
+                    finished.append(pool.running[i].result)
+                    pool.next_episode(i)
                 else:
-                    running[i].continue_with(obs, generation.cache)
-        self._cut_unfinished(attempts, running, pending_bootstrap)
-        self._bootstrap(pending_bootstrap)
-        return attempts, finished
+                    pool.running[i].continue_with(obs, generation.cache)
+        cuts += self._cut_at_end(attempts, pool)
+        self._bootstrap(cuts)
+        self.seconds["rollout"] = time.perf_counter() - start
+        return Rollout(attempts, finished, dict(self.seconds), self.inference_tokens)
 
-    def _cut_unfinished(self, attempts: list[Attempt], running: list[_Running], pending: list) -> None:
-        """The rollout's end truncates each environment's running episode at its last attempt."""
+    def _attempt(self, running: _Running, index: int, generation: Generation, reward, terminated, truncated, info) -> Attempt:
+        return Attempt(
+            prompt=running.last_prompt, answer_ids=generation.answer_ids, token_logprobs=generation.logprobs,
+            token_weights=self._thought_weights(generation, info.get("action_offset")),
+            value=float(generation.value or 0.0), reward=float(reward), correct=bool(info.get("correct")),
+            terminated=bool(terminated), truncated=bool(truncated and not terminated), env_index=index,
+            attempt_index=int(info.get("attempt", 0)), progress=info.get("rail_index"),
+        )
+
+    def _thought_weights(self, generation: Generation, action_offset: int | None) -> torch.Tensor | None:
+        """``thought_coef`` for the tokens that end before the action field's offset in the decoded answer, 1 for
+        the rest. The span comes from the decoded text (never from hard-coded token ids)."""
+        if self.thought_coef == 1.0 or action_offset is None:
+            return None
+        ids = generation.answer_ids.tolist()
+        decode = self.backbone.tokenizer.decode
+        ends = [len(decode(ids[: n + 1], skip_special_tokens=True)) for n in range(len(ids))]
+        return torch.tensor([self.thought_coef if end <= action_offset else 1.0 for end in ends])
+
+    def _cut_at_end(self, attempts: list[Attempt], pool: EnvironmentPool) -> list[tuple[Attempt, _Running]]:
+        """The rollout's end cuts each environment's running episode after its last attempt (a truncation)."""
         last: dict[int, Attempt] = {}
         for attempt in attempts:
             last[attempt.env_index] = attempt
+        cuts = []
         for index, attempt in last.items():
             if not (attempt.terminated or attempt.truncated):
                 attempt.truncated = True
-                pending.append((attempt, running[index].obs, running[index].cache))
+                cuts.append((attempt, pool.running[index]))
+        return cuts
 
-    def _bootstrap(self, pending: list[tuple[Attempt, dict[str, Any], ConversationCache | None]]) -> None:
-        if not pending or not self.backbone.config.value_head:
+    def _bootstrap(self, cuts: list[tuple[Attempt, _Running]]) -> None:
+        if not cuts or not self.backbone.config.value_head:
             return
         start = time.perf_counter()
-        values = self.backbone.prompt_values([_prompt(obs) for _, obs, _ in pending], [cache for *_, cache in pending])
+        values = self.backbone.prompt_values([state.last_prompt for _, state in cuts], [state.cache for _, state in cuts])
         self.seconds["model"] += time.perf_counter() - start
-        for (attempt, *_), value in zip(pending, values.tolist()):
+        for (attempt, _), value in zip(cuts, values.tolist()):
             attempt.bootstrap_value = value
 
     # --------------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, envs: Sequence[Any], episodes: Sequence[Episode]) -> list[EpisodeResult]:
-        """Play each episode to its end; results come back in the order of ``episodes``."""
+        """Play each episode to its end; results come back in the order of ``episodes``. Sampled decoding is
+        seeded by the episode's reset seed and the attempt number, so evaluations of a checkpoint are identical."""
         queue = list(enumerate(episodes))
         results: dict[int, EpisodeResult] = {}
         running: dict[int, tuple[int, _Running]] = {}
         for i, env in enumerate(envs[: len(queue)]):
             index, episode = queue.pop(0)
-            running[i] = (index, self._reset(env, episode))
+            running[i] = (index, self._start(env, episode))
         while running:
             states = {i: state for i, (_, state) in running.items()}
-            for i, generation, step in self._advance(envs, states, sorted(running)):
-                obs, _, terminated, truncated, _ = step
+            active = sorted(running)
+            seeds = [stream_seed("eval_sampling", states[i].episode[0], states[i].result.attempts) for i in active]
+            for i, generation, (obs, _, terminated, truncated, _) in self._advance(envs, states, active, seeds):
                 index, state = running[i]
                 if terminated or truncated:
                     results[index] = state.result
                     del running[i]
                     if queue:
                         next_index, episode = queue.pop(0)
-                        running[i] = (next_index, self._reset(envs[i], episode))
+                        running[i] = (next_index, self._start(envs[i], episode))
                 else:
                     state.continue_with(obs, generation.cache)
         return [results[i] for i in range(len(episodes))]
 
     # --------------------------------------------------------------------------------------- shared
 
-    def _reset(self, env: Any, episode: Episode) -> _Running:
-        seed, options = episode
+    def _start(self, env: Any, episode: Episode) -> _Running:
         start = time.perf_counter()
-        obs, _ = env.reset(seed=seed, options=options or None)
+        running = _start(env, episode, -1)
         self.seconds["environment"] += time.perf_counter() - start
-        return _Running(obs)
+        if self.keep_transcripts:
+            running.result.transcript = []
+        return running
 
-    def _advance(self, envs: Sequence[Any], running: Sequence[_Running] | dict[int, _Running], active: list[int]) -> Iterator[tuple[int, Generation, tuple]]:
+    def _advance(self, envs: Sequence[Any], running, active: list[int], seeds: list[int]):
         """One batched generation for the ``active`` environments, then one step of each. Each conversation goes
         to the model with its cache from the previous turn, so only its new tokens are encoded."""
         start = time.perf_counter()
-        prompts, caches = [_prompt(running[i].obs) for i in active], [running[i].cache for i in active]
-        generations = self.backbone.generate(prompts, self.sampling, caches)
+        prompts, caches = [running[i].last_prompt for i in active], [running[i].cache for i in active]
+        generations = self.backbone.generate(prompts, self.sampling, caches, seeds=seeds)
         self.seconds["model"] += time.perf_counter() - start
         for i, generation in zip(active, generations):
-            tokens = generation.num_tokens
-            self.inference_tokens += tokens
+            self.inference_tokens += generation.num_tokens
             start = time.perf_counter()
-            step = envs[i].step(generation.text)
+            step = running[i].step(envs[i], generation.text)
             self.seconds["environment"] += time.perf_counter() - start
-            _record(running[i].result, generation.text, step, tokens)
+            if running[i].result.transcript is not None:
+                running[i].result.transcript.append(_transcript_entry(running[i], generation.text, step))
             yield i, generation, step
 
 
-def _prompt(obs: dict[str, Any]) -> tuple[list[dict[str, str]], Any]:
-    return obs["messages"], obs.get("image")
-
-
-def _record(result: EpisodeResult, answer: str, step: tuple, tokens: int) -> None:
-    _, reward, _, _, info = step
-    result.attempts += 1
-    result.episode_return += float(reward)
-    result.correct_attempts += bool(info.get("correct"))
-    result.well_formed_attempts += extract_json_object(answer)[0] is not None
-    result.success = bool(info.get("success"))
-    result.tokens += tokens
-    if result.attempts == 1:
-        result.recognized = info.get("recognized")
+def _transcript_entry(running: _Running, answer: str, step: tuple) -> dict[str, Any]:
+    _, reward, terminated, truncated, info = step
+    return {
+        "prompt": list(running.last_prompt[0]), "answer": answer, "reward": float(reward),
+        "feedback": info.get("feedback"), "correct": bool(info.get("correct")),
+        "well_formed": bool(info.get("well_formed")), "done": bool(terminated or truncated),
+    }

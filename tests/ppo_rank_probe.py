@@ -35,10 +35,10 @@ class PPORankProbe(L.Callback):
         generate = type(backbone).generate
         self._first_prompts = None
 
-        def recording_generate(prompts, sampling=None, caches=None):
+        def recording_generate(prompts, sampling=None, caches=None, seeds=None):
             if self._first_prompts is None:
                 self._first_prompts = [messages[0]["content"] for messages, _ in prompts]
-            return generate(backbone, prompts, sampling, caches)
+            return generate(backbone, prompts, sampling, caches, seeds)
 
         backbone.generate = recording_generate  # an instance attribute shadows the method for this update
 

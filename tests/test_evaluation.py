@@ -115,12 +115,15 @@ class Transcript:
         return self.env.step(action)
 
 
-def test_two_greedy_evaluations_play_identical_episodes(backbone):
+@pytest.mark.parametrize("temperature, top_p", [(0.0, 1.0), (0.6, 0.9)], ids=["greedy", "sampled"])
+def test_two_evaluations_play_identical_episodes(backbone, temperature, top_p):
+    """Greedy, or sampled as the original evaluator did (temperature 0.6, top-p 0.9): sampling is seeded per
+    episode and attempt, so the same episodes come out whatever else shares the batch."""
     from lit_sftrl.models.backbone import SamplingConfig
 
     datamodule = SFTDataModule(task=TaskConfig(name="gp_vl", verify_iter=2), evaluation=EvalConfig(chunk=3, seed=5))
     [chunk] = datamodule.eval_chunks("id", 3)
-    engine = RolloutEngine(backbone, SamplingConfig(temperature=0.0, max_new_tokens=12))
+    engine = RolloutEngine(backbone, SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=12))
     logs: list[list] = [[], [], []]
     envs = [make_env_from_spec(chunk.env_id, chunk.env_kwargs) for _ in range(2)]  # fewer envs than episodes
     first = engine.evaluate([Transcript(env, logs[0]) for env in envs], chunk.episodes)

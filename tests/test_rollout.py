@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from itertools import count
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 
 from lit_sftrl.envs.base import REVISION_PREFIX
 from lit_sftrl.models.backbone import Generation, SamplingConfig
-from lit_sftrl.rollout import RolloutEngine
+from lit_sftrl.ppo import answer_logprob
+from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
 
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=8)
 
@@ -73,7 +73,7 @@ class ScriptedBackbone:
             return env.expert_answer()
         return env.suboptimal_answer() if roll < (1 + self.good) / 2 else "I do not know."
 
-    def generate(self, prompts, sampling, caches=None):
+    def generate(self, prompts, sampling, caches=None, seeds=None):
         self.calls.append(list(prompts))
         generations = []
         for prompt in prompts:
@@ -137,6 +137,14 @@ CASES = {"gp-text": (0.4, 27), "gp-image": (0.4, 27), "virl-text": (0.85, 61), "
 # ----------------------------------------------------------------------------------------------- collect
 
 
+def episode_for(env_index: int, number: int):
+    return 1000 * env_index + number, {}
+
+
+def seed_for(env_index: int, k: int) -> int:
+    return 0
+
+
 @pytest.mark.parametrize("kind", list(CASES))
 def test_collect_conversations_match_what_each_environment_expects(kind, city):
     good, rollout_steps = CASES[kind]
@@ -145,89 +153,138 @@ def test_collect_conversations_match_what_each_environment_expects(kind, city):
     logs = [ResetLog(env) for env in envs]
     backbone = ScriptedBackbone(envs, good)
     engine = RolloutEngine(backbone, SAMPLING)
-    drawn = count(100)
-    attempts, finished = engine.collect(envs, ((next(drawn), {}) for _ in count()), rollout_steps)
+    pool = EnvironmentPool(envs, episode_for)
+    rollouts = [engine.collect(pool, rollout_steps, seed_for) for _ in range(3)]
 
-    # Exactly rollout_steps attempts, from one batched generation per lockstep step.
-    assert len(attempts) == rollout_steps
-    steps = [num_envs] * (rollout_steps // num_envs) + [rollout_steps % num_envs]
-    assert [len(call) for call in backbone.calls] == steps
+    for rollout in rollouts:  # exactly rollout_steps attempts, from one batched generation per lockstep step
+        assert len(rollout.attempts) == rollout_steps
+    steps = ([num_envs] * (rollout_steps // num_envs) + [rollout_steps % num_envs]) * 3
+    assert [len(call) for call in backbone.calls] == [n for n in steps if n]
+    attempts = [attempt for rollout in rollouts for attempt in rollout.attempts]
     # What the model was given is what each attempt stores, in order, with that generation's outputs.
     given = [prompt for call in backbone.calls for prompt in call]
     assert all(same_prompt(attempt.prompt, prompt) for attempt, prompt in zip(attempts, given, strict=True))
     for attempt, text in zip(attempts, backbone.texts):
         assert attempt.answer_ids.tolist() == list(text.encode())
         assert attempt.value == pytest.approx(state_value(attempt.prompt))
-    # Environments are reset in place: each one drew its own seeds, all distinct, none skipped.
-    seeds = [seed for log in logs for seed in log.seeds]
-    assert sorted(seeds) == list(range(100, 100 + len(seeds)))
+    # Each environment plays its own episodes in order (the pool names them), none skipped or restarted.
+    for index, log in enumerate(logs):
+        assert log.seeds == [1000 * index + n for n in range(len(log.seeds))]
 
-    coverage = {"success": 0, "budget": 0, "cut": 0, "revision": 0}
+    coverage = {"success": 0, "budget": 0, "cut": 0, "revision": 0, "carried": 0}
     for index, log in enumerate(logs):
         mine = [(attempt, text) for attempt, text in zip(attempts, backbone.texts) if attempt.env_index == index]
         episodes = split_episodes(mine)
-        ended = [replay_episode(kind, city, seed, episode, coverage) for seed, episode in zip(log.seeds, episodes)]
-        # One reset per episode: the initial one and one after each episode the environment ended; only the
-        # last episode may be cut by the rollout (and then the environment was not reset after it).
-        assert all(ended[:-1])
-        assert len(log.seeds) == sum(ended) + 1
-        assert len(episodes) == len(log.seeds) - (1 if ended[-1] else 0)
-    assert len(finished) == sum(1 for log in logs for _ in log.seeds) - num_envs
+        # One reset per episode; the newest may not have played yet (its predecessor ended on the last step).
+        assert len(episodes) + mine[-1][0].terminated == len(log.seeds)
+        for seed, episode in zip(log.seeds, episodes):
+            replay_episode(kind, city, seed, episode, coverage)
+    finished = sum(len(rollout.finished) for rollout in rollouts)
+    assert finished == sum(len(log.seeds) for log in logs) - num_envs
     assert all(coverage.values()), coverage  # the script exercised every path
-    # Bootstraps were computed in one call, for exactly the truncated attempts, from their truncated states.
-    truncated = [a for a in attempts if a.truncated]
-    assert len(backbone.value_calls) == 1 and len(backbone.value_calls[0]) == len(truncated)
+    # Each rollout bootstrapped in one call, exactly its cut attempts, from the states they were cut in.
+    for rollout, calls in zip(rollouts, backbone.value_calls, strict=True):
+        assert len(calls) == sum(a.truncated for a in rollout.attempts) > 0
 
 
 def split_episodes(mine):
-    """An environment's attempts, cut into episodes at the end flags; the last one may be cut by the rollout."""
+    """An environment's attempts over all rollouts, cut into episodes where the environment ended one (a cut by
+    a rollout's end does not end it: the episode goes on in the next rollout). The last one may be running."""
     episodes, current = [], []
     for attempt, text in mine:
         current.append((attempt, text))
-        if attempt.terminated or attempt.truncated:
+        if attempt.terminated:
             episodes.append(current)
             current = []
-    assert not current, "the rollout's last attempt of an environment must be flagged truncated"
-    return episodes
+    return episodes + ([current] if current else [])
 
 
-def replay_episode(kind, city, seed, episode, coverage) -> bool:
-    """Play the stored answers on a fresh environment: same prompts, rewards and end flags. Returns whether the
-    environment itself ended the episode (success or attempt budget) rather than the rollout."""
+def replay_episode(kind, city, seed, episode, coverage) -> None:
+    """Play the stored answers on a fresh environment: same prompts, rewards and end flags."""
     env = make_env(kind, city)
     obs, _ = env.reset(seed=seed)
     previous_correct = None
     for k, (attempt, text) in enumerate(episode):
-        last = k == len(episode) - 1
         assert same_prompt(attempt.prompt, _as_prompt(obs)), f"seed {seed}, attempt {k}"
         messages = attempt.prompt[0]
         if previous_correct is False:  # after a failed attempt: the answer, then why it failed
             assert messages[-2] == {"role": "assistant", "content": episode[k - 1][1]}
             assert messages[-1]["role"] == "user" and messages[-1]["content"].startswith(REVISION_PREFIX)
             coverage["revision"] += 1
-        elif previous_correct is True:  # V-IRL: a right answer moves on to the next rail point, a fresh chat
+        else:  # a new episode, or V-IRL's next rail point after a right answer: a fresh chat
             assert len(messages) == 1
-        else:
-            assert len(messages) == 1
-        obs, reward, terminated, env_truncated, info = env.step(text)
-        assert attempt.reward == reward
-        assert attempt.terminated == terminated
-        if not last:
-            assert not (attempt.terminated or attempt.truncated or terminated or env_truncated)
-        elif terminated:
+        if k and episode[k - 1][0].truncated:
+            coverage["carried"] += 1  # this attempt continued an episode the previous rollout cut
+        obs, reward, terminated, truncated, info = env.step(text)
+        assert attempt.reward == reward and attempt.terminated == terminated and not truncated
+        assert attempt.correct == info["correct"]
+        if terminated:  # success, or the attempt budget used up: a terminal, never bootstrapped
             assert not attempt.truncated and attempt.bootstrap_value == 0.0
-            coverage["success"] += 1
-        else:
-            # Truncated: by the attempt budget (the environment says so) or by the rollout's end (it does not).
-            assert attempt.truncated
-            coverage["budget" if env_truncated else "cut"] += 1
-            # Bootstrapped from the state the episode stopped in (its last answer included), not a new episode.
+            coverage["budget" if info["budget_exhausted"] else "success"] += 1
+        elif attempt.truncated:  # cut by the rollout's end: bootstrapped from the state it was cut in
             assert attempt.bootstrap_value == pytest.approx(state_value(_as_prompt(obs)))
-            if not env_truncated:
-                assert same_prompt(_as_prompt(obs), _as_prompt(env._observation()))
-        if not (terminated or env_truncated):
-            previous_correct = bool(info["correct"])
-    return terminated or env_truncated
+            coverage["cut"] += 1
+        previous_correct = bool(info["correct"])
+
+
+def test_budget_exhausted_attempt_is_a_terminal_with_the_penalty():
+    from lit_sftrl.envs.general_points import GeneralPointsEnv
+
+    envs = [GeneralPointsEnv(verify_iter=2, rewards={"budget_exhausted": -0.5}) for _ in range(2)]
+    backbone = ScriptedBackbone(envs, good=0.0)
+    rollout = RolloutEngine(backbone, SAMPLING).collect(EnvironmentPool(envs, episode_for), 8, seed_for)
+    exhausting = [a for a in rollout.attempts if a.attempt_index == 2]
+    assert exhausting and all(a.terminated and not a.truncated and a.bootstrap_value == 0.0 for a in exhausting)
+    first = [a for a in rollout.attempts if a.attempt_index == 1]
+    # The verdict (wrong value -1, wrong numbers -2 or illegal -3) plus the penalty.
+    assert {a.reward for a in exhausting} <= {r - 0.5 for r in {a.reward for a in first} | {-1.0, -2.0, -3.0}}
+    assert all(result.budget_exhausted and not result.success for result in rollout.finished)
+
+
+@pytest.mark.parametrize("verify_iter", [5, 10])
+def test_training_attempts_reach_the_whole_budget_across_updates(verify_iter):
+    """16 environments, 64 attempts per update, 3 updates: each environment makes 12 attempts in all, so an
+    episode that fails every attempt reaches its last one only by carrying over from update to update."""
+    from lit_sftrl.envs.general_points import GeneralPointsEnv
+
+    envs = [GeneralPointsEnv(verify_iter=verify_iter) for _ in range(16)]
+    engine, pool = RolloutEngine(ScriptedBackbone(envs, good=0.0), SAMPLING), EnvironmentPool(envs, episode_for)
+    reached = [max(a.attempt_index for a in engine.collect(pool, 64, seed_for).attempts) for _ in range(3)]
+    assert max(reached) == verify_iter
+    assert reached[0] == 4  # within one update an environment makes only 4 attempts
+
+
+def test_virl_training_episodes_reach_stop_across_updates(city):
+    from lit_sftrl.envs.virl import VIRLEnv
+
+    envs = [VIRLEnv(str(city)) for _ in range(16)]
+    engine, pool = RolloutEngine(ScriptedBackbone(envs, good=1.0), SAMPLING), EnvironmentPool(envs, episode_for)
+    rollouts = [engine.collect(pool, 64, seed_for) for _ in range(3)]
+    finished = [result for rollout in rollouts for result in rollout.finished]
+    assert finished and all(result.success for result in finished)  # stop() reached at the rail's end
+    # An update gives each environment 4 attempts: longer routes reach stop() only by carrying over.
+    assert any(result.attempts > 4 for result in finished)
+
+
+def test_pool_state_rebuilds_the_running_episodes_exactly(city):
+    from lit_sftrl.envs.virl import VIRLEnv
+
+    def play(pool, envs, updates):
+        engine = RolloutEngine(ScriptedBackbone(envs, good=0.7), SAMPLING)
+        return [[(a.env_index, a.reward, a.answer_ids.tolist()) for a in engine.collect(pool, 10, seed_for).attempts]
+                for _ in range(updates)]
+
+    envs = [VIRLEnv(str(city)) for _ in range(3)]
+    pool = EnvironmentPool(envs, episode_for)
+    unbroken = play(pool, envs, 3)
+    envs = [VIRLEnv(str(city)) for _ in range(3)]
+    pool = EnvironmentPool(envs, episode_for)
+    first = play(pool, envs, 1)
+    state = json.loads(json.dumps(pool.state_dict()))  # what a checkpoint keeps: plain data
+    assert any(entry["answers"] for entry in state)
+    fresh = [VIRLEnv(str(city)) for _ in range(3)]
+    resumed = play(EnvironmentPool(fresh, episode_for, state), fresh, 2)
+    assert first + resumed == unbroken
 
 
 def test_collect_without_value_head_needs_no_bootstrap():
@@ -235,11 +292,11 @@ def test_collect_without_value_head_needs_no_bootstrap():
 
     envs = [GeneralPointsEnv(verify_iter=2) for _ in range(3)]
     backbone = ScriptedBackbone(envs, good=0.2, value_head=False)
-    attempts, _ = RolloutEngine(backbone, SAMPLING).collect(envs, ((s, {}) for s in count()), 10)
-    assert len(attempts) == 10 and not backbone.value_calls
-    assert all(a.value == 0.0 and a.bootstrap_value == 0.0 for a in attempts)
+    rollout = RolloutEngine(backbone, SAMPLING).collect(EnvironmentPool(envs, episode_for), 10, seed_for)
+    assert len(rollout.attempts) == 10 and not backbone.value_calls
+    assert all(a.value == 0.0 and a.bootstrap_value == 0.0 for a in rollout.attempts)
     for index in range(3):  # every environment's last attempt ends its episode, or is cut by the rollout
-        last = [a for a in attempts if a.env_index == index][-1]
+        last = [a for a in rollout.attempts if a.env_index == index][-1]
         assert last.terminated or last.truncated
 
 
@@ -247,10 +304,11 @@ def test_collect_fewer_attempts_than_environments():
     from lit_sftrl.envs.general_points import GeneralPointsEnv
 
     envs = [GeneralPointsEnv() for _ in range(4)]
-    backbone = ScriptedBackbone(envs, good=0.0)
-    attempts, finished = RolloutEngine(backbone, SAMPLING).collect(envs, ((s, {}) for s in count()), 3)
-    assert [a.env_index for a in attempts] == [0, 1, 2] and not finished
-    assert all(a.truncated for a in attempts)
+    pool = EnvironmentPool(envs, episode_for)
+    rollout = RolloutEngine(ScriptedBackbone(envs, good=0.0), SAMPLING).collect(pool, 3, seed_for)
+    assert [a.env_index for a in rollout.attempts] == [0, 1, 2] and not rollout.finished
+    assert all(a.truncated for a in rollout.attempts)
+    assert [len(running.answers) for running in pool.running] == [1, 1, 1, 0]  # the cut episodes go on
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
@@ -301,16 +359,13 @@ def test_stored_answer_ids_and_logprobs_are_what_scoring_gives(modality, tiny_di
     torch.nn.init.normal_(backbone.value_head.net[-1].weight, std=0.5)  # V = 0 at init would compare nothing
     envs = [GeneralPointsEnv(modality=modality, image_size=64, verify_iter=2) for _ in range(3)]
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=6)
-    attempts, _ = RolloutEngine(backbone, sampling).collect(envs, ((s, {}) for s in count()), 7)
+    attempts = RolloutEngine(backbone, sampling).collect(EnvironmentPool(envs, episode_for), 7, seed_for).attempts
 
     scores = backbone.score([a.prompt for a in attempts], [a.answer_ids for a in attempts], sampling.temperature)
-    assert torch.allclose(scores.logprob_sum, torch.tensor([a.logprob for a in attempts]), atol=1e-4)
+    stored = torch.stack([answer_logprob(a.token_logprobs, a.token_weights) for a in attempts])
+    assert torch.allclose(scores.logprob_sum, stored, atol=1e-4)
     assert torch.allclose(scores.values, torch.tensor([a.value for a in attempts]), atol=1e-4)
     assert len({round(a.value, 4) for a in attempts}) > 1
-    # The prompt ids are the processor's encoding of the stored prompt.
-    for attempt in attempts:
-        encoded = backbone.encoder.encode_prompts([attempt.prompt])
-        assert torch.equal(attempt.prompt_ids, encoded["input_ids"][0][encoded["attention_mask"][0].bool()])
     # The text the environment judged is the decoding of the stored ids: it reappears in the revision turn.
     revised = 0
     for attempt, following in zip(attempts, attempts[len(envs) :]):
@@ -326,7 +381,7 @@ def test_attempts_of_one_episode_share_one_image_array():
     from lit_sftrl.rollout import _Running
 
     image = np.zeros((4, 4, 3), np.uint8)
-    state = _Running({"messages": (), "image": image})
+    state = _Running((0, {}), -1, {"messages": (), "image": image})
     state.continue_with({"messages": (), "image": image.copy()}, None)
     assert state.obs["image"] is image
     changed = image.copy()

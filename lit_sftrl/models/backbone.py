@@ -48,6 +48,7 @@ from lit_sftrl.models.loading import (
 from lit_sftrl.models.sampling import (
     FinalHiddenStates,
     LogprobRecorder,
+    SeededSampler,
     answer_length,
     eos_token_ids,
     generation_config,
@@ -94,8 +95,9 @@ class Backbone(nn.Module):
         self._accepts_position_ids = "position_ids" in forward_args
         self._accepts_logits_to_keep = "logits_to_keep" in forward_args
         self._final_hidden = FinalHiddenStates(self._base().get_output_embeddings())
-        self._reference_holder: list[nn.Module] = []  # a list: a frozen copy must not become a submodule
         self.cap_counts = {"answers": 0, "at_cap": 0}  # generated answers, and those that hit max_new_tokens
+        self._reference_holder: list[nn.Module] = []  # a list: a frozen copy must not become a submodule
+        self.tokens_per_image: int | None = None  # FLOPs accounting: None = an image's real tokens
         if config.reference == "eager":
             self.prepare_reference()
         self.train()  # from_pretrained returns eval-mode models; start like any nn.Module (Lightning warns otherwise)
@@ -166,27 +168,36 @@ class Backbone(nn.Module):
     def generate(
         self, prompts: Sequence[Prompt], sampling: SamplingConfig | None = None,
         caches: Sequence[ConversationCache | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[Generation]:
         """Sample one answer per prompt, batched with left padding. Returned tensors are on the CPU.
 
         ``caches``: to continue conversations, each prompt's cache from its previous turn (None for a new one).
         Text prompts then prefill only what the caches do not hold, and each :class:`Generation` carries its
         conversation's new cache (unless ``config.cache_conversations`` is off).
+        ``seeds``: one per prompt; each row then samples from its own generator (:class:`SeededSampler`), so its
+        answer does not depend on the rest of the batch. Without seeds, sampling draws from torch's global RNG.
         """
         sampling = sampling or SamplingConfig()
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         results: list[Generation | None] = [None] * len(prompts)
         for group in self._groups(prompts):
             group_caches = None if caches is None else [caches[i] for i in group]
-            for i, generation in zip(group, self._generate_group([prompts[i] for i in group], sampling, group_caches)):
+            group_seeds = None if seeds is None else [seeds[i] for i in group]
+            generations = self._generate_group([prompts[i] for i in group], sampling, group_caches, group_seeds)
+            for i, generation in zip(group, generations):
                 results[i] = generation
         return results  # type: ignore[return-value]
 
-    def _generate_group(self, prompts: Sequence[Prompt], sampling: SamplingConfig, caches) -> list[Generation]:
+    def _generate_group(self, prompts: Sequence[Prompt], sampling: SamplingConfig, caches, seeds) -> list[Generation]:
         from transformers import LogitsProcessorList
 
         inputs, cache, keep_caches = self._model_inputs(prompts, caches, sampling.max_new_tokens)
-        config = generation_config(sampling, self.tokenizer, self.eos_ids, self.suppressed_ids)
+        seeded = seeds is not None and sampling.temperature > 0
+        config = generation_config(sampling, self.tokenizer, self.eos_ids, self.suppressed_ids, seeded=seeded)
         recorder = LogprobRecorder(sampling.temperature, self._suppressed_mask)
+        processors = [recorder, SeededSampler(seeds, sampling.temperature, sampling.top_p)] if seeded else [recorder]
         capture = self.value_head is not None
         with (
             self._eval_mode(),
@@ -195,13 +206,16 @@ class Backbone(nn.Module):
         ):
             sequences = self.model.generate(
                 **inputs, **({"cache": cache} if cache is not None else {}),
-                generation_config=config, logits_processor=LogitsProcessorList([recorder]),
+                generation_config=config, logits_processor=LogitsProcessorList(processors),
             )
         token_logprobs = recorder.finish(sequences)
         new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         values = self.value_head(store[0][:, -1]).tolist() if capture else [None] * len(prompts)
         prompt_tokens = self.token_counts(inputs).tolist()
         lengths = [answer_length(row, self.eos_ids) for row in new_tokens]
+        # Answers cut off by max_new_tokens cannot parse: evaluation reports how many (PolicyModule).
+        self.cap_counts["answers"] += len(lengths)
+        self.cap_counts["at_cap"] += sum(length >= sampling.max_new_tokens for length in lengths)
         next_caches = None
         if keep_caches:
             images, layers = [image for _, image in prompts], text_layers(self._text_config)
@@ -213,9 +227,6 @@ class Backbone(nn.Module):
                 Generation(
                     prompt_ids=inputs["input_ids"][row][inputs["attention_mask"][row].bool()].cpu(),
                     answer_ids=answer,
-        # Answers cut off by max_new_tokens cannot parse: evaluation reports how many (PolicyModule).
-        self.cap_counts["answers"] += len(lengths)
-        self.cap_counts["at_cap"] += sum(length >= sampling.max_new_tokens for length in lengths)
                     text=self.tokenizer.decode(answer, skip_special_tokens=True),
                     logprobs=token_logprobs[row, :length].cpu(),
                     value=values[row],
@@ -368,6 +379,9 @@ class Backbone(nn.Module):
         """Per row: text tokens without padding (LLaVA-like families' image placeholder tokens included) plus,
         for cross-attention families (Mllama), the vision tokens of each image tile, which never enter the text."""
         counts = batch["attention_mask"].sum(dim=1).cpu()
+        if self.tokens_per_image is not None:  # the paper's accounting: a constant per image
+            has_image = any(key in batch for key in ("pixel_values", "cross_attention_mask"))
+            return counts + self.tokens_per_image * int(has_image)
         if "cross_attention_mask" in batch and "aspect_ratio_mask" in batch:
             vision = self._base().config.vision_config
             patches = (vision.image_size // vision.patch_size) ** 2 + 1  # + class token

@@ -52,11 +52,51 @@ class LogprobRecorder:
         return torch.stack(self.chosen, dim=1)
 
 
-def generation_config(sampling: SamplingConfig, tokenizer, eos_ids: Sequence[int], suppressed_ids: Sequence[int]):
-    """A complete GenerationConfig: nothing left for ``generate`` to fill in from the checkpoint's defaults."""
+class SeededSampler:
+    """A logits processor that samples each row from its own seeded generator (Gumbel-max), for ``generate`` in
+    greedy mode: the argmax of ``logits / T + Gumbel noise`` (after top-p) is a draw from the top-p-truncated
+    ``softmax(logits / T)``.
+
+    A row's draws depend only on its seed and its own logits, never on which other rows share the batch, so an
+    episode samples the same answers whether it is played alone, in a batch of 16, or resumed after a restart.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float) -> None:
+        if temperature <= 0:
+            raise ValueError("SeededSampler samples; use greedy decoding for temperature 0")
+        self.seeds, self.temperature, self.top_p = list(seeds), temperature, top_p
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(int(s)) for s in self.seeds]
+        scaled = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            scaled = _top_p_filter(scaled, self.top_p)
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        return scaled + gumbel
+
+
+def _top_p_filter(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (at least one)."""
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    cumulative = ordered.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - ordered.softmax(-1) >= top_p  # tokens after the mass is already reached
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def generation_config(
+    sampling: SamplingConfig, tokenizer, eos_ids: Sequence[int], suppressed_ids: Sequence[int], seeded: bool = False
+):
+    """A complete GenerationConfig: nothing left for ``generate`` to fill in from the checkpoint's defaults.
+    ``seeded``: a :class:`SeededSampler` does the sampling, so ``generate`` itself decodes greedily."""
     from transformers import GenerationConfig
 
-    sample = sampling.temperature > 0
+    sample = sampling.temperature > 0 and not seeded
     return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=sample,
