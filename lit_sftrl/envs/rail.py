@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -76,19 +77,26 @@ def route_sentences(route: Route, init_heading: float) -> tuple[list[str], list[
     return sentences, relatives
 
 
+@lru_cache(maxsize=1 << 16)
+def _segment_candidates(start: Geocode, end: Geocode, points: int) -> tuple[Geocode | None, ...] | None:
+    """Candidates i/n, i = 1..n, of one segment, None where one is within 8 m of an end; None for a segment too
+    short to get any. Pure geometry, so cached: a reset then only draws the drops."""
+    length = float(haversine_m(*start, *end))
+    if length <= MIN_SEGMENT_M:
+        return None
+    # Distances along the segment are i/n and 1 - i/n of its length (the points are interpolated linearly).
+    return tuple(interpolate(start, end, i / points) if min(i / points, 1 - i / points) * length > END_CLEARANCE_M
+                 else None for i in range(1, points + 1))
+
+
 def forward_candidates(start: Geocode, end: Geocode, points: int, drop_rate: float,
                        rng: np.random.Generator) -> list[Geocode]:
     """The forward() points the original keeps on one segment, before the panorama check (module docstring)."""
-    if float(haversine_m(*start, *end)) <= MIN_SEGMENT_M:
+    candidates = _segment_candidates(start, end, points) if points else None
+    if candidates is None:
         return []
-    kept = []
-    for i in range(1, points + 1):
-        if rng.random() < drop_rate:  # drawn for every candidate, as the original, so one seed gives one rail
-            continue
-        candidate = interpolate(start, end, i / points)
-        if min(float(haversine_m(*start, *candidate)), float(haversine_m(*candidate, *end))) > END_CLEARANCE_M:
-            kept.append(candidate)
-    return kept
+    draws = rng.random(points)  # one draw per candidate, as the original, so one seed gives one rail
+    return [point for point, draw in zip(candidates, draws) if point is not None and draw >= drop_rate]
 
 
 def build_rail(

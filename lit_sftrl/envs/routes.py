@@ -280,6 +280,7 @@ class RouteFolder:
         self._ids: list[str] | None = None
         self._coords: np.ndarray | None = None
         self._panos: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
+        self._near: dict[Geocode, bool] = {}  # has_panorama's answers
 
     def _load_mapping(self) -> tuple[list[str], np.ndarray]:
         with self._lock:
@@ -304,8 +305,12 @@ class RouteFolder:
         return ids[best], float(distances[best])
 
     def has_panorama(self, geocode: Geocode) -> bool:
-        """Whether a panorama lies within 20 m of ``geocode`` (the original's relocation radius)."""
-        return self.nearest(geocode)[1] <= SNAP_RADIUS_M
+        """Whether a panorama lies within 20 m of ``geocode`` (the original's relocation radius); memoised, as
+        rails ask about the same interpolated points reset after reset."""
+        known = self._near.get(geocode)
+        if known is None:
+            known = self._near[geocode] = self.nearest(geocode)[1] <= SNAP_RADIUS_M
+        return known
 
     def snap(self, geocode: Geocode, where: str) -> str:
         """The id of the nearest panorama within 20 m of ``geocode``; ``where`` names the route and point."""
