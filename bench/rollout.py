@@ -50,9 +50,9 @@ from typing import Any, Callable
 import torch
 from common import Row, format_table
 
-from lit_sftrl.datamodules import stream_rng
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.rollout import RolloutEngine
+from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+from lit_sftrl.seeding import stream_seed
 from lit_sftrl.tasks import TaskConfig
 
 
@@ -124,7 +124,7 @@ class Run:
 
 
 def episode_seeds(count: int, seed: int = 0) -> list[int]:
-    return [int(stream_rng(seed, 0, 0, n).integers(2**31)) for n in range(count)]
+    return [stream_seed("ppo_episodes", seed, 0, 0, n) for n in range(count)]
 
 
 def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
@@ -133,15 +133,15 @@ def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: Samp
     envs = [task.make_env("id") for _ in range(num_envs)]
     drawn: list[int] = []
 
-    def episodes():
-        for seed in seeds:
-            drawn.append(seed)
-            yield seed, {}
+    def episode_for(env_index: int, number: int) -> tuple[int, dict]:  # the next seed, in the order of play
+        drawn.append(seeds[len(drawn)])
+        return drawn[-1], {}
 
     engine = RolloutEngine(backbone, sampling)
     timers.reset()
     start = time.perf_counter()
-    collected, _ = engine.collect(envs, episodes(), attempts)
+    pool = EnvironmentPool(envs, episode_for)
+    collected = engine.collect(pool, attempts, lambda env_index, k: 1000 * env_index + k).attempts
     seconds = time.perf_counter() - start
     # Every episode played ends with a flagged attempt (its end, or the rollout's cut); environments reset
     # during the last step drew a seed they never played.
@@ -165,7 +165,7 @@ def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling
             drawn.append(seeds[len(drawn)])
             obs, _ = env.reset(seed=drawn[-1])
         prompt = (obs["messages"], obs.get("image"))
-        (generation,) = backbone.generate([prompt], sampling)
+        (generation,) = backbone.generate([prompt], sampling, seeds=[count])
         if rescore:
             with torch.no_grad():
                 backbone.score([prompt], [generation.answer_ids], sampling.temperature)

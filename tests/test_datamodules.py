@@ -20,10 +20,10 @@ from lit_sftrl.datamodules import (
     SFTDataModule,
     expert_conversations,
     keep_as_is,
-    stream_rng,
 )
 from lit_sftrl.envs.base import REVISION_PREFIX
 from lit_sftrl.envs.city import make_city
+from lit_sftrl.seeding import STREAMS, stream_rng, stream_seed
 from lit_sftrl.tasks import TaskConfig
 
 GP_SUCCESS_REWARD = 5.0  # GeneralPoints' DEFAULT_REWARDS["success"]
@@ -143,7 +143,7 @@ def test_a_batch_is_a_pure_function_of_seed_rank_and_index(gp_source):
     again = [fingerprint(b) for b in batches(SFTBatches(fresh, 3, seed=7, rank=1, start=0), 4)]
     assert first == again
     assert len({json.dumps(f) for f in first}) == 4  # consecutive batches differ
-    direct = gp_source.batch(stream_rng(7, 1, 2), 3)
+    direct = gp_source.batch(stream_rng("sft_batches", 7, 1, 2), 3)
     assert fingerprint(direct) == first[2]
 
 
@@ -177,7 +177,7 @@ def test_a_start_offset_resumes_the_stream_exactly(gp_source):
 
 def test_virl_samples_come_from_every_rail_point(cities):
     source = ExpertSource(virl(cities, "virl_vl"), multi_turn=0.0)
-    batch = source.batch(stream_rng(0, 0, 0), 4)
+    batch = source.batch(stream_rng("sft_batches", 0, 0, 0), 4)
     assert len(batch) == 4 and all(sample["image"].shape == (64, 64, 3) for sample in batch)
     assert all(sample["messages"][-1]["role"] == "assistant" for sample in batch)
 
@@ -289,3 +289,23 @@ def test_rl_datamodule_gives_each_rank_its_rollout_spec():
     [spec] = list(datamodule.train_dataloader())
     assert (spec.num_envs, spec.rollout_steps, spec.seed, spec.rank) == (3, 9, 4, 0)
     assert spec.env_kwargs["face_card_rule"] == "11-13"
+
+
+@pytest.mark.parametrize("seed, eval_seed", [(0, 0), (1234, 1234), (0, 1234), (-3, 3), (5, 0)])
+def test_training_episodes_never_repeat_evaluation_episodes(seed, eval_seed):
+    """Whatever the configured seeds (equal, zero, negative), the streams that name training episodes (SFT batches,
+    PPO episodes) never name an evaluation episode, and no two streams share their draws."""
+    datamodule = SFTDataModule(task=TaskConfig(name="gp_l"), evaluation=EvalConfig(seed=eval_seed), seed=seed)
+    evaluation = {episode for variant in ("id", "rule_ood") for chunk in datamodule.eval_chunks(variant, 64)
+                  for episode, _ in chunk.episodes}
+    ppo = {stream_seed("ppo_episodes", seed, rank, env, n) for rank in range(2) for env in range(16) for n in range(8)}
+    assert len(evaluation) == 128 and len(ppo) == 256
+    assert not evaluation & ppo
+    # Before streams had names, SFT batch i and evaluation episode i came from one draw when the seeds were equal.
+    first_draws = {stream: stream_rng(stream, seed, 0, 0).integers(2**62) for stream in STREAMS}
+    assert len(set(first_draws.values())) == len(STREAMS)
+
+
+def test_streams_reject_unknown_names():
+    with pytest.raises(ValueError, match="unknown random stream"):
+        stream_rng("training", 0)

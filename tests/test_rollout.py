@@ -388,3 +388,27 @@ def test_attempts_of_one_episode_share_one_image_array():
     changed[0, 0, 0] = 1
     state.continue_with({"messages": (), "image": changed}, None)
     assert state.obs["image"] is changed
+
+
+@pytest.mark.parametrize("kind", ["gp", "virl"])
+def test_thought_coef_weights_the_tokens_before_the_action_field(kind, city, tiny_dir_factory):
+    """The environment says where the action field starts; the engine weighs the tokens that end before it."""
+    from lit_sftrl.models import Backbone, BackboneConfig
+
+    backbone = Backbone(BackboneConfig(path=str(tiny_dir_factory("mllama"))))
+    env = make_env("gp-text" if kind == "gp" else "virl-text", city)
+    env.reset(seed=4)
+    answer = env.expert_answer()
+    field = '"formula"' if kind == "gp" else '"action"'
+    ids = torch.tensor(backbone.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    _, _, _, _, info = env.step(answer)
+    assert info["action_offset"] == answer.index(field)
+    generation = Generation(prompt_ids=ids, answer_ids=ids, text=answer, logprobs=-torch.ones(len(ids)), value=0.0)
+    weights = RolloutEngine(backbone, SAMPLING, thought_coef=0.5)._thought_weights(generation, info["action_offset"])
+    decode = backbone.tokenizer.decode
+    before = [n for n in range(len(ids)) if len(decode(ids[: n + 1])) <= info["action_offset"]]
+    assert before and len(before) < len(ids)
+    assert weights.tolist() == [0.5 if n in before else 1.0 for n in range(len(ids))]
+    assert decode(ids[: len(before)]) == answer[: len(decode(ids[: len(before)]))]  # a prefix of the text
+    assert field.strip('"') in decode(ids[len(before) - 1 :])  # the field begins in the first full-weight tokens
+    assert RolloutEngine(backbone, SAMPLING)._thought_weights(generation, info["action_offset"]) is None  # coef 1

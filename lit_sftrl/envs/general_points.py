@@ -19,7 +19,8 @@ replaces any of ``DEFAULT_TEMPLATES``, whose fields ``TEMPLATE_FIELDS`` lists.
 Every step's ``info`` holds ``success``, ``correct``, ``recognized`` (VL: the stated cards are the true ones;
 None for GP-L), ``well_formed`` (the answer is a JSON object with every key the judge reads: ``formula``, and
 ``cards`` in VL), ``budget_exhausted`` (this attempt used up the budget without success), ``outcome``,
-``feedback``, ``attempt``, ``cards`` and ``numbers``.
+``feedback``, ``attempt``, ``cards``, ``numbers`` and ``action_offset`` (where the answer's ``formula`` field
+begins, or None: the text before it is reasoning, which PPO's ``thought_coef`` may weigh differently).
 
 Two decisions beyond the spec, both deliberate:
 
@@ -39,7 +40,7 @@ from typing import Any, Mapping, NamedTuple
 from lit_sftrl.envs.arithmetic import FormulaError, evaluate_formula, format_number
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
 from lit_sftrl.envs.cards import RANKS, SUIT_GROUPS, Card, deck, draw_hand, draw_iid_hand, render_table
-from lit_sftrl.envs.parsing import extract_json_object
+from lit_sftrl.envs.parsing import extract_json_object, field_offset
 from lit_sftrl.envs.solver import is_solvable, solutions
 from lit_sftrl.envs.templates import fill, template_table
 
@@ -197,7 +198,8 @@ class GeneralPointsEnv(ChatEnv):
         if not success:  # also when the budget is used up: the last observation shows why the episode ended
             self._revise(action, verdict.feedback or "")
         # Never truncated: the budget's end is a terminal of the task (the prompt shows the attempts so far).
-        return self._observation(), reward, self._over, False, self._info(verdict, success, exhausted)
+        info = {**self._info(verdict, success, exhausted), "action_offset": field_offset(action, "formula")}
+        return self._observation(), reward, self._over, False, info
 
     # -- judging ------------------------------------------------------------------------------------------
 

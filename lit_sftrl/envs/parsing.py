@@ -50,3 +50,12 @@ def _loads(candidate: str) -> object:
             return ast.literal_eval(candidate)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
+
+
+def field_offset(text: object, key: str) -> int | None:
+    """Where the answer's ``key`` field begins (the opening quote of the key), or None: the span before it is the
+    answer's reasoning, which PPO may weigh differently (``thought_coef``). Any quote style and letter case."""
+    if not isinstance(text, str) or len(text) > MAX_ANSWER_CHARS:
+        return None
+    match = re.search(r"[\"']\s*" + re.escape(key) + r"\s*[\"']\s*:", text, flags=re.IGNORECASE)
+    return match.start() if match else None

@@ -28,7 +28,8 @@ Decisions the spec leaves open (documented once, here):
 * ``info`` of every step: ``success``, ``correct``, ``recognized`` (None: V-IRL has no recognition check),
   ``well_formed`` (the answer is a JSON object with an ``action`` key), ``budget_exhausted``, ``outcome``,
   ``feedback``, ``gt_action``/``at_intersection``/``rail_index`` of the judged point, ``attempt`` (attempts at
-  that point, 1..verify_iter; 0 after reset), ``route_index``, ``rail_length``.
+  that point, 1..verify_iter; 0 after reset), ``route_index``, ``rail_length``, and ``action_offset`` (where the
+  answer's ``action`` field begins, or None; for PPO's ``thought_coef``).
 * ``route_order="sequential"`` walks routes in file order, one per reset, independent of the seed, wrapping
   after ``num_routes``; ``reset(options={"route_index": i})`` forces a route and does not advance that walk.
 * Wording: every prompt and feedback text is a template (``lit_sftrl.envs.templates``); ``templates``
@@ -48,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
-from lit_sftrl.envs.parsing import extract_json_object
+from lit_sftrl.envs.parsing import extract_json_object, field_offset
 from lit_sftrl.envs.rail import (  # noqa: F401  (re-exported: the rail's names were this module's)
     FORWARD, INTERSECTION_TEXT, STOP, RailPoint, build_rail, move_sentence, relative_word, route_sentences,
     turn_sentence,
@@ -266,7 +267,7 @@ class VIRLEnv(ChatEnv):
         else:
             self._revise(action, verdict.feedback)
             terminated = exhausted = self._attempt >= self.verify_iter  # a failed route: the paper's terminal
-        info = self._info(judged, verdict, exhausted)
+        info = {**self._info(judged, verdict, exhausted), "action_offset": field_offset(action, "action")}
         self._done = terminated
         if verdict.correct and not terminated:
             self._attempt = 0
