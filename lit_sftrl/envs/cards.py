@@ -63,13 +63,21 @@ def draw_iid_hand(
 ) -> tuple[Card, ...]:
     """The original code's deal: ranks i.i.d. uniform over A..K *with replacement*, each suit drawn at random
     from ``suits``. With ``forced_ranks`` (the 11-13 rule: J, Q, K), ``count - 1`` such ranks plus one drawn
-    from ``forced_ranks``, shuffled, so the forced card can sit anywhere. The same card may occur twice."""
+    from ``forced_ranks``, shuffled, so the forced card can sit anywhere. The same card may occur twice.
+
+    One raw draw read as mixed-radix digits, as :func:`draw_hand`. The shuffle is the forced card put at a
+    uniform position: the free ranks are i.i.d., so that is the same distribution as shuffling them all.
+    """
     free = count - 1 if forced_ranks else count
-    ranks = [RANKS[i] for i in rng.integers(len(RANKS), size=free)]
+    radices = [len(RANKS)] * free + ([len(forced_ranks), count] if forced_ranks else []) + [len(suits)] * count
+    code, digits = _uniform_below(math.prod(radices), rng), []
+    for radix in radices:
+        code, digit = divmod(code, radix)
+        digits.append(digit)
+    ranks = [RANKS[digit] for digit in digits[:free]]
     if forced_ranks:
-        ranks.append(forced_ranks[int(rng.integers(len(forced_ranks)))])
-        ranks = [ranks[i] for i in rng.permutation(count)]
-    return tuple(Card(rank, suits[i]) for rank, i in zip(ranks, rng.integers(len(suits), size=count)))
+        ranks.insert(digits[free + 1], forced_ranks[digits[free]])
+    return tuple(Card(rank, suits[digit]) for rank, digit in zip(ranks, digits[-count:]))
 
 
 def _uniform_below(bound: int, rng: np.random.Generator) -> int:
