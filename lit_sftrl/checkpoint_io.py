@@ -9,12 +9,14 @@ flushed to disk, and ``os.replace`` (atomic within one filesystem) puts it in pl
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,11 +39,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also saves when training stops between two periodic saves.
+    """``ModelCheckpoint`` that also saves when training stops between two periodic saves, or on Ctrl-C.
 
     Lightning's writes ``last.ckpt`` at the end of training only if it never wrote one, so a run whose
-    ``max_steps`` is not a multiple of ``every_n_train_steps`` would lose its final steps.
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` would lose its final steps. On Ctrl-C Lightning
+    shuts down without saving, and ``--ckpt_path last`` then resumed from an older checkpoint or from step 0;
+    here the state after the last completed optimizer step becomes ``last.ckpt``.
     """
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            with _as_if_saved_at_batch_end(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.last_model_path}; "
+                           "resume with --ckpt_path last")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
@@ -49,3 +60,28 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+@contextmanager
+def _as_if_saved_at_batch_end(trainer: Any) -> Iterator[None]:
+    """Record the loop's progress as Lightning's own step checkpoints do (saved in ``on_train_batch_end`` of the
+    last completed batch). Lightning's resume logic assumes that moment: from a batch that had only started, it
+    would count one batch too many and log every later step one step late."""
+    loop = trainer.fit_loop.epoch_loop
+    total, current = loop.batch_progress.total, loop.batch_progress.current
+    interrupted_in_a_step = (trainer.accumulate_grad_batches == 1 and total.processed == total.completed
+                             and total.started == total.ready == total.completed + 1)
+    if not interrupted_in_a_step:
+        yield
+        return
+    saved = ([vars(total).copy(), vars(current).copy()], loop._batches_that_stepped)
+    for progress in (total, current):
+        progress.ready = progress.started = progress.processed = progress.completed
+        progress.completed -= 1
+    loop._batches_that_stepped -= 1
+    try:
+        yield
+    finally:
+        for progress, values in zip((total, current), saved[0]):
+            vars(progress).update(values)
+        loop._batches_that_stepped = saved[1]

@@ -20,6 +20,7 @@ from lit_sftrl.compute import FlopsCounter
 from lit_sftrl.corpus import ensure_backbone
 from lit_sftrl.datamodules import EvalEpisodes
 from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
+from lit_sftrl.finite import nonfinite_weights_message, trainable_weights_finite
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init
 from lit_sftrl.rollout import RolloutEngine
@@ -146,6 +147,23 @@ class PolicyModule(L.LightningModule):
             )
         return False
 
+    # A step with a finite loss can still leave non-finite weights (an overflowing update, a huge learning rate).
+    # They are caught right after the step, before any checkpoint callback runs, and never saved: every checkpoint
+    # on disk, the non-finite-loss stop included, holds finite weights, so resuming from one is always possible.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.stop_on_nonfinite_weights(self.global_step + 1)  # Lightning counts the step once this hook returns
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.stop_on_nonfinite_weights(self.global_step)  # manual optimisation (PPO) steps inside training_step
+
+    def stop_on_nonfinite_weights(self, step: int) -> None:
+        if self.backbone is None or not self.trainer.strategy.reduce_boolean_decision(
+            not trainable_weights_finite(self.backbone), all=False
+        ):
+            return
+        raise FloatingPointError(nonfinite_weights_message(self.trainer, step))
+
     @property
     def run_dir(self) -> Path:
         """Where this run's outputs live: the logger's directory (``checkpoints/<run>`` in the configs)."""
@@ -154,6 +172,8 @@ class PolicyModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not trainable_weights_finite(self.backbone):  # the last guard: a checkpoint never holds NaN weights
+            raise FloatingPointError(nonfinite_weights_message(self.trainer, self.global_step))
         checkpoint["state_dict"] = {STATE_PREFIX + k: v for k, v in self.backbone.trainable_state_dict().items()}
         checkpoint["flops"] = self.flops.state_dict()
 

@@ -17,6 +17,7 @@ from lit_sftrl.models.export import check_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
+from lit_sftrl.run_dir import RunConfigCallback, RunDirectoryBusy, RunDirectoryLock, remove_orphan_temporaries
 from lit_sftrl.tasks import TaskConfig
 
 
@@ -34,6 +35,7 @@ class SftRlCLI(LightningCLI):
             EpisodeDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"plugins": [AtomicCheckpointIO()]},
             auto_configure_optimizers=False,
@@ -70,6 +72,24 @@ class SftRlCLI(LightningCLI):
                 check_lightning_checkpoint(path)
             except (FileNotFoundError, ValueError) as error:
                 sys.exit(f"lit-sftrl {subcommand}: a checkpoint cannot be read, nothing was run:\n  ckpt_path: {error}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand holding the run directory's lock (one writer at a time), its orphan temporary
+        checkpoints of a killed run removed first. Only global rank 0 locks: the other ranks are the same run."""
+        lock = None
+        if self.trainer.global_rank == 0:
+            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            lock = RunDirectoryLock(run_dir)
+            try:
+                lock.acquire(f"lit-sftrl {subcommand}")
+            except RunDirectoryBusy as error:
+                sys.exit(f"lit-sftrl {subcommand}: {error}; nothing was run")
+            remove_orphan_temporaries(run_dir)
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            if lock is not None:
+                lock.release()
 
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:

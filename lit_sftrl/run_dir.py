@@ -1,0 +1,102 @@
+"""A run directory has one writer at a time, keeps its fit's config, and starts clean.
+
+Two fits (or a fit and an evaluation) writing into one directory interleave ``metrics.csv`` and overwrite each
+other's evaluation records and checkpoints. An advisory lock (``flock``) on ``<run>/.lock`` refuses the second
+one with a message naming the first; the kernel releases it when its holder exits, even on SIGKILL, so a crashed
+run never leaves a stale lock. Holding the lock also proves that temporary checkpoint files left in the
+directory are orphans of a killed writer, so they are removed then.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import SaveConfigCallback
+
+LOCK_FILE = ".lock"
+TEMPORARY_PATTERNS = (".*.tmp", ".*.tmp-*")  # AtomicCheckpointIO's staging names
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process holds the run directory."""
+
+
+class RunDirectoryLock:
+    """An exclusive, non-blocking ``flock`` on ``<run_dir>/.lock`` that records who holds it."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, command: str = "") -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"run directory {str(self.run_dir)!r} is in use by {holder}: wait for it to end, or choose another "
+                "--trainer.default_root_dir"
+            ) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command or " ".join(sys.argv),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunDirectoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        record = {}
+    if not record.get("pid"):
+        return "another process"
+    return f"process {record['pid']} on {record.get('host', '?')} ({record.get('command', '?')}, since {record.get('since', '?')})"
+
+
+def remove_orphan_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the staging files a killed checkpoint or export write left behind; call only while holding the lock."""
+    removed = []
+    folder = Path(run_dir) / "checkpoints"
+    for pattern in TEMPORARY_PATTERNS:
+        for path in folder.glob(pattern) if folder.is_dir() else ():
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """LightningCLI's config saver that keeps a fit's ``config.yaml``: ``validate`` and ``test`` into the same run
+    directory write ``config-validate.yaml`` / ``config-test.yaml`` instead of replacing the record of how the
+    weights were trained."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
+        if stage != "fit":
+            self.config_filename = f"config-{stage}.yaml"
+        super().setup(trainer, pl_module, stage)
