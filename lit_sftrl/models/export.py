@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -150,11 +152,31 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     check_lightning_checkpoint(ckpt)  # torch.load itself does not notice damaged tensor bytes
     checkpoint = read_lightning_checkpoint(ckpt)
     backbone = _backbone_from(checkpoint, ckpt, quantization="none", reference="none", gradient_checkpointing=False)
-    backbone.save_pretrained(out, merge_lora=merge_lora)
-    # Compute already spent travels with the weights: a run initialised from this directory starts from it.
-    record = {"source_checkpoint": str(Path(ckpt).resolve()), "flops": _checkpoint_flops(checkpoint)}
-    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    # Written beside --out and renamed when whole: a kill leaves a hidden temporary directory whose record says
+    # "incomplete" (refused when used), never an --out that looks complete without its value head or FLOPs.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_record(staging, {"complete": False})
+        backbone.save_pretrained(staging, merge_lora=merge_lora)
+        # Compute already spent travels with the weights: a run initialised from this directory starts from it.
+        _write_record(staging, {"complete": True, "source_checkpoint": str(Path(ckpt).resolve()),
+                                "flops": _checkpoint_flops(checkpoint)})
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _write_record(folder: Path, record: dict[str, Any]) -> None:
+    with open(folder / EXPORT_RECORD, "w") as file:
+        file.write(json.dumps(record, indent=1) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def _checkpoint_flops(checkpoint: dict[str, Any]) -> float:

@@ -261,6 +261,7 @@ def check_model_directory(path: str | Path) -> None:
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ValueError(f"{str(path)!r} is not a Hugging Face model directory: it has no config.json")
     _refuse_remote_code(path)
+    _refuse_incomplete_export(path)
     for file in sorted(path.glob("*.json")):
         try:
             json.loads(file.read_text(encoding="utf-8"))
@@ -276,6 +277,19 @@ def check_model_directory(path: str | Path) -> None:
         raise ValueError(f"{str(path)!r} has no weights (*.safetensors or *.bin)")
     for file in weights:
         _check_safetensors(file)
+
+
+def _refuse_incomplete_export(path: Path) -> None:
+    """``lit-sftrl export`` writes its record first ("complete": false) and last ("complete": true), in a temporary
+    directory renamed into place: a directory whose record is not complete was cut short (weights, value head or
+    FLOPs missing) and would otherwise load as if whole."""
+    record = path / "lit_sftrl_export.json"
+    try:
+        complete = json.loads(record.read_text(encoding="utf-8")).get("complete", True)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return  # no record (not an export), or reported as corrupted by the JSON check
+    if complete is not True:
+        raise ValueError(f"{str(path)!r} is an incomplete export (its {record.name} says so): export the checkpoint again")
 
 
 def _refuse_remote_code(path: Path) -> None:

@@ -1,0 +1,83 @@
+"""Exports are all or nothing: written beside --out and renamed when complete; a directory cut short is refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import kill_resume  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir_factory) -> Path:
+    return tiny_dir_factory("mllama")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model_dir) -> Path:
+    from lit_sftrl.cli import run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path_factory.mktemp("export")
+        config = kill_resume.write_config(folder / "run", model_dir, 1, 1)
+        run(["fit", "--config", str(config)])
+    finally:
+        torch.set_num_threads(threads)
+    return folder / "run" / "checkpoints" / "last.ckpt"
+
+
+def _die_half_way(monkeypatch, keep_staging: bool) -> None:
+    """save_pretrained writes the config, then the process 'dies'; keep_staging: as after SIGKILL, where no
+    clean-up runs."""
+    from lit_sftrl.models import export
+    from lit_sftrl.models.backbone import Backbone
+
+    def half(self, out, merge_lora=True):
+        (Path(out) / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Backbone, "save_pretrained", half)
+    if keep_staging:
+        monkeypatch.setattr(export.shutil, "rmtree", lambda *a, **k: None)
+
+
+def test_an_interrupted_export_leaves_no_output(checkpoint, tmp_path, monkeypatch):
+    from lit_sftrl.models.export import export_checkpoint
+
+    out = tmp_path / "exported"
+    _die_half_way(monkeypatch, keep_staging=False)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(checkpoint, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert export_checkpoint(checkpoint, out) == out  # a second try completes
+    record = json.loads((out / "lit_sftrl_export.json").read_text())
+    assert record["complete"] is True and record["flops"] > 0
+
+
+def test_a_killed_export_is_refused_as_incomplete(checkpoint, tmp_path, monkeypatch, model_dir):
+    from lit_sftrl.cli import run
+    from lit_sftrl.models.export import export_checkpoint
+    from lit_sftrl.models.loading import check_model_directory
+
+    out = tmp_path / "exported"
+    _die_half_way(monkeypatch, keep_staging=True)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(checkpoint, out)
+    monkeypatch.undo()
+    assert not out.exists()
+    (staging,) = tmp_path.glob(".exported.tmp-*")
+    with pytest.raises(ValueError, match="incomplete export") as error:
+        check_model_directory(staging)
+    assert str(staging) in str(error.value)
+    config = kill_resume.write_config(tmp_path / "run", model_dir, 1, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(config), "--model.init_args.init_from", str(staging)])
+    assert "incomplete export" in str(exit_info.value.code)
