@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from lit_sftrl.images import load_rgb
 from lit_sftrl.llava_data import read_llava_json
 from lit_sftrl.tasks import TaskConfig
 from lit_sftrl.validation import check_values, validate
@@ -241,10 +242,11 @@ class LlavaSource:
     """SFT samples from a released LLaVA-style JSON file, drawn uniformly with replacement."""
 
     def __init__(self, path: str, image_folder: str | None) -> None:
-        self.conversations = read_llava_json(path, image_folder)
+        self.conversations = read_llava_json(path, image_folder, lazy=True)  # images checked, decoded when drawn
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
-        return [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
+        drawn = [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
+        return [{**c, "image": load_rgb(c["image"])} if isinstance(c["image"], str) else c for c in drawn]
 
 
 class SFTDataModule(EpisodeDataModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lit_sftrl.policy import PolicyModule
+from lit_sftrl.validation import LimitExceeded
 
 
 class SFTModule(PolicyModule):
@@ -22,6 +23,12 @@ class SFTModule(PolicyModule):
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int):
         inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in batch])
+        length = int(inputs["input_ids"].shape[-1])
+        if length > self.backbone_config.max_tokens:  # one 5 MB turn once took the machine down with no message
+            raise LimitExceeded(
+                f"batch {batch_idx} holds a sample of {length} tokens, more than model.backbone.max_tokens="
+                f"{self.backbone_config.max_tokens}: shorten the data or raise the limit"
+            )
         loss, tokens = self.backbone.sft_loss(inputs)
         if not self.loss_is_finite(loss):
             return None  # Lightning skips the optimizer step

@@ -22,6 +22,7 @@ from lit_sftrl.tasks import TaskConfig
 
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves to a file itself
+validation.install_yaml_limits()  # every config this CLI reads goes through the size and alias limits
 
 
 class SftRlCLI(LightningCLI):
@@ -42,6 +43,12 @@ class SftRlCLI(LightningCLI):
             parser_kwargs={"default_env": False},
             args=args,
         )
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except RecursionError:  # jsonargparse follows `config:` keys without a cycle check
+            sys.exit("lit-sftrl: a config file includes itself (directly or through another one); nothing was run")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -122,7 +129,7 @@ class SftRlCLI(LightningCLI):
         stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
         try:
             self.trainer.fit(model, **kwargs)
-        except FloatingPointError as error:
+        except (FloatingPointError, validation.LimitExceeded) as error:
             if not self._command_line:
                 raise
             sys.exit(f"lit-sftrl fit: {error}")

@@ -16,6 +16,10 @@ PlainData = Union[str, bool, int, float, None, list, dict]
 """The type of free-form config fields: jsonargparse instantiates a ``{class_path, init_args}`` found inside a
 ``dict[str, Any]``, never inside this one (the bare ``list``/``dict`` are not parsed further)."""
 
+class LimitExceeded(ValueError):
+    """Data beyond a limit the config states (tokens per sample, image pixels...): the run stops with one line."""
+
+
 Rule = Callable[[Any], "str | None"]  # None when the value is fine, otherwise what is wrong
 
 
@@ -159,3 +163,52 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "as_dict"):
         return value.as_dict()
     return value
+
+
+# ----------------------------------------------------------------------------------------------- YAML limits
+
+MAX_YAML_CHARS = 1 << 20  # a config is a few KB; anything near this size is a mistake or an attack
+MAX_YAML_NODES = 100_000  # nodes after alias expansion: nested aliases ("billion laughs") grow exponentially
+
+
+def limited_yaml_load(stream: str) -> Any:
+    """jsonargparse's YAML loader behind two limits: the text's size, and its size once aliases are expanded
+    (checked on the composed node graph, where an alias is one shared node, before anything is built)."""
+    import yaml
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
+
+    if isinstance(stream, str) and len(stream) > MAX_YAML_CHARS:
+        raise yaml.YAMLError(f"a config of {len(stream):,} characters is refused (the limit is {MAX_YAML_CHARS:,})")
+    if isinstance(stream, str) and "*" in stream:
+        node = yaml.compose(stream, Loader=get_yaml_default_loader())
+        if node is not None and _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"a config whose aliases expand to more than {MAX_YAML_NODES:,} values is refused")
+    return yaml_load(stream)
+
+
+def _expanded_nodes(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Values ``node`` stands for once every alias is copied out; shared nodes are counted once per use."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:  # an alias inside its own anchor: an endless structure
+        return MAX_YAML_NODES + 1
+    open_nodes.add(key)
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        parts = child if isinstance(child, tuple) else (child,)  # mappings hold (key, value) pairs
+        for part in parts:
+            total += _expanded_nodes(part, sizes, open_nodes)
+            if total > MAX_YAML_NODES:
+                break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def install_yaml_limits() -> None:
+    from jsonargparse import set_loader
+    from jsonargparse._loaders_dumpers import get_loader_exceptions
+
+    set_loader("yaml", limited_yaml_load, get_loader_exceptions("yaml"))

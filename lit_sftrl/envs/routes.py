@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lit_sftrl.images import check_image_header, confined_file
+
 EARTH_RADIUS_M = 6_371_008.8
 SNAP_RADIUS_M = 20.0
 COMPASS = ("north", "northeast", "east", "southeast", "south", "southwest", "west", "northwest")
@@ -40,6 +42,7 @@ NO_LANDMARK = "No landmark nearby"
 ROUTES_FILE = "route_infos.json"
 MAPPING_FILE = "gps_pano_mapping.pkl"
 VIEWS_DIR = "street_views"
+MAX_MILESTONES = 500  # per route; the official routes have fewer than 30 (10,000 blocks exhausted memory)
 
 Geocode = tuple[float, float]
 
@@ -136,7 +139,7 @@ def _parse_milestone(fields: dict[str, str], where: str) -> Milestone:
     match = _HEADING.match(raw or "")
     if match is None:
         raise RouteDataError(f"{where}: to_next_intersection_heading {raw!r} is not like '177 (south)'")
-    heading = float(match.group(1)) % 360.0
+    heading = _finite(float(match.group(1)), f"{where} to_next_intersection_heading") % 360.0
     word = (match.group(2) or compass_word(heading)).lower()
     if word not in COMPASS:
         raise RouteDataError(f"{where}: compass word {word!r} is not one of {', '.join(COMPASS)}")
@@ -144,9 +147,18 @@ def _parse_milestone(fields: dict[str, str], where: str) -> Milestone:
     return Milestone(landmarks, heading, word, fields.get("distance", ""))
 
 
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise RouteDataError(f"{where}: {value!r} is not a finite number")
+    return value
+
+
 def _geocode(value: Any, where: str) -> Geocode:
-    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
-        raise RouteDataError(f"{where}: expected [lat, lng], got {value!r}")
+    # NaN would snap to the first panorama and produce wrong instructions without a word: refused, as are
+    # infinities and points off the globe.
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+            and all(math.isfinite(v) for v in value) and abs(value[0]) <= 90 and abs(value[1]) <= 180):
+        raise RouteDataError(f"{where}: expected [lat, lng] (finite degrees), got {value!r}")
     return (float(value[0]), float(value[1]))
 
 
@@ -159,10 +171,12 @@ def parse_route(raw: Any, index: int) -> Route:
             _geocode(g, f"{where} geocode_list[{i}]") for i, g in enumerate(raw["route_results"]["geocode_list"])
         )
         blocks = parse_milestone_blocks(raw["milestone_info"])
-        init = float(raw.get("init_heading") or 0.0)  # 0 or missing means random, as in the official code
+        init = _finite(float(raw.get("init_heading") or 0.0), f"{where} init_heading")  # 0/missing: random
         destination = str((raw.get("dest_place") or {}).get("name", "the destination"))
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise RouteDataError(f"{where}: missing or malformed field ({type(error).__name__}: {error})") from None
+    if len(blocks) > MAX_MILESTONES:
+        raise RouteDataError(f"{where}: {len(blocks)} milestone blocks, more than the limit of {MAX_MILESTONES}")
     if not geocodes or len(blocks) != len(geocodes):
         raise RouteDataError(
             f"{where}: {len(blocks)} milestone blocks for {len(geocodes)} geocodes; expected one per geocode"
@@ -328,15 +342,22 @@ class RouteFolder:
             if pano_id in self._panos:
                 self._panos.move_to_end(pano_id)
                 return self._panos[pano_id]
-        image_path = self.path / VIEWS_DIR / f"{pano_id}.jpg"
-        meta_path = self.path / VIEWS_DIR / f"{pano_id}.metadata.json"
-        for required in (image_path, meta_path):
-            if not required.is_file():
-                raise FileNotFoundError(f"{where}: panorama {pano_id!r} file {required} is missing")
+        # Panorama ids come from the (downloaded) mapping: the files must stay inside street_views/, be regular
+        # files (a FIFO would block forever) and declare a sane size before anything is decoded.
+        folder = self.path / VIEWS_DIR
+        for name in (f"{pano_id}.jpg", f"{pano_id}.metadata.json"):
+            if not (folder / name).exists() and not (folder / name).is_symlink():
+                raise FileNotFoundError(f"{where}: panorama {pano_id!r} file {folder / name} is missing")
         try:
-            rotation = float(json.loads(meta_path.read_text())["rotation"])
+            image_path = confined_file(folder, f"{pano_id}.jpg", f"{where}: panorama {pano_id!r}")
+            meta_path = confined_file(folder, f"{pano_id}.metadata.json", f"{where}: panorama {pano_id!r}")
+            check_image_header(image_path, f"{where}: panorama {pano_id!r}")
+        except ValueError as error:
+            raise RouteDataError(str(error)) from None
+        try:
+            rotation = _finite(float(json.loads(meta_path.read_text())["rotation"]), f"{where}: {meta_path} rotation")
         except (KeyError, TypeError, ValueError) as error:
-            raise RouteDataError(f"{where}: {meta_path} has no numeric 'rotation' ({error})") from None
+            raise RouteDataError(f"{where}: {meta_path} has no finite numeric 'rotation' ({error})") from None
         with Image.open(image_path) as handle:
             pano = np.asarray(handle.convert("RGB"))
         with self._lock:

@@ -51,6 +51,8 @@ class BackboneConfig:
     turns and prefill only the new tokens (full-attention models; text prompts, and Mllama's image prompts while
     the image is unchanged). Memory per environment: 2 x layers x kv_heads x head_dim x conversation tokens x
     bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
+    ``max_tokens``: the most tokens one training sample (prompt + answer) may have; a longer one stops the run
+    with a message before the forward pass that would exhaust the memory.
     """
 
     path: str = "checkpoints/tiny-mllama"
@@ -63,6 +65,7 @@ class BackboneConfig:
     value_head_hidden: int = 256
     reference: Literal["auto", "eager", "none"] = "auto"
     cache_conversations: bool = True
+    max_tokens: int = 8192
 
     def __post_init__(self) -> None:
         validate(self, "backbone")

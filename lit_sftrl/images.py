@@ -1,0 +1,55 @@
+"""Image files named by data (LLaVA-style SFT files, V-IRL route folders): confined to their folder, regular
+files only, their pixel count checked from the header before anything is decoded, decoded lazily and cached.
+
+A 140 KB PNG can declare 12000 x 12000 pixels (432 MB once decoded); a FIFO named ``.jpg`` blocks a reader
+forever; ``../../`` in a data file reaches anywhere on the disk. Each is refused here, naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MAX_IMAGE_PIXELS = 40_000_000  # ~8K x 5K: far above any model input or panorama used here, 120 MB decoded
+
+
+def confined_file(folder: str | os.PathLike, name: str | os.PathLike, where: str, kind: str = "file") -> Path:
+    """``folder / name`` resolved, refused unless it stays inside ``folder`` (symbolic links followed) and is a
+    regular file (not a FIFO, device or directory)."""
+    root = Path(folder).resolve()
+    path = (root / name).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{where}: {str(name)!r} points outside its folder {str(root)!r}")
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read {kind} {str(path)!r} ({error.strerror or error})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{where}: {str(path)!r} is not a regular file")
+    return path
+
+
+def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """Width and height from the file's header (nothing decoded); refused when over ``max_pixels`` or unreadable."""
+    try:
+        with Image.open(path) as handle:
+            width, height = handle.size
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{where}: cannot read image {str(path)!r}: {error}") from None
+    if width * height > max_pixels:
+        raise ValueError(f"{where}: image {str(path)!r} is {width} x {height} pixels, more than the limit of "
+                         f"{max_pixels:,} (max_image_pixels)")
+    return width, height
+
+
+@lru_cache(maxsize=256)
+def load_rgb(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """The decoded RGB image at ``path`` (checked first), cached by path: records naming one file share it."""
+    check_image_header(path, path, max_pixels)
+    with Image.open(path) as handle:
+        return np.asarray(handle.convert("RGB"))  # shared by every record naming the file: never change it in place
