@@ -44,7 +44,7 @@ def run_dir(out: Path, name: str, val_episodes: int | None = None) -> list[str]:
 
 
 def flops_of(checkpoint: Path) -> tuple[float, int]:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # never run a pickle's code
     counter = state["flops"]
     total = counter["initial"] + counter["num_parameters"] * (6 * counter["train_tokens"] + 2 * counter["inference_tokens"])
     return total, int(state["global_step"])

@@ -28,3 +28,28 @@ def test_metrics_survive_a_resume_into_the_same_folder(tmp_path):
     assert [row["train/loss"] for row in kept] == ["2.0", "1.5", "1.0", "0.5"] and kept[-1]["train/lr"] == "0.1"
     # What it fixes: Lightning's own logger deletes the history on resume.
     assert [row["step"] for row in log_twice(CSVLogger, tmp_path / "lightning")] == ["2", "3"]
+
+
+def test_a_full_disk_during_the_header_rewrite_keeps_the_history(tmp_path, monkeypatch):
+    """A new column makes the logger rewrite metrics.csv; a write that fails half-way (ENOSPC) must leave the
+    file as it was, not truncated."""
+    import errno
+
+    import pytest
+
+    logger = RunCSVLogger(save_dir=tmp_path, name="", version="")
+    logger.log_metrics({"train/loss": 2.0}, step=0)
+    logger.save()
+    before = (tmp_path / "metrics.csv").read_text()
+    original = csv.DictWriter.writerows
+
+    def disk_full(self, rows_):
+        original(self, list(rows_)[:0])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
+    logger.log_metrics({"train/loss": 1.0, "train/lr": 0.1}, step=1)
+    with pytest.raises(OSError, match="No space"):
+        logger.save()
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert not list(tmp_path.glob("*.tmp"))
