@@ -9,6 +9,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sftrl import validation
 from lit_sftrl.checkpoint_io import AtomicCheckpointIO
@@ -38,11 +39,20 @@ class SftRlCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"plugins": [AtomicCheckpointIO()]},
             auto_configure_optimizers=False,
             parser_kwargs={"default_env": False},
             args=args,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, its plain checkpoint writer replaced by :class:`AtomicCheckpointIO`. Set here, not as a
+        ``trainer.plugins`` default: an instance there cannot be serialised, so every saved and printed config read
+        ``Unable to serialize instance`` and could not be fed back (``fit --config <run>/config.yaml``).
+        Strategies with their own writer (DeepSpeed, sharded FSDP) and a user's own plugin are left alone."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         try:

@@ -1,0 +1,30 @@
+"""A run's saved config.yaml (and --print_config output) can be fed back: LightningCLI saves it for that."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import kill_resume  # noqa: E402
+
+
+def test_saved_config_replays(tmp_path, tiny_dir_factory, capsys):
+    from lit_sftrl.checkpoint_io import AtomicCheckpointIO
+    from lit_sftrl.cli import run
+
+    run_dir = tmp_path / "run"
+    config = kill_resume.write_config(run_dir, tiny_dir_factory("mllama"), 1, 1)
+    cli = run(["fit", "--config", str(config)])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # kills never leave half a file
+    saved = (run_dir / "config.yaml").read_text()
+    assert "Unable to serialize" not in saved
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(run_dir / "config.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "Unable to serialize" not in printed and "plugins: null" in printed
+    replayed = run(["fit", "--config", str(run_dir / "config.yaml"), "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    assert replayed.trainer.global_step == 2
