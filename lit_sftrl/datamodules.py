@@ -15,8 +15,10 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from lit_sftrl.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.images import load_rgb
 from lit_sftrl.llava_data import read_llava_json
+from lit_sftrl.seeding import stream_rng, stream_seed
 from lit_sftrl.tasks import TaskConfig
 from lit_sftrl.validation import check_values, validate
 
@@ -27,33 +29,6 @@ PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}
 def keep_as_is(item: Any) -> Any:
     """Dataloader collate function: items are already batches, and images must stay numpy arrays."""
     return item
-
-
-def stream_rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([abs(int(part)) for part in key]))
-
-
-@dataclass
-class EvalEpisodes:
-    """A chunk of fixed evaluation episodes of one variant, played together by the policy module."""
-
-    task: str
-    variant: str
-    env_id: str
-    env_kwargs: dict[str, Any]
-    episodes: list[tuple[int, dict[str, Any]]]  # (reset seed, reset options)
-
-
-@dataclass
-class RolloutSpec:
-    """What one PPO update plays: ``num_envs`` environments until ``rollout_steps`` attempts are collected."""
-
-    env_id: str
-    env_kwargs: dict[str, Any]
-    num_envs: int
-    rollout_steps: int
-    seed: int
-    rank: int  # episodes are seeded from (seed, rank, update, environment, episode)
 
 
 @dataclass
@@ -145,7 +120,7 @@ class EpisodeDataModule(L.LightningDataModule):
             num_episodes = min(num_episodes, self._num_routes(variant))
         episodes = []
         for i in range(num_episodes):
-            seed = int(stream_rng(self.evaluation.seed, variant_index, i).integers(2**31))
+            seed = stream_seed("evaluation", self.evaluation.seed, variant_index, i)
             # V-IRL evaluates route i, so every route of a small benchmark city is seen once.
             episodes.append((seed, {"route_index": i} if self.task.is_virl else {}))
         size = self.evaluation.chunk
@@ -218,7 +193,7 @@ class SFTBatches(IterableDataset):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in count(self.start + worker_id, num_workers):
-            yield self.source.batch(stream_rng(self.seed, self.rank, index), self.batch_size)
+            yield self.source.batch(stream_rng("sft_batches", self.seed, self.rank, index), self.batch_size)
 
 
 class ExpertSource:

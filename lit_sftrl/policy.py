@@ -16,16 +16,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 
-from lit_sftrl.compute import FlopsCounter
+from lit_sftrl.compute import ComputeConfig, FlopsCounter
 from lit_sftrl.corpus import ensure_backbone
-from lit_sftrl.datamodules import EvalEpisodes
+from lit_sftrl.episodes import EvalEpisodes
 from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
 from lit_sftrl.finite import nonfinite_weights_message, trainable_weights_finite
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init
 from lit_sftrl.rollout import RolloutEngine
-from lit_sftrl.tasks import VARIANTS, make_env_from_spec
 from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
+from lit_sftrl.tasks import VARIANTS, make_env_from_spec
 from lit_sftrl.validation import check_values, validate
 
 STATE_PREFIX = "backbone."
@@ -73,18 +73,20 @@ class PolicyModule(L.LightningModule):
         optim: OptimConfig | None = None,
         eval_sampling: SamplingConfig | None = None,
         init_from: str | None = None,
+        compute: ComputeConfig | None = None,
         max_nonfinite_losses: int = 5,
+        save_transcripts: bool = False,
     ) -> None:
         super().__init__()
-        save_transcripts: bool = False,
-        self.backbone_config = backbone or BackboneConfig()
-        self.optim = optim or OptimConfig()
         # Evaluation transcripts (prompt, answer, feedback, reward per attempt) beside each record: lit_sftrl.transcripts
         self.save_transcripts = save_transcripts
         self._transcripts: list[EpisodeTranscript] = []
         self._eval_cap = {"answers": 0, "at_cap": 0}
+        self.backbone_config = backbone or BackboneConfig()
+        self.optim = optim or OptimConfig()
         self.eval_sampling = eval_sampling or SamplingConfig(temperature=0.0)
         self.init_from = init_from
+        self.compute = compute or ComputeConfig()
         check_values("model.", max_nonfinite_losses=max_nonfinite_losses)
         self.max_nonfinite_losses = max_nonfinite_losses
         self._nonfinite_in_a_row = 0
@@ -108,6 +110,7 @@ class PolicyModule(L.LightningModule):
         if self.backbone is not None:
             return
         self.backbone = Backbone(self.backbone_config)
+        self.backbone.tokens_per_image = self.compute.tokens_per_image
         self.flops = FlopsCounter(self.backbone.num_parameters)
         # An exported run keeps its compute: evaluating or training it continues that run's FLOPs axis.
         self.flops.initial = inherited_flops(self.backbone_config.path)
@@ -204,8 +207,7 @@ class PolicyModule(L.LightningModule):
             envs = [make_env_from_spec(chunk.env_id, chunk.env_kwargs) for _ in chunk.episodes]
             self._eval_envs[chunk.variant] = envs
         self._eval_task = chunk.task
-        engine = RolloutEngine(self.backbone, self.eval_sampling)
-        engine.record_transcripts = self.save_transcripts  # the engine then gives each result a `transcript`
+        engine = RolloutEngine(self.backbone, self.eval_sampling, keep_transcripts=self.save_transcripts)
         before = dict(self.backbone.cap_counts)
         results = engine.evaluate(envs, chunk.episodes)
         for key in self._eval_cap:
@@ -214,7 +216,7 @@ class PolicyModule(L.LightningModule):
         if self.save_transcripts:
             self._transcripts += [
                 EpisodeTranscript(chunk.variant, int(seed), dict(options or {}), bool(result.success),
-                                  list(getattr(result, "transcript", None) or []))
+                                  list(result.transcript or []))
                 for (seed, options), result in zip(chunk.episodes, results)
             ]
 
@@ -249,6 +251,7 @@ class PolicyModule(L.LightningModule):
                 "stage": stage, "step": step, "epoch": self.current_epoch,
                 "flops": self.flops.total, "checkpoint": self.trainer.ckpt_path, "metrics": metrics,
                 "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
+                "compute_mode": self.compute.mode,
             }
             name = f"{stage}-step{step:07d}.json"
             write_results(run_dir / "eval" / name, record)

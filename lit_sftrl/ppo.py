@@ -39,8 +39,8 @@ class PPOConfig:
         gamma: discount over attempts (paper 0.9).
         gae_lambda: GAE lambda (paper 0.95).
         clip_eps: surrogate clipping of the per-answer ratio (paper 0.1).
-        value_clip: clipping of the value update around the rollout's values; ``None`` = no clipping (the paper
-            clipped at 0.1, which lets V move at most 0.1 per update against returns of several units).
+        value_clip: clipping of the value update around the rollout's values; 0 = no clipping (the paper clipped
+            at 0.1, which lets V move at most 0.1 per update against returns of several units).
         value_coef: weight of the value loss (paper 0.5).
         entropy_coef: entropy bonus (paper 0, i.e. off).
         kl_coef: KL penalty to the reference policy (paper 0, i.e. off); under LoRA the reference is the
@@ -59,7 +59,7 @@ class PPOConfig:
     gamma: float = 0.9
     gae_lambda: float = 0.95
     clip_eps: float = 0.1
-    value_clip: float | None = None
+    value_clip: float = 0.0
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
@@ -78,12 +78,10 @@ class PPOConfig:
         for name in ("gamma", "gae_lambda", "thought_coef"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model.ppo.{name}={getattr(self, name)!r} must lie in [0, 1]")
-        for name in ("clip_eps", "value_coef", "entropy_coef", "kl_coef", "max_grad_norm"):
+        for name in ("clip_eps", "value_clip", "value_coef", "entropy_coef", "kl_coef", "max_grad_norm"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
                 raise ValueError(f"model.ppo.{name}={value!r} must be a finite number >= 0")
-        if self.value_clip is not None and not 0 < self.value_clip < float("inf"):
-            raise ValueError(f"model.ppo.value_clip={self.value_clip!r} must be a positive finite number or null")
 
 
 def compute_gae(
@@ -123,7 +121,7 @@ def ppo_loss(
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps))
     policy_loss = surrogate.mean()
     value_error = (values - returns) ** 2
-    if config.value_clip is not None:
+    if config.value_clip > 0:
         clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
         value_error = torch.max(value_error, (clipped_values - returns) ** 2)
     value_loss = 0.5 * value_error.mean()
@@ -152,6 +150,7 @@ class PPOModule(PolicyModule):
             but not its optimizer; the value head starts fresh; its FLOPs become this run's starting point.
         compute: how FLOPs are counted (real tokens, or the paper's approximation).
         max_nonfinite_losses: NaN/inf losses in a row after which the run stops (each skips its mini-batch).
+        save_transcripts: write each evaluation's transcripts (prompt, answer, feedback, reward per attempt).
     """
 
     def __init__(
@@ -164,10 +163,14 @@ class PPOModule(PolicyModule):
         init_from: str | None = None,
         compute: ComputeConfig | None = None,
         max_nonfinite_losses: int = 5,
+        save_transcripts: bool = False,
     ) -> None:
         backbone = backbone or BackboneConfig()
         backbone.value_head = True
-        super().__init__(backbone, optim, eval_sampling, init_from, compute, max_nonfinite_losses)
+        super().__init__(
+            backbone, optim, eval_sampling, init_from, compute=compute, max_nonfinite_losses=max_nonfinite_losses,
+            save_transcripts=save_transcripts,
+        )
         self.automatic_optimization = False
         self.ppo = ppo or PPOConfig()
         self.sampling = sampling or SamplingConfig(temperature=1.0)
@@ -329,7 +332,7 @@ class PPOModule(PolicyModule):
         episode = self.train_metrics.compute()
         self.train_metrics.reset()
         self.env_steps += int(n)
-        seconds = rollout.seconds
+        seconds, rollout_s = rollout.seconds, max(rollout.seconds["rollout"], 1e-9)
         self.log_dict(
             {
                 "train/reward": reward / n,
@@ -342,16 +345,11 @@ class PPOModule(PolicyModule):
                 "train/well_formed": episode["well_formed"],
                 "train/episode_return": self._mean_return(rollout.finished),
                 **{f"train/{k}": v for k, v in stats.items()},
-                "train/env_steps": float(self.env_steps),
-                "train/rollout_tokens": tokens,
-                "train/flops": self.flops.total,
-                "train/update": float(self.current_epoch + 1),
-                "train/lr": self.lr_schedulers().get_last_lr()[0],
-                "time/rollout_s": seconds["rollout"],
-                "time/update_s": update_seconds,
-                "time/model_share": seconds["model"] / seconds["rollout"] if seconds["rollout"] else 0.0,
-                "time/rollout_tokens_per_s": rollout.inference_tokens / seconds["rollout"] if seconds["rollout"] else 0.0,
-                "time/attempts_per_s": len(attempts) / seconds["rollout"] if seconds["rollout"] else 0.0,
+                "train/env_steps": float(self.env_steps), "train/rollout_tokens": tokens, "train/flops": self.flops.total,
+                "train/update": float(self.current_epoch + 1), "train/lr": self.lr_schedulers().get_last_lr()[0],
+                "time/rollout_s": seconds["rollout"], "time/update_s": update_seconds,
+                "time/model_share": seconds["model"] / rollout_s, "time/attempts_per_s": len(attempts) / rollout_s,
+                "time/rollout_tokens_per_s": rollout.inference_tokens / rollout_s,
             },
             prog_bar=False,
         )

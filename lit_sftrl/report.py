@@ -179,6 +179,13 @@ def save(fig: Any, path: Path) -> Path:
     return path
 
 
+def compute_modes(runs: Sequence[Run]) -> str:
+    """How the runs' FLOPs were counted: real tokens, or the paper's approximation (records before the key: tokens)."""
+    modes = sorted({record.get("compute_mode", "tokens") for run in runs for record in run.records})
+    names = {"tokens": "tokens processed", "paper": "the paper's approximation"}
+    return " and ".join(names.get(mode, mode) for mode in modes) + (" (mixed: not comparable)" if len(modes) > 1 else "")
+
+
 def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: int) -> Path:
     """Fig. 5: headline metric (%) vs GFLOPs, sanity + val records, SFT and RL on shared axes."""
     smoothing = f" (Savitzky-Golay, order 3, window {smooth})" if smooth > 1 else ""
@@ -191,7 +198,7 @@ def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: in
                 x, y = np.array(points).T
                 y = np.clip(savgol(y, smooth), 0.0, 1.0) if smooth > 1 else y
                 ax.plot(x, 100 * y, markersize=4, **styles[run.name])
-        ax.set(title=variant, xlabel="training GFLOPs", ylabel=f"{metric_label(runs, variant)} (%)")
+        ax.set(title=variant, xlabel=f"training GFLOPs ({compute_modes(runs)})", ylabel=f"{metric_label(runs, variant)} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return save(fig, path)
@@ -246,7 +253,8 @@ def markdown(
 ) -> str:
     """The report: Init / SFT / RL table at matched compute, provenance, figures, every run's last record."""
     lines = ["# lit-sftrl report", "", "Runs: " + ", ".join(f"`{run.name}` ({run.kind})" for run in runs), ""]
-    lines += [f"Matched compute: {budget / 1e9:.4g} GFLOPs" if budget is not None else "Matched compute: n/a", ""]
+    lines += [f"Matched compute: {budget / 1e9:.4g} GFLOPs" if budget is not None else "Matched compute: n/a",
+              "", f"FLOPs counted: {compute_modes(runs)}", ""]
     lines += ["## Init / SFT / RL at matched compute (headline metric, % ± stderr)", "",
               "| variant | metric | Init | SFT | RL |", "|---|---|---|---|---|"]
     for variant in variants:

@@ -29,6 +29,7 @@ from lit_sftrl.episodes import Episode
 from lit_sftrl.models.backbone import Backbone, Generation, Prompt, SamplingConfig
 from lit_sftrl.models.kv_cache import ConversationCache
 from lit_sftrl.seeding import stream_seed
+from lit_sftrl.transcripts import TranscriptAttempt
 
 
 @dataclass
@@ -62,7 +63,7 @@ class EpisodeResult:
     episode_return: float = 0.0
     recognized: bool | None = None  # GP-VL: cards read right on the first attempt
     budget_exhausted: bool = False  # ended by using up an attempt budget (the paper counts one more wrong step)
-    transcript: list[dict[str, Any]] | None = None  # per attempt, when the engine keeps transcripts
+    transcript: list[TranscriptAttempt] | None = None  # per attempt, when the engine keeps transcripts
 
     def record(self, reward: float, info: dict[str, Any]) -> None:
         self.attempts += 1
@@ -298,10 +299,6 @@ class RolloutEngine:
             yield i, generation, step
 
 
-def _transcript_entry(running: _Running, answer: str, step: tuple) -> dict[str, Any]:
-    _, reward, terminated, truncated, info = step
-    return {
-        "prompt": list(running.last_prompt[0]), "answer": answer, "reward": float(reward),
-        "feedback": info.get("feedback"), "correct": bool(info.get("correct")),
-        "well_formed": bool(info.get("well_formed")), "done": bool(terminated or truncated),
-    }
+def _transcript_entry(running: _Running, answer: str, step: tuple) -> TranscriptAttempt:
+    messages, image = running.last_prompt
+    return TranscriptAttempt(list(messages), answer, step[4].get("feedback"), float(step[1]), image is not None)

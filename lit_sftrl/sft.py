@@ -1,11 +1,21 @@
-"""Supervised fine-tuning on expert episodes (SPEC §4): cross-entropy on the assistant's tokens only."""
+"""Supervised fine-tuning on expert episodes: cross-entropy on the assistant's tokens only (:func:`sft_loss`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from lit_sftrl.models.encoding import IGNORE
 from lit_sftrl.policy import PolicyModule
 from lit_sftrl.validation import LimitExceeded
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The whole SFT objective: mean token cross-entropy (fp32) over the labelled tokens, the assistant's answers;
+    prompts, earlier turns of a multi-turn sample and padding carry the label IGNORE."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
 class SFTModule(PolicyModule):
@@ -16,7 +26,9 @@ class SFTModule(PolicyModule):
         optim: optimizer and learning-rate schedule.
         eval_sampling: decoding for validation/test episodes (greedy by default).
         init_from: start from another run's weights (a Lightning checkpoint or an exported directory).
+        compute: how FLOPs are counted (real tokens, or the paper's approximation with 1,600 tokens per image).
         max_nonfinite_losses: NaN/inf losses in a row after which the run stops (each one's step is skipped).
+        save_transcripts: write each evaluation's transcripts (prompt, answer, feedback, reward per attempt).
     """
 
     tokens_seen = 0  # trained-on tokens over all ranks; checkpointed
@@ -29,7 +41,8 @@ class SFTModule(PolicyModule):
                 f"batch {batch_idx} holds a sample of {length} tokens, more than model.backbone.max_tokens="
                 f"{self.backbone_config.max_tokens}: shorten the data or raise the limit"
             )
-        loss, tokens = self.backbone.sft_loss(inputs)
+        logits, labels, tokens = self.backbone.label_logits(inputs)
+        loss = sft_loss(logits, labels)
         if not self.loss_is_finite(loss):
             return None  # Lightning skips the optimizer step
         tokens = int(self.trainer.strategy.reduce(loss.new_tensor(tokens), reduce_op="sum"))

@@ -117,6 +117,16 @@ class TaskConfig:
         return make_env_from_spec(env_id, {**kwargs, **overrides})
 
 
+# The paper's D_buffer / D_RL ratio (lambda) per environment, for compute accounting in its "paper" mode.
+PAPER_BUFFER_RATIOS = {GENERAL_POINTS_ID: 6.0, VIRL_ID: 5.1}
+
+
+def paper_buffer_ratio(env_id: str) -> float:
+    if env_id not in PAPER_BUFFER_RATIOS:
+        raise ValueError(f"no paper buffer ratio for {env_id!r}; set model.compute.buffer_ratio")
+    return PAPER_BUFFER_RATIOS[env_id]
+
+
 def make_env_from_spec(env_id: str, kwargs: dict[str, Any]) -> ChatEnv:
     """Build a registered environment, unwrapped: the rollout engine drives it directly."""
     return gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped

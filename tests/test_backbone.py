@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
+from lit_sftrl.sft import sft_loss
 from lit_sftrl.models.export import (
     export_checkpoint,
     load_backbone_from_lightning_checkpoint,
+    save_backbone,
     load_weights_for_init,
 )
 
@@ -42,7 +44,8 @@ def sft_conversations(chats, images):
 
 def train_step(backbone: Backbone, conversations, lr: float = 1e-2) -> None:
     optimizer = torch.optim.Adam([p for p in backbone.parameters() if p.requires_grad], lr=lr)
-    loss, _ = backbone.sft_loss(backbone.sft_batch(conversations))
+    logits, labels, _ = backbone.label_logits(backbone.sft_batch(conversations))
+    loss = sft_loss(logits, labels)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -75,7 +78,7 @@ def test_save_load_round_trip_gives_identical_logits(tiny_dir, chats, images, tm
     backbone = make(tiny_dir, value_head=True)
     randomize_value_head(backbone)
     train_step(backbone.train(), sft_conversations(chats, images))
-    backbone.eval().save_pretrained(tmp_path / "out")
+    save_backbone(backbone.eval(), tmp_path / "out")
     prompts = prompts_of(chats, images)
     expected = prompt_logits(backbone.model, backbone, prompts)
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
@@ -248,7 +251,8 @@ def test_sft_labels_are_exactly_the_final_assistant_turn(tiny_dir, images):
         starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
         decoded = [backbone.tokenizer.decode(labels[s:e]) for s, e in zip(starts, ends)]
         assert decoded == spans
-    loss, tokens = backbone.sft_loss(batch)
+    logits, labels, tokens = backbone.label_logits(batch)
+    loss = sft_loss(logits, labels)
     assert loss.requires_grad and loss.item() > 0 and tokens >= int(batch["attention_mask"].sum())
 
 
@@ -274,8 +278,8 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_dir, chats, images):
     plain = make(tiny_dir, lora=LORA).train()
     checkpointed = make(tiny_dir, lora=LORA, gradient_checkpointing=True).train()
     checkpointed.load_trainable_state_dict(plain.trainable_state_dict())
-    loss, _ = plain.sft_loss(plain.sft_batch(batch_of))
-    loss_ckpt, _ = checkpointed.sft_loss(checkpointed.sft_batch(batch_of))
+    loss = sft_loss(*plain.label_logits(plain.sft_batch(batch_of))[:2])
+    loss_ckpt = sft_loss(*checkpointed.label_logits(checkpointed.sft_batch(batch_of))[:2])
     loss_ckpt.backward()
     torch.testing.assert_close(loss, loss_ckpt)
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)

@@ -13,7 +13,7 @@ import torch
 from family_dirs import LAYOUTS, QWEN_FAMILIES, make_qwen_dir
 from lit_sftrl.cli import run
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
-from lit_sftrl.models.export import export_checkpoint, load_weights_for_init
+from lit_sftrl.models.export import export_checkpoint, load_weights_for_init, save_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -65,7 +65,7 @@ def test_qwen_loads_image_only_trains_and_exports_for_plain_transformers(qwen_fa
             if "lora_B" in name:
                 param.add_(0.05)  # a visible adapter: the merged export must differ from the base
     backbone.eval()
-    out = backbone.save_pretrained(tmp_path / "export")
+    out = save_backbone(backbone, tmp_path / "export")
     assert json.loads((out / "processor_config.json").read_text())["processor_class"] == PLAIN_IMAGE_ONLY_PROCESSOR
     image = Image.fromarray(images[0])
     ours = backbone._forward(backbone.model, backbone.encoder.encode_prompts([(chats[0], images[0])]), keep=1)[0][0, -1]
@@ -143,7 +143,7 @@ def test_merged_export_of_a_tied_model_stores_the_embeddings_once(tiny_dir_facto
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     backbone = Backbone(BackboneConfig(path=str(tmp_path / "base"), lora=LORA))
-    out = backbone.save_pretrained(tmp_path / "merged")
+    out = save_backbone(backbone, tmp_path / "merged")
     base_size, merged_size = ((d / "model.safetensors").stat().st_size for d in (tmp_path / "base", out))
     assert abs(merged_size - base_size) <= 0.01 * base_size
     reloaded = LlamaForCausalLM.from_pretrained(out)

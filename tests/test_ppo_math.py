@@ -90,7 +90,7 @@ def test_value_loss_without_clipping_is_the_plain_squared_error():
         logprob=torch.zeros(2), old_logprob=torch.zeros(2), advantages=torch.zeros(2), values=torch.tensor([0.0, 1.0]),
         old_values=torch.zeros(2), returns=torch.tensor([-10.0, 1.0]), entropy=torch.zeros(2), kl=torch.zeros(2),
     )
-    _, stats = ppo_loss(**base, config=PPOConfig(value_clip=None))
+    _, stats = ppo_loss(**base, config=PPOConfig(value_clip=0.0))
     assert stats["value_loss"].item() == pytest.approx(0.5 * (100 + 0) / 2)
     _, clipped = ppo_loss(**base, config=PPOConfig(value_clip=0.1))
     assert clipped["value_loss"].item() == pytest.approx(0.5 * (100 + 0.81) / 2)  # max(error, clipped error)
@@ -103,7 +103,7 @@ def test_thought_coef_weights_the_reasoning_tokens():
 
 
 @pytest.mark.parametrize("name, value", [("ppo_epochs", 0), ("minibatch_size", -1), ("gamma", 1.5), ("clip_eps", float("inf")),
-                                         ("value_clip", 0.0), ("thought_coef", 2.0)])
+                                         ("value_clip", -0.1), ("thought_coef", 2.0)])
 def test_ppo_config_rejects_bad_values_naming_the_key(name, value):
     with pytest.raises(ValueError, match=f"model.ppo.{name}"):
         PPOConfig(**{name: value})

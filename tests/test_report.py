@@ -74,6 +74,7 @@ def test_gp_report_matched_compute(tmp_path: Path) -> None:
     assert "| rule_ood | success | 11.5 ± 2.1 | 3.4 ± 1.2 | 15.0 ± 2.3 |" in text
     assert "| id | success | 60.0 ± 3.0 | 60.0 ± 3.0 | 60.0 ± 3.0 |" in text
     assert "Matched compute: 3400 GFLOPs" in text
+    assert "FLOPs counted: tokens processed" in text  # records without compute_mode predate the paper mode
     assert "`gp_sft` (val, step 20, 3000 GFLOPs)" in text and "`gp_ppo` (val, step 6, 3400 GFLOPs)" in text
     assert "![curves.png](curves.png)" in text and "![bars.png](bars.png)" in text
     # Last record per run: the SFT test record (sorted after val at equal FLOPs), the RL val step 6.
@@ -152,3 +153,11 @@ def test_paper_sized_init_test_beats_sanity_and_near_budget_records_match(tmp_pa
                                                   ("test", 10, 2.06e12, {"rule_ood": metrics(0.3, 0.03)})])
     text = make_report([init, sft, ppo], tmp_path / "out").read_text()
     assert "| rule_ood | success | 20.0 ± 2.0 | 10.0 ± 1.0 | 30.0 ± 3.0 |" in text
+
+
+def test_the_report_says_how_flops_were_counted_and_flags_a_mix(tmp_path: Path) -> None:
+    runs = gp_runs(tmp_path)
+    for record in (runs[1] / "eval").glob("*.json"):
+        record.write_text(json.dumps({**json.loads(record.read_text()), "compute_mode": "paper"}))
+    text = make_report(runs, tmp_path / "out").read_text()
+    assert "FLOPs counted: the paper's approximation and tokens processed (mixed: not comparable)" in text

@@ -48,6 +48,12 @@ def test_validate_writes_transcripts_and_warns_when_answers_hit_the_cap(tiny_dir
     metrics = json.loads(records[-1].read_text())["metrics"]
     assert len(transcripts) == sum(int(m["episodes"]) for m in metrics.values())
     assert {t.variant for t in transcripts} == set(metrics)
-    for transcript in transcripts:  # filled once the rollout engine records attempts (record_transcripts)
-        for attempt in transcript.attempts:
+    attempts = sum(m["attempts"] * m["episodes"] for m in metrics.values())
+    assert sum(len(t.attempts) for t in transcripts) == pytest.approx(attempts)
+    for transcript in transcripts:  # each attempt's feedback is the user turn that the next prompt ends with
+        assert transcript.attempts
+        for attempt, following in zip(transcript.attempts, transcript.attempts[1:]):
             assert attempt.prompt and isinstance(attempt.answer, str) and isinstance(attempt.reward, float)
+            assert following.prompt[-2:] == [{"role": "assistant", "content": attempt.answer},
+                                             {"role": "user", "content": following.prompt[-1]["content"]}]
+            assert attempt.feedback and attempt.feedback in following.prompt[-1]["content"]

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lit_sftrl.models.config import (
@@ -56,9 +55,8 @@ from lit_sftrl.models.sampling import (
     only_generation_config,
     suppressed_token_ids,
 )
-from lit_sftrl.models.processors import save_processor
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
-from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, merged_state_dict
+from lit_sftrl.models.weights import VALUE_HEAD_PREFIX
 
 __all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
@@ -106,6 +104,10 @@ class Backbone(nn.Module):
     def _base(self) -> nn.Module:
         """The transformers model (inside the peft wrapper under LoRA)."""
         return self.model.get_base_model() if self.config.lora is not None else self.model
+
+    @property
+    def base_model(self) -> nn.Module:
+        return self._base()
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -357,8 +359,10 @@ class Backbone(nn.Module):
         batch["labels"] = sft_labels(rows, batch, prompt_length)
         return batch
 
-    def sft_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Mean token cross-entropy over labelled tokens, and the tokens processed (text + image)."""
+    def label_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For an :meth:`sft_batch`: the logits that predict each position from the first labelled one on, those
+        positions' labels (IGNORE where unlabelled) and the tokens processed (text + image). The output layer runs
+        only on the labelled span."""
         labels = batch["labels"].to(self.device)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         columns = (labels != IGNORE).any(dim=0).nonzero()
@@ -366,10 +370,7 @@ class Backbone(nn.Module):
             raise ValueError("the batch has no labelled token")
         first = int(columns[0, 0])
         logits, _ = self._forward(self.model, inputs, keep=labels.shape[1] - first + 1)
-        loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, first:].reshape(-1), ignore_index=IGNORE
-        )
-        return loss, self.count_tokens(inputs)
+        return logits[:, :-1], labels[:, first:], self.count_tokens(inputs)
 
     def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens a model-input batch makes the model process, for FLOPs accounting (see :meth:`token_counts`)."""
@@ -415,25 +416,3 @@ class Backbone(nn.Module):
             for name, value in state.items():
                 if name in params:
                     params[name].copy_(value)
-
-    def save_pretrained(self, out: str | Path, merge_lora: bool = True) -> Path:
-        """A standard Hugging Face directory (model + processor) that plain transformers loads; the value head
-        beside it in ``value_head.safetensors``. Under LoRA with ``merge_lora=False``: the peft adapter only
-        (``adapter_config.json`` pointing at the absolute base path)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        if self.config.lora is None:
-            self.model.save_pretrained(out)
-        elif merge_lora:
-            if self.config.quantization != "none":
-                raise ValueError(
-                    "cannot merge LoRA into quantised weights; use export_checkpoint (reloads the base unquantised)"
-                )
-            self._base().save_pretrained(out, state_dict=merged_state_dict(self.model))
-        else:
-            self.model.peft_config[self.model.active_adapter].base_model_name_or_path = str(self.path.resolve())
-            self.model.save_pretrained(out)
-        save_processor(self.processor, out)  # image-only processors under a class plain transformers has
-        if self.value_head is not None:
-            self.value_head.save(out)
-        return out

@@ -29,7 +29,8 @@ from lit_sftrl.models.config import (
     as_backbone_config,
 )
 from lit_sftrl.models.loading import check_model_directory, is_gguf, load_plain_model
-from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name, merge_lora_state
+from lit_sftrl.models.processors import save_processor
+from lit_sftrl.models.weights import VALUE_HEAD_PREFIX, copy_by_canonical_name, merge_lora_state, merged_state_dict
 
 log = logging.getLogger(__name__)
 PREFIX = "backbone."
@@ -160,7 +161,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     staging.mkdir()
     try:
         _write_record(staging, {"complete": False})
-        backbone.save_pretrained(staging, merge_lora=merge_lora)
+        save_backbone(backbone, staging, merge_lora=merge_lora)
         # Compute already spent travels with the weights: a run initialised from this directory starts from it.
         _write_record(staging, {"complete": True, "source_checkpoint": str(Path(ckpt).resolve()),
                                 "flops": _checkpoint_flops(checkpoint)})
@@ -244,3 +245,25 @@ def _load_adapter_dir(backbone: Backbone, path: Path) -> None:
     result = set_peft_model_state_dict(backbone.model, load_file(str(path / "adapter_model.safetensors")))
     if result.unexpected_keys:
         raise ValueError(f"adapter {str(path)!r} does not fit this backbone: {result.unexpected_keys[:3]}")
+
+
+def save_backbone(backbone: Backbone, out: str | Path, merge_lora: bool = True) -> Path:
+    """A standard Hugging Face directory (model + processor) that plain transformers loads; the value head
+    beside it in ``value_head.safetensors``. Under LoRA with ``merge_lora=False``: the peft adapter only
+    (``adapter_config.json`` pointing at the absolute base path)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = backbone.config
+    if config.lora is None:
+        backbone.model.save_pretrained(out)
+    elif merge_lora:
+        if config.quantization != "none":
+            raise ValueError("cannot merge LoRA into quantised weights; use export_checkpoint (reloads the base unquantised)")
+        backbone.base_model.save_pretrained(out, state_dict=merged_state_dict(backbone.model))
+    else:
+        backbone.model.peft_config[backbone.model.active_adapter].base_model_name_or_path = str(backbone.path.resolve())
+        backbone.model.save_pretrained(out)
+    save_processor(backbone.processor, out)  # image-only processors under a class plain transformers has
+    if backbone.value_head is not None:
+        backbone.value_head.save(out)
+    return out

@@ -1,0 +1,48 @@
+"""The package's layers, checked on the source: environments know nothing of models, models nothing of
+environments, and the leaf modules depend on nothing of the package's training machinery."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lit_sftrl"
+ML = {"torch", "transformers", "peft", "bitsandbytes", "lightning", "torchmetrics"}
+TRAINING = {"lit_sftrl.envs", "lit_sftrl.tasks", "lit_sftrl.rollout", "lit_sftrl.datamodules", "lit_sftrl.policy",
+            "lit_sftrl.ppo", "lit_sftrl.sft"}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def under(name: str, prefixes: set[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "envs").glob("*.py")), ids=lambda p: p.name)
+def test_environments_import_no_model_library_and_nothing_of_the_package_outside_envs(path):
+    bad = {name for name in imports(path) if under(name, ML) or (under(name, {"lit_sftrl"}) and not under(name, {"lit_sftrl.envs"}))}
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "models").glob("*.py")), ids=lambda p: p.name)
+def test_models_know_nothing_of_environments_or_training(path):
+    bad = {name for name in imports(path) if under(name, TRAINING)}
+    assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("leaf", ["seeding", "episodes"])
+def test_leaf_modules_import_nothing_of_the_package(leaf):
+    path = PACKAGE / f"{leaf}.py"
+    bad = {name for name in imports(path) if under(name, {"lit_sftrl"} | ML)}
+    assert not bad, f"{leaf}.py imports {sorted(bad)}"
