@@ -41,8 +41,20 @@ def test_models_know_nothing_of_environments_or_training(path):
     assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
-@pytest.mark.parametrize("leaf", ["seeding", "episodes"])
+@pytest.mark.parametrize("leaf", ["seeding.py", "episodes.py", "models/chat.py"])
 def test_leaf_modules_import_nothing_of_the_package(leaf):
-    path = PACKAGE / f"{leaf}.py"
+    path = PACKAGE / leaf
     bad = {name for name in imports(path) if under(name, {"lit_sftrl"} | ML)}
     assert not bad, f"{leaf}.py imports {sorted(bad)}"
+
+
+def test_the_model_layer_has_no_import_cycle():
+    """models/config -> kv_cache -> encoding used to lead back to config (for Message and Prompt)."""
+    graph = {path.stem: {name.rsplit(".", 1)[-1] for name in imports(path) if name.startswith("lit_sftrl.models.")}
+             for path in (PACKAGE / "models").glob("*.py")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(n == target or (n not in seen and reaches(n, target, seen | {n})) for n in graph.get(start, ()))
+
+    cyclic = sorted(module for module in graph if reaches(module, module, {module}))
+    assert not cyclic, f"import cycles through {cyclic}"

@@ -4,22 +4,18 @@ from YAML). Re-exported by ``lit_sftrl.models.backbone``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from lit_sftrl.validation import validate
 
+from lit_sftrl.models.chat import Message, Prompt
+
 if TYPE_CHECKING:
-    import numpy as np
-    from lit_sftrl.models.kv_cache import ConversationCache
     import torch
-    from PIL import Image
 
-Message = dict[str, str]
-"""One chat turn: ``{"role": "user" | "assistant", "content": str}``."""
+    from lit_sftrl.models.kv_cache import ConversationCache
 
-Prompt = tuple[list[Message], Union["np.ndarray", "Image.Image", None]]
-"""The chat so far and the image of the FIRST user turn (an (H, W, 3) uint8 array or a PIL image), or None for
-text-only prompts."""
+__all__ = ["BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores", "as_backbone_config"]
 
 
 @dataclass

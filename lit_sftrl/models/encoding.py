@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lit_sftrl.models.config import Message, Prompt
+from lit_sftrl.models.chat import Message, Prompt
 
 IGNORE = -100
 REPEAT_LAST_ROW = ("cross_attention_mask",)
