@@ -3,7 +3,8 @@
     python bench/ppo_learning.py --task gp_l    # GeneralPoints, text: training success per update
     python bench/ppo_learning.py --task virl_l  # V-IRL, text: training per-step accuracy per update
 
-1. ``lit-sftrl fit --config configs/<task>_sft.yaml`` (skipped when ``--sft`` names an existing checkpoint).
+1. ``lit-sftrl fit --config configs/<task>_sft.yaml`` without its evaluations (skipped when ``--sft`` names an
+   existing checkpoint).
 2. ``lit-sftrl fit --config configs/<task>_ppo.yaml --model.init_from <SFT checkpoint>`` with evaluation off
    (the curve is PPO's own training signal, over the episodes it plays).
 3. From the PPO run's ``metrics.csv``: per update, the training metric with its binomial standard error,
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 BIN = str(Path(sys.executable).with_name("lit-sftrl"))
+NO_EVALUATION = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
 # The training signal per task, and what its standard error counts (finished episodes or attempts).
 METRIC = {"gp_l": ("train/success", "train/episodes_finished"), "gp_vl": ("train/success", "train/episodes_finished"),
           "virl_l": ("train/per_step_accuracy", None), "virl_vl": ("train/per_step_accuracy", None)}
@@ -100,15 +102,15 @@ def main(argv: list[str] | None = None) -> None:
     sft = args.sft
     if sft is None or not sft.exists():
         sft_dir = runs / "sft"
-        seconds["sft"] = lit_sftrl("fit", "--config", f"configs/{args.task}_sft.yaml", "--trainer.default_root_dir",
-                                   str(sft_dir), "--trainer.logger.init_args.save_dir", str(sft_dir))
+        # The main job's recipe without its evaluations (they do not change the weights: sampling is seeded per row).
+        seconds["sft"] = lit_sftrl("fit", "--config", f"configs/{args.task}_sft.yaml", *NO_EVALUATION,
+                                   "--trainer.default_root_dir", str(sft_dir), "--trainer.logger.init_args.save_dir", str(sft_dir))
         sft = sft_dir / "checkpoints" / "last.ckpt"
     ppo_dir = runs / "ppo"
     updates = ["--trainer.max_epochs", str(args.updates)] if args.updates else []
     seconds["ppo"] = lit_sftrl(
         "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates,
-        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir), *args.overrides,
+        *NO_EVALUATION, "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir), *args.overrides,
     )
     rows = read_updates(ppo_dir / "metrics.csv", args.task)
     start, end = pooled(rows[:3]), pooled(rows[-3:])
