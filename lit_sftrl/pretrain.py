@@ -203,7 +203,8 @@ def answer_is_correct(item: dict[str, Any], text: str) -> bool:
 
 def probe_skills(path: str | os.PathLike, items: int = 100, seed: int = 1000, image_size: int = 224,
                  skills: tuple[str, ...] = (*TEXT_SKILLS, "card_image")) -> dict[str, float]:
-    """Greedy accuracy of the model at ``path`` on held-out corpus items (another seed) of each skill."""
+    """Greedy accuracy of the model at ``path`` on held-out corpus items (another seed) of each skill, plus
+    ``json_keys``: the share of JSON questions answered with a JSON object of exactly the keys asked for."""
     from lit_sftrl.models.backbone import Backbone
     from lit_sftrl.models.config import BackboneConfig, SamplingConfig
 
@@ -217,4 +218,14 @@ def probe_skills(path: str | os.PathLike, items: int = 100, seed: int = 1000, im
         for start in range(0, items, 25):
             answers += backbone.generate(prompts[start:start + 25], SamplingConfig(temperature=0.0, max_new_tokens=64))
         scores[skill] = sum(answer_is_correct(item, a.text) for item, a in zip(batch, answers)) / items
+        if skill == "json":  # the format alone: a JSON object with exactly the keys asked for, in order
+            scores["json_keys"] = sum(_same_keys(item, a.text) for item, a in zip(batch, answers)) / items
     return scores
+
+
+def _same_keys(item: dict[str, Any], text: str) -> bool:
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and list(answer) == list(json.loads(item["messages"][-1]["content"]))

@@ -68,3 +68,10 @@ def test_config_file_and_overrides(tmp_path):
         load_config(None, ["max_steps"])
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_missing_base_says_how_to_build_it(tmp_path):
+    from lit_sftrl.models.tiny import resolve_model_path
+
+    with pytest.raises(FileNotFoundError, match="make-tiny --pretrain"):
+        resolve_model_path(tmp_path / "tiny-mllama-base")

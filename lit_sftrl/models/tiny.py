@@ -102,6 +102,10 @@ def resolve_model_path(path: str | os.PathLike, corpus: Iterable[str] | None = N
             raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
         return path
     parsed = parse_tiny_name(path.name)
+    base = parse_tiny_name(path.name.removesuffix("-base")) if path.name.endswith("-base") else None
+    if base is not None:  # the pretrained base takes ~30 CPU minutes: built on request, never on first use
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist: build the pretrained base with "
+                                f"`lit-sftrl make-tiny --pretrain --family {base[0]} --size {base[1]} --out {path}`")
     if parsed is None:
         raise FileNotFoundError(
             f"model directory {str(path)!r} does not exist (nothing is downloaded: point `path` at a local Hugging "
