@@ -100,3 +100,59 @@ class RunConfigCallback(SaveConfigCallback):
         if stage != "fit":
             self.config_filename = f"config-{stage}.yaml"
         super().setup(trainer, pl_module, stage)
+
+
+# ----------------------------------------------------------------------------------------------- one run directory
+
+# Loggers whose files go to save_dir/name/version: with name and version empty, they write into the run directory.
+_VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
+DEFAULT_LOGGER = "lit_sftrl.run_logger.RunCSVLogger"
+
+
+def place_in_run_directory(trainer: Any) -> None:
+    """Make ``trainer.default_root_dir`` the one key that places a run (a parsed ``trainer`` config, changed in
+    place): every logger writes there whatever its ``save_dir`` said (``--trainer.default_root_dir X`` alone used
+    to leave metrics and checkpoints in the config's directory), the default logger is the CSV one, and without a
+    logger the callbacks that need one are dropped (``--trainer.logger false`` used to crash)."""
+    root = trainer.get("default_root_dir")
+    if root is None:  # Lightning's own layout (versioned folders under the working directory)
+        return
+    logger = trainer.get("logger")
+    if logger is None or logger is True:
+        from jsonargparse import Namespace
+
+        trainer["logger"] = Namespace(class_path=DEFAULT_LOGGER, init_args=Namespace(save_dir=root, name="", version=""))
+        return
+    if logger is False:
+        callbacks = trainer.get("callbacks") or []
+        trainer["callbacks"] = [c for c in callbacks if not str(_get(c, "class_path") or "").endswith("LearningRateMonitor")]
+        return
+    for entry in logger if isinstance(logger, list) else [logger]:
+        init_args = _get(entry, "init_args")
+        if init_args is None:
+            continue
+        init_args["save_dir"] = root
+        if str(_get(entry, "class_path")).endswith(_VERSIONED_LOGGERS):
+            init_args["name"], init_args["version"] = "", ""
+
+
+def _get(node: Any, key: str) -> Any:
+    return node.get(key) if hasattr(node, "get") else getattr(node, key, None)
+
+
+def previous_run_files(run_dir: str | os.PathLike) -> list[str]:
+    """What another run left in ``run_dir`` (the lock file and empty folders aside)."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name != LOCK_FILE and not (p.is_dir() and not p.is_symlink() and not any(p.iterdir())))
+
+
+def clear_run_directory(run_dir: str | os.PathLike) -> None:
+    """Delete a previous run's files (``--overwrite true``); call only while holding the lock."""
+    import shutil
+
+    for name in previous_run_files(run_dir):
+        path = Path(run_dir) / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

@@ -18,7 +18,15 @@ from lit_sftrl.models.export import check_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
-from lit_sftrl.run_dir import RunConfigCallback, RunDirectoryBusy, RunDirectoryLock, remove_orphan_temporaries
+from lit_sftrl.run_dir import (
+    RunConfigCallback,
+    RunDirectoryBusy,
+    RunDirectoryLock,
+    clear_run_directory,
+    place_in_run_directory,
+    previous_run_files,
+    remove_orphan_temporaries,
+)
 from lit_sftrl.tasks import TaskConfig
 
 
@@ -52,6 +60,9 @@ class SftRlCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        for callback in trainer.checkpoint_callbacks:  # whatever the logger, checkpoints live in the run directory
+            if getattr(callback, "dirpath", "") is None and self._get(self.config, "trainer.default_root_dir"):
+                callback.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         return trainer
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
@@ -71,6 +82,7 @@ class SftRlCLI(LightningCLI):
             lines = "\n".join(f"  {key}: {message}" for key, message in unreadable)
             sys.exit(f"lit-sftrl {self.subcommand}: a checkpoint cannot be read, nothing was run:\n{lines}")
         config.trainer.strategy = ddp_strategy(config.trainer.get("strategy"))
+        place_in_run_directory(config.trainer)
 
     def _parse_ckpt_path(self) -> None:
         """Check an explicit ``--ckpt_path`` file; do not merge its hyper-parameters into the config.
@@ -101,12 +113,32 @@ class SftRlCLI(LightningCLI):
                 lock.acquire(f"lit-sftrl {subcommand}")
             except RunDirectoryBusy as error:
                 sys.exit(f"lit-sftrl {subcommand}: {error}; nothing was run")
-            remove_orphan_temporaries(run_dir)
         try:
+            if lock is not None:
+                remove_orphan_temporaries(lock.run_dir)
+                if subcommand == "fit":
+                    self._refuse_a_previous_run(lock.run_dir)
             super()._run_subcommand(subcommand)
         finally:
             if lock is not None:
                 lock.release()
+
+    def _refuse_a_previous_run(self, run_dir: Path) -> None:
+        """A fit into a directory holding another run mixed the two (``last-v1.ckpt`` beside ``last.ckpt``,
+        evaluation records and config.yaml overwritten): refused unless resuming it or asked to overwrite it."""
+        previous = previous_run_files(run_dir)
+        if not previous or self._get(self.config, "ckpt_path"):
+            return
+        if self._get(self.config, "overwrite"):
+            clear_run_directory(run_dir)
+            return
+        sys.exit(f"lit-sftrl fit: run directory {str(run_dir)!r} already holds a run ({', '.join(previous[:4])}): "
+                 "resume it with --ckpt_path last, choose another --trainer.default_root_dir, or replace it with "
+                 "--overwrite true; nothing was run")
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit into a run directory that holds another run: delete that run's files first")
 
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:

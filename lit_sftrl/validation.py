@@ -74,7 +74,7 @@ RULES: dict[str, Rule] = {
     # rates
     "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION, "dropout": in_range(0.0, 1.0, high_open=True),
     "temperature": NONNEGATIVE, "top_p": in_range(0.0, 1.0, low_open=True), "multi_turn": FRACTION,
-    "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": POSITIVE,
+    "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": NONNEGATIVE,
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
     "thought_coef": NONNEGATIVE,
 }

@@ -72,18 +72,18 @@ def test_nonfinite_weights_after_a_step_stop_the_run_and_are_never_saved(tmp_pat
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, model_dir, monkeypatch):
     """KeyboardInterrupt in the 4th step: last.ckpt holds step 3 and --ckpt_path last continues from there
     (before, nothing was saved and the resume restarted silently at step 0)."""
-    from lit_sftrl.models.backbone import Backbone
+    from lit_sftrl.sft import SFTModule
 
     run_dir, config = _config(tmp_path, model_dir, max_steps=5, every=100)
-    original, calls = Backbone.sft_loss, [0]
+    original, calls = SFTModule.training_step, [0]
 
-    def interrupted(self, inputs):
+    def interrupted(self, batch, batch_idx):
         calls[0] += 1
         if calls[0] == 4:
             raise KeyboardInterrupt
-        return original(self, inputs)
+        return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(Backbone, "sft_loss", interrupted)
+    monkeypatch.setattr(SFTModule, "training_step", interrupted)
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT while it shuts down
     try:
         with pytest.raises(SystemExit):
