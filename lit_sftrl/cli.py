@@ -1,4 +1,4 @@
-"""The ``lit-sftrl`` command: LightningCLI's fit/validate/test/predict, plus the project's own tools.
+"""The ``lit-sftrl`` command: LightningCLI's fit/validate/test, plus the project's own tools.
 
     lit-sftrl fit --config configs/gp_l_sft.yaml [--model.backbone.path DIR] [--trainer.devices 8 ...]
     lit-sftrl make-tiny --family mllama --out checkpoints/tiny-mllama
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: validate/test play episodes (and keep transcripts)
 TOOLS_HELP = {
     "make-tiny": "build a tiny offline model of a VLM family (tokenizer trained on the environments' text)",
     "make-city": "generate a synthetic V-IRL city in the official route format",
@@ -58,7 +58,6 @@ def _overview() -> str:
         ("fit", "train: SFT or PPO, as the --config file says"),
         ("validate", "evaluate a model on the validation episodes of every variant"),
         ("test", "evaluate a model on the paper-sized test episodes of every variant"),
-        ("predict", "LightningCLI's predict loop"),
     )]
     lines += ["", "tools:"] + [f"  {name:<10} {what}" for name, what in TOOLS_HELP.items()]
     return "\n".join(lines)

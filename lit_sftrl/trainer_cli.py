@@ -13,8 +13,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sftrl import validation
 from lit_sftrl.checkpoint_io import AtomicCheckpointIO
+from lit_sftrl.cli_errors import ShortErrorParser
 from lit_sftrl.datamodules import EpisodeDataModule
-from lit_sftrl.models.export import check_lightning_checkpoint
+from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
@@ -46,6 +47,7 @@ class SftRlCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=RunConfigCallback,
+            parser_class=ShortErrorParser,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             parser_kwargs={"default_env": False},
@@ -101,6 +103,9 @@ class SftRlCLI(LightningCLI):
                 check_lightning_checkpoint(path)
             except (FileNotFoundError, ValueError) as error:
                 sys.exit(f"lit-sftrl {subcommand}: a checkpoint cannot be read, nothing was run:\n  ckpt_path: {error}")
+            mismatch = run_kind_mismatch(path, str(self.config[subcommand].model.get("class_path") or ""))
+            if mismatch:
+                sys.exit(f"lit-sftrl {subcommand}: {mismatch}; nothing was run")
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand holding the run directory's lock (one writer at a time), its orphan temporary
@@ -136,6 +141,21 @@ class SftRlCLI(LightningCLI):
                  "resume it with --ckpt_path last, choose another --trainer.default_root_dir, or replace it with "
                  "--overwrite true; nothing was run")
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # predict is Lightning's, not ours: the modules play episodes in validate/test (save_transcripts).
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def log_whole_config(self) -> None:
+        """The whole parsed config reaches every logger as hyperparameters (runs compare by lr, task, PPO
+        settings...), not only the module's own record."""
+        config = self.config[self.subcommand].clone()
+        config.pop("trainer.callbacks", None)
+        flat = {key.replace(".init_args.", ".").replace("init_args.", ""): value
+                for key, value in _flatten(config.as_dict())}
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(flat)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit into a run directory that holds another run: delete that run's files first")
@@ -143,8 +163,12 @@ class SftRlCLI(LightningCLI):
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:
         self._check_last_checkpoint()
+        self.log_whole_config()
 
-    before_validate = before_test = before_predict = before_fit
+    def before_validate(self) -> None:
+        self._check_last_checkpoint()
+
+    before_test = before_validate
 
     def _check_last_checkpoint(self) -> None:
         if self._get(self.config, "ckpt_path") != "last":
@@ -193,6 +217,31 @@ def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
         except (FileNotFoundError, ValueError) as error:
             problems.append((key, str(error)))
     return problems
+
+
+def run_kind_mismatch(path: str, model_class_path: str) -> str | None:
+    """What to use instead when ``--ckpt_path`` names another kind of run's checkpoint (``--ckpt_path`` resumes a
+    run of the same module; starting PPO from SFT weights is ``--model.init_from``)."""
+    checkpoint = read_lightning_checkpoint(path, mmap=True)
+    if "tokens_seen" in checkpoint:
+        kind = "an SFT run"
+    elif any(".value_head." in key or key.startswith("backbone.value_head") for key in checkpoint["state_dict"]):
+        kind = "a PPO run"
+    else:
+        return None
+    wanted = "a PPO run" if model_class_path.endswith("PPOModule") else "an SFT run" if model_class_path.endswith("SFTModule") else kind
+    if wanted == kind:
+        return None
+    return (f"--ckpt_path {path} is a checkpoint of {kind}, and --ckpt_path resumes {wanted} of the same kind; to "
+            f"start from its weights use --model.init_from {path}")
+
+
+def _flatten(node: Any, prefix: str = "") -> Any:
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
 def last_checkpoint(trainer: Any) -> str | None:

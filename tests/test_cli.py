@@ -15,7 +15,7 @@ from lit_sftrl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-COMMANDS = ("fit", "validate", "test", "predict", "make-tiny", "make-city", "export", "report")
+COMMANDS = ("fit", "validate", "test", "make-tiny", "make-city", "export", "report")  # predict is not offered
 
 
 def subprocess_env() -> dict[str, str]:
