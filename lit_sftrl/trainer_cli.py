@@ -19,6 +19,7 @@ from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_c
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
+from lit_sftrl.quiet import quiet_console
 from lit_sftrl.run_dir import (
     RunConfigCallback,
     RunDirectoryBusy,
@@ -41,6 +42,7 @@ class SftRlCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None) -> None:
         # From the shell, errors the user can fix end in one line; in-process callers (tests) get the exception.
         self._command_line = args is None
+        quiet_console()
         super().__init__(
             PolicyModule,
             EpisodeDataModule,
