@@ -6,7 +6,8 @@ Each benchmark is a function returning rows; ``bench/all.py`` runs them all and 
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 
 class Row(NamedTuple):

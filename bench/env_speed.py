@@ -7,8 +7,8 @@ table with a verdict per target. GeneralPoints rows are here, V-IRL rows in ``vi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 from common import Row, format_table, rate
 from virl_speed import virl_rows

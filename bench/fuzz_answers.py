@@ -34,9 +34,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lit_sftrl.envs.general_points import GeneralPointsEnv
 from lit_sftrl.envs.parsing import MAX_ANSWER_CHARS
@@ -146,7 +147,8 @@ def _mutate(rng: random.Random, text: str) -> str:
         if kind == 0:
             text = text[:i] + text[j:]
         elif kind == 1:
-            text = text[:i] + rng.choice(_INJECTIONS + _LOOKALIKES + ["{", "}", "[", "]", '"', "'", "\\", "```"]) + text[i:]
+            inserted = rng.choice(_INJECTIONS + _LOOKALIKES + ["{", "}", "[", "]", '"', "'", "\\", "```"])
+            text = text[:i] + inserted + text[i:]
         elif kind == 2:
             text = text[:i] + rng.choice(string.printable + "\u00a0\u2028é中") + text[i + 1 :]
         elif kind == 3:
@@ -185,9 +187,14 @@ def nested_brackets(rng: random.Random, env: Any) -> str:
     depth = _log_length(rng, 2000)
     open_, close = rng.choice([("[", "]"), ("{", "}"), ("(", ")"), ('{"a": ', "}"), ("{'a': ", "}"), ("[{", "}]")])
     unbalanced = rng.random() < 0.3
-    nest = open_ * depth + rng.choice(["1", "", '"x"', "24"]) + close * (depth - (rng.randint(1, depth) if unbalanced and depth else 0))
+    nest = (
+        open_ * depth + rng.choice(["1", "", '"x"', "24"])
+        + close * (depth - (rng.randint(1, depth) if unbalanced and depth else 0))
+    )
     formula_depth = rng.randint(0, 120)
-    formula = "(" * formula_depth + "1+2+3+4" + ")" * (formula_depth if not unbalanced else rng.randint(0, formula_depth))
+    formula = (
+        "(" * formula_depth + "1+2+3+4" + ")" * (formula_depth if not unbalanced else rng.randint(0, formula_depth))
+    )
     return rng.choice([
         nest,
         '{"cards": ' + nest + ', "formula": "1+2"}',
@@ -238,7 +245,8 @@ def wrong_types(rng: random.Random, env: Any) -> str:
 def long_digits(rng: random.Random, env: Any) -> str:
     digits = "".join(rng.choice(string.digits) for _ in range(_log_length(rng, 5000)))
     op = rng.choice("+-*/")
-    formula = rng.choice([digits, digits[:199], f"{digits[:99]}{op}{digits[:99]}", f"{digits[:60]}*{digits[:60]}*{digits[:60]}",
+    formula = rng.choice([digits, digits[:199], f"{digits[:99]}{op}{digits[:99]}",
+                          f"{digits[:60]}*{digits[:60]}*{digits[:60]}",
                           "9*" * 99 + "9", "9/" * 99 + "9", "1+" * 99 + "1", "(" * 49 + "9*9" + ")" * 49])
     return rng.choice([digits, _answer(rng, formula), '{"cards": [' + digits[:4000] + '], "formula": "1+2"}'])
 
@@ -264,7 +272,9 @@ def regex_stress(rng: random.Random, env: Any) -> str:
         "intersection " * n, "no intersection " * n, ("a" * n + " ") * 3 + "intersection", "\u00a0no\u00a0" * n,
         "No" + "\t\n" * n + "Intersection",
     ])
-    action = rng.choice(["turn_direction(" + " " * n + "north" + " " * n + ")", "'\"`" * n + "forward()", "(" * n + "_" * n])
+    action = rng.choice([
+        "turn_direction(" + " " * n + "north" + " " * n + ")", "'\"`" * n + "forward()", "(" * n + "_" * n,
+    ])
     long = _log_length(rng, MAX_ANSWER_CHARS - 24)  # an unclosed fence, then whitespace: was quadratic
     return rng.choice([
         json.dumps({"current observation": observation, "action": action})[:MAX_ANSWER_CHARS],
@@ -293,7 +303,9 @@ def near_valid(rng: random.Random, env: Any) -> str:
     if rng.random() < 0.2 and hasattr(env, "suboptimal_answer"):
         return env.suboptimal_answer()
     if rng.random() < 0.15:
-        return rng.choice(["Sure! Here it is:\n```json\n" + text + "\n```", text.replace('"', "'"), text + text, "[" + text + "]"])
+        return rng.choice([
+            "Sure! Here it is:\n```json\n" + text + "\n```", text.replace('"', "'"), text + text, "[" + text + "]",
+        ])
     return _mutate(rng, text)
 
 
@@ -341,7 +353,7 @@ class CodeTraps:
 
         return compile_ast_only
 
-    def __enter__(self) -> "CodeTraps":
+    def __enter__(self) -> CodeTraps:
         targets = [(builtins, "eval"), (builtins, "exec"), (builtins, "compile"), (os, "system"), (os, "popen"),
                    (subprocess, "Popen")]
         self._saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
@@ -416,7 +428,7 @@ class GcClock:
             self.total_ns += time.thread_time_ns() - self._start
             self._start = None
 
-    def __enter__(self) -> "GcClock":
+    def __enter__(self) -> GcClock:
         gc.callbacks.append(self)
         return self
 
@@ -472,7 +484,9 @@ def fuzz_env(
                 stats.rewards[reward] += 1
                 stats.outcomes[info.get("outcome")] += 1
                 if expected_reward(env, info) != reward or not math.isfinite(reward):
-                    stats.bad_rewards.append(f"{name}: reward {reward!r}, outcome {info.get('outcome')!r} <- {_describe(answer)}")
+                    stats.bad_rewards.append(
+                        f"{name}: reward {reward!r}, outcome {info.get('outcome')!r} <- {_describe(answer)}"
+                    )
             finally:
                 if traps is not None:
                     traps.armed = False
@@ -487,13 +501,16 @@ def warm_up(env: Any) -> None:
     (page faults, ~30 ms once), which is no cost of any answer."""
     for depth in (990, 1500):
         for open_, close in (("[", "]"), ('{"a": ', "}")):
-            for answer in ('{"action": ' + open_ * depth + close * depth + "}", "{'a': " + open_ * depth + close * depth + "}"):
+            nested = open_ * depth + close * depth
+            for answer in ('{"action": ' + nested + "}", "{'a': " + nested + "}"):
                 if env.step(answer)[2:4] != (False, False):
                     env.reset(seed=0)
     env.reset(seed=0)
 
 
-def run(answers: int, seed: int, folder: str | Path, generators: dict[str, Generator] | None = None) -> tuple[dict[str, FuzzStats], list[str]]:
+def run(
+    answers: int, seed: int, folder: str | Path, generators: dict[str, Generator] | None = None
+) -> tuple[dict[str, FuzzStats], list[str]]:
     """Every answer through every environment, under the code-execution traps."""
     envs = make_envs(folder)
     _huge_strings()
@@ -512,9 +529,10 @@ def format_report(results: dict[str, FuzzStats], calls: list[str]) -> str:
     for name, stats in results.items():
         histogram = ", ".join(f"{reward:+g}: {count}" for reward, count in sorted(stats.rewards.items()))
         lines.append(f"{name:<10} {stats.answers:>8} {len(stats.exceptions):>10} {len(stats.bad_rewards):>10} "
-                     f"{stats.max_cpu_ms:>8.2f} {stats.mean_cpu_ms:>8.3f} {stats.max_cpu_with_gc_ms:>8.2f} {stats.max_wall_ms:>8.2f} {stats.mean_wall_ms:>9.3f}  {histogram}")
-    lines.append("ms: one step(), thread CPU time without garbage-collector pauses; max+gc: with them; wall: wall clock, "
-                 "which other processes inflate")
+                     f"{stats.max_cpu_ms:>8.2f} {stats.mean_cpu_ms:>8.3f} {stats.max_cpu_with_gc_ms:>8.2f} "
+                     f"{stats.max_wall_ms:>8.2f} {stats.mean_wall_ms:>9.3f}  {histogram}")
+    lines.append("ms: one step(), thread CPU time without garbage-collector pauses; max+gc: with them; "
+                 "wall: wall clock, which other processes inflate")
     for name, stats in results.items():
         outcomes = ", ".join(f"{k}: {v}" for k, v in stats.outcomes.most_common())
         lines.append(f"{name} outcomes: {outcomes}")
@@ -530,7 +548,8 @@ def failures(results: dict[str, FuzzStats], calls: list[str], max_ms: float = MA
     for name, stats in results.items():
         problems += [f"{name}: {p}" for p in stats.exceptions + stats.bad_rewards]
         if stats.max_cpu_ms >= max_ms:
-            problems.append(f"{name}: slowest answer took {stats.slowest[0]:.1f} ms ({stats.slowest[1]}: {stats.slowest[2][:80]})")
+            problems.append(f"{name}: slowest answer took {stats.slowest[0]:.1f} ms "
+                            f"({stats.slowest[1]}: {stats.slowest[2][:80]})")
     return problems
 
 

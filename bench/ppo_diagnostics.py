@@ -30,7 +30,11 @@ def grad_norm(module: PPOModule, loss: torch.Tensor) -> float:
     """Norm of ``loss``'s gradient over the backbone's own weights (the value head left out)."""
     module.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
-    norms = [p.grad.norm() ** 2 for n, p in module.backbone.named_parameters() if p.grad is not None and "value_head" not in n]
+    norms = [
+        p.grad.norm() ** 2
+        for n, p in module.backbone.named_parameters()
+        if p.grad is not None and "value_head" not in n
+    ]
     return float(torch.stack(norms).sum().sqrt()) if norms else 0.0
 
 
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     envs = [task.make_env("id") for _ in range(16)]
     pool = EnvironmentPool(envs, lambda i, n: (stream_seed("ppo_episodes", 0, 0, i, n), {}))
     with torch.no_grad():
-        rollout = RolloutEngine(module.backbone, sampling).collect(pool, 64, lambda i, k: stream_seed("ppo_sampling", 0, 0, 0, i * 2**20 + k))
+        rollout = RolloutEngine(module.backbone, sampling).collect(
+            pool, 64, lambda i, k: stream_seed("ppo_sampling", 0, 0, 0, i * 2**20 + k)
+        )
     attempts = rollout.attempts
     advantages, returns = module._advantages(attempts)
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -62,11 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     tokens = sum(len(a.answer_ids) for a in attempts) / len(attempts)
 
     def losses(batch_module: PPOModule):
-        scores = batch_module.backbone.score([a.prompt for a in attempts], [a.answer_ids for a in attempts], sampling.temperature)
+        scores = batch_module.backbone.score(
+            [a.prompt for a in attempts], [a.answer_ids for a in attempts], sampling.temperature
+        )
         logprob = torch.stack([answer_logprob(lp, a.token_weights) for lp, a in zip(scores.token_logprobs, attempts)])
         _, stats = ppo_loss(logprob=logprob, old_logprob=old_logprob, advantages=advantages, values=scores.values,
-                            old_values=old_values, returns=returns, entropy=scores.entropy, kl=torch.zeros(len(attempts)),
-                            config=config)
+                            old_values=old_values, returns=returns, entropy=scores.entropy,
+                            kl=torch.zeros(len(attempts)), config=config)
         return logprob, scores, stats
 
     record: dict = {"task": args.task, "temperature": args.temperature, "attempts": len(attempts),

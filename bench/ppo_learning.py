@@ -53,8 +53,9 @@ def read_updates(metrics_csv: Path, task: str) -> list[dict[str, float]]:
             p = float(row[name])
             n = float(row[count]) if count else float(row["train/env_steps"]) - sum(r["n"] for r in rows)
             rows.append({
-                "update": int(float(row["train/update"])), "value": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0,
-                "n": n, "approx_kl": float(row["train/approx_kl"]), "clip_fraction": float(row["train/clip_fraction"]),
+                "update": int(float(row["train/update"])), "value": p,
+                "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n,
+                "approx_kl": float(row["train/approx_kl"]), "clip_fraction": float(row["train/clip_fraction"]),
                 "reward": float(row["train/reward"]), "rollout_s": float(row["time/rollout_s"]),
                 "update_s": float(row["time/update_s"]),
             })
@@ -104,13 +105,15 @@ def main(argv: list[str] | None = None) -> None:
         sft_dir = runs / "sft"
         # The main job's recipe without its evaluations (they do not change the weights: sampling is seeded per row).
         seconds["sft"] = lit_sftrl("fit", "--config", f"configs/{args.task}_sft.yaml", *NO_EVALUATION,
-                                   "--trainer.default_root_dir", str(sft_dir), "--trainer.logger.init_args.save_dir", str(sft_dir))
+                                   "--trainer.default_root_dir", str(sft_dir),
+                                   "--trainer.logger.init_args.save_dir", str(sft_dir))
         sft = sft_dir / "checkpoints" / "last.ckpt"
     ppo_dir = runs / "ppo"
     updates = ["--trainer.max_epochs", str(args.updates)] if args.updates else []
     seconds["ppo"] = lit_sftrl(
         "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates,
-        *NO_EVALUATION, "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir), *args.overrides,
+        *NO_EVALUATION, "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir),
+        *args.overrides,
     )
     rows = read_updates(ppo_dir / "metrics.csv", args.task)
     start, end = pooled(rows[:3]), pooled(rows[-3:])

@@ -43,9 +43,10 @@ import argparse
 import functools
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from common import Row, format_table
@@ -293,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                        rescore=not args.no_rescore)
     same = all(sorted(run.seeds) == sorted(runs["batched"].seeds) for run in runs.values())
     print(
-        f"{label} rollouts, {Path(path).name}, {torch.get_num_threads()} CPU thread(s), {args.max_new_tokens} new tokens, "
-        f"temperature 1, {args.num_envs} environments batched; all modes played "
+        f"{label} rollouts, {Path(path).name}, {torch.get_num_threads()} CPU thread(s), "
+        f"{args.max_new_tokens} new tokens, temperature 1, {args.num_envs} environments batched; all modes played "
         f"{'the same' if same else 'NOT the same'} episodes (seeds)"
     )
     for run in runs.values():

@@ -46,7 +46,10 @@ def run_dir(out: Path, name: str, val_episodes: int | None = None) -> list[str]:
 def flops_of(checkpoint: Path) -> tuple[float, int]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # never run a pickle's code
     counter = state["flops"]
-    total = counter["initial"] + counter["num_parameters"] * (6 * counter["train_tokens"] + 2 * counter["inference_tokens"])
+    total = (
+        counter["initial"]
+        + counter["num_parameters"] * (6 * counter["train_tokens"] + 2 * counter["inference_tokens"])
+    )
     return total, int(state["global_step"])
 
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     sft_config, ppo_config = f"configs/{args.task}_sft.yaml", f"configs/{args.task}_ppo.yaml"
     start = time.perf_counter()
 
-    lit_sftrl("fit", "--config", sft_config, "--trainer.max_steps", str(args.init_steps), *run_dir(out, "init", args.val_episodes))
+    lit_sftrl("fit", "--config", sft_config, "--trainer.max_steps", str(args.init_steps),
+              *run_dir(out, "init", args.val_episodes))
     init = out / "init" / "checkpoints" / "last.ckpt"
     init_flops, _ = flops_of(init)
 
@@ -78,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
               "--trainer.max_steps", str(sft_steps), "--trainer.val_check_interval", str(max(1, sft_steps // 2)),
               *run_dir(out, "sft", args.val_episodes))
 
-    episodes = [] if args.test_episodes is None else ["--data.init_args.evaluation.test_episodes", str(args.test_episodes)]
+    episodes = (
+        [] if args.test_episodes is None else ["--data.init_args.evaluation.test_episodes", str(args.test_episodes)]
+    )
     for name, config, checkpoint in (
         ("init_test", sft_config, init),
         ("sft", sft_config, out / "sft" / "checkpoints" / "last.ckpt"),

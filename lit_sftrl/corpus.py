@@ -22,10 +22,13 @@ def environment_corpus(episodes: int = 64, seed: int = 0) -> list[str]:
         from lit_sftrl.envs.city import STYLES, TRAIN_STYLE, VISUAL_OOD_STYLE, make_city
 
         # Only the text matters here: tiny panoramas keep this to a second.
-        cities = {style: make_city(Path(tmp) / style, style, num_routes=4, seed=seed, pano_width=64) for style in STYLES}
+        cities = {
+            style: make_city(Path(tmp) / style, style, num_routes=4, seed=seed, pano_width=64) for style in STYLES
+        }
         train, ood = cities[TRAIN_STYLE], cities[VISUAL_OOD_STYLE]
         tasks = [TaskConfig(name="gp_l"), TaskConfig(name="gp_vl", image_size=64)] + [
-            TaskConfig(name=name, image_size=64, routes=str(train), ood_routes=str(ood)) for name in ("virl_l", "virl_vl")
+            TaskConfig(name=name, image_size=64, routes=str(train), ood_routes=str(ood))
+            for name in ("virl_l", "virl_vl")
         ]
         for task in tasks:
             for variant in task.variants:

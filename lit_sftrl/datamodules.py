@@ -7,9 +7,10 @@ checkpoints see identical episodes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -124,7 +125,10 @@ class EpisodeDataModule(L.LightningDataModule):
             # V-IRL evaluates route i, so every route of a small benchmark city is seen once.
             episodes.append((seed, {"route_index": i} if self.task.is_virl else {}))
         size = self.evaluation.chunk
-        return [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size]) for i in range(0, len(episodes), size)]
+        return [
+            EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size])
+            for i in range(0, len(episodes), size)
+        ]
 
     def _num_routes(self, variant: str) -> int:
         return self.task.make_env(variant).num_routes
@@ -157,7 +161,9 @@ class EpisodeDataModule(L.LightningDataModule):
 # ----------------------------------------------------------------------------------------------- SFT
 
 
-def expert_conversations(env: Any, seed: int, options: dict, rng: np.random.Generator, multi_turn: float) -> list[Conversation]:
+def expert_conversations(
+    env: Any, seed: int, options: dict, rng: np.random.Generator, multi_turn: float
+) -> list[Conversation]:
     """Play one episode with the expert; one conversation per prompt the environment showed (SPEC §4).
 
     With probability ``multi_turn`` a prompt is first answered with the environment's sub-optimal answer, so
@@ -186,7 +192,7 @@ class SFTBatches(IterableDataset):
     identical for any number of workers and restarts exactly at ``start``.
     """
 
-    def __init__(self, source: "ExpertSource | LlavaSource", batch_size: int, seed: int, rank: int, start: int) -> None:
+    def __init__(self, source: ExpertSource | LlavaSource, batch_size: int, seed: int, rank: int, start: int) -> None:
         self.source, self.batch_size, self.seed, self.rank, self.start = source, batch_size, seed, rank, start
 
     def __iter__(self) -> Iterator[list[Conversation]]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torchmetrics import Metric
@@ -34,7 +34,8 @@ class EpisodeMetrics(Metric):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("episodes", "successes", "attempts", "correct", "well_formed", "recognized", "recognition_judged", "exhausted"):
+        for name in ("episodes", "successes", "attempts", "correct", "well_formed", "recognized",
+                     "recognition_judged", "exhausted"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, results: Sequence[EpisodeResult]) -> None:

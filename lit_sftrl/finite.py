@@ -19,8 +19,12 @@ def trainable_weights_finite(backbone: Any) -> bool:
 def nonfinite_weights_message(trainer: Any, step: int) -> str:
     """One line: what happened, that nothing was saved from it, and where the last finite state is."""
     last = last_saved_checkpoint(trainer)
-    where = (f"the last checkpoint, {last}, holds finite weights: lower the learning rate (or check the data) and "
-             f"resume with --ckpt_path {last}") if last else "no checkpoint had been written yet: lower the learning rate and start again"
+    where = (
+        f"the last checkpoint, {last}, holds finite weights: lower the learning rate (or check the data) and "
+        f"resume with --ckpt_path {last}"
+        if last
+        else "no checkpoint had been written yet: lower the learning rate and start again"
+    )
     return (f"the weights turned non-finite (NaN/inf) at step {step} although the loss was finite: "
             f"stopped, nothing was saved from this state; {where}.")
 

@@ -38,7 +38,9 @@ def read_llava_json(path: str | Path, image_folder: str | Path | None = None, *,
     return [_conversation(entry, folder, f"{path}[{i}]", lazy, max_image_pixels) for i, entry in enumerate(entries)]
 
 
-def _conversation(entry: Any, folder: Path, where: str, lazy: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, Any]:
+def _conversation(
+    entry: Any, folder: Path, where: str, lazy: bool = False, max_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
     turns = entry.get("conversations") if isinstance(entry, dict) else None
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{where}: needs a non-empty 'conversations' list")

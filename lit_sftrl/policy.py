@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_sftrl.compute import ComputeConfig, FlopsCounter
 from lit_sftrl.corpus import ensure_backbone
@@ -24,8 +24,8 @@ from lit_sftrl.finite import nonfinite_weights_message, trainable_weights_finite
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init
 from lit_sftrl.rollout import RolloutEngine
-from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 from lit_sftrl.tasks import VARIANTS, make_env_from_spec
+from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 from lit_sftrl.validation import check_values, validate
 
 STATE_PREFIX = "backbone."
@@ -78,7 +78,8 @@ class PolicyModule(L.LightningModule):
         save_transcripts: bool = False,
     ) -> None:
         super().__init__()
-        # Evaluation transcripts (prompt, answer, feedback, reward per attempt) beside each record: lit_sftrl.transcripts
+        # Evaluation transcripts (prompt, answer, feedback, reward per attempt) beside each record:
+        # lit_sftrl.transcripts
         self.save_transcripts = save_transcripts
         self._transcripts: list[EpisodeTranscript] = []
         self._eval_cap = {"answers": 0, "at_cap": 0}
@@ -140,7 +141,9 @@ class PolicyModule(L.LightningModule):
             self._nonfinite_in_a_row = 0
             return True
         self._nonfinite_in_a_row += 1
-        rank_zero_warn(f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
+        rank_zero_warn(
+            f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)"
+        )
         if self._nonfinite_in_a_row >= self.max_nonfinite_losses:
             path = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
             self.trainer.save_checkpoint(path)

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.evaluation import EpisodeMetrics
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
 from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
 from lit_sftrl.seeding import stream_seed
@@ -125,7 +125,9 @@ def ppo_loss(
         clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
         value_error = torch.max(value_error, (clipped_values - returns) ** 2)
     value_loss = 0.5 * value_error.mean()
-    loss = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + config.kl_coef * kl.mean()
+    loss = (
+        policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + config.kl_coef * kl.mean()
+    )
     with torch.no_grad():
         stats = {
             "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
@@ -219,7 +221,9 @@ class PPOModule(PolicyModule):
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
         for batch in _chunks(list(attempts), self.ppo.micro_batch_size):
-            scores = self.backbone.score([a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature, reference=True)
+            scores = self.backbone.score(
+                [a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature, reference=True
+            )
             if self.compute.mode == "tokens":
                 self.flops.add_inference(scores.num_tokens)
             for attempt, token_logprobs in zip(batch, scores.token_logprobs):
@@ -234,9 +238,10 @@ class PPOModule(PolicyModule):
         for indices in by_env.values():
             sequence = [attempts[i] for i in indices]
             values = torch.tensor([a.value for a in sequence])
-            next_values = torch.tensor(
-                [0.0 if a.terminated else a.bootstrap_value if a.truncated else values[t + 1].item() for t, a in enumerate(sequence)]
-            )
+            next_values = torch.tensor([
+                0.0 if a.terminated else a.bootstrap_value if a.truncated else values[t + 1].item()
+                for t, a in enumerate(sequence)
+            ])
             adv, ret = compute_gae(
                 rewards=torch.tensor([a.reward for a in sequence]), values=values, next_values=next_values,
                 episode_ends=torch.tensor([a.terminated or a.truncated for a in sequence]),
@@ -248,7 +253,9 @@ class PPOModule(PolicyModule):
         return advantages, returns
 
     def _normalize_over_ranks(self, advantages: torch.Tensor) -> torch.Tensor:
-        moments = torch.stack([advantages.new_tensor(len(advantages)), advantages.sum(), (advantages**2).sum()]).to(self.device)
+        moments = torch.stack(
+            [advantages.new_tensor(len(advantages)), advantages.sum(), (advantages**2).sum()]
+        ).to(self.device)
         n, total, squares = self.trainer.strategy.reduce(moments, reduce_op="sum").cpu().double().tolist()
         mean = total / n
         std = max(squares / n - mean**2, 0.0) ** 0.5
@@ -259,7 +266,8 @@ class PPOModule(PolicyModule):
         per_rank = self.ppo.minibatch_size // self.trainer.world_size
         if per_rank < 1 or per_rank * self.trainer.world_size != self.ppo.minibatch_size:
             raise ValueError(
-                f"model.ppo.minibatch_size={self.ppo.minibatch_size} must be a multiple of the {self.trainer.world_size} ranks"
+                f"model.ppo.minibatch_size={self.ppo.minibatch_size} must be a multiple of the "
+                f"{self.trainer.world_size} ranks"
             )
         old_logprob = torch.stack([answer_logprob(a.token_logprobs, a.token_weights) for a in attempts])
         old_values = torch.tensor([a.value for a in attempts])
@@ -284,18 +292,24 @@ class PPOModule(PolicyModule):
                         totals[key] = totals.get(key, 0.0) + float(value)
                     batches += 1
                 if finite:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return {key: value / max(batches, 1) for key, value in totals.items()}, self._sum_over_ranks(tokens)
 
     def _micro_batch_loss(self, batch: list[Attempt], *, old_logprob, old_values, advantages, returns):
-        scores = self.backbone.score([a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature)
+        scores = self.backbone.score(
+            [a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature
+        )
         device = scores.entropy.device
         logprob = torch.stack([answer_logprob(lp, a.token_weights) for lp, a in zip(scores.token_logprobs, batch)])
         kl = torch.zeros(len(batch), device=device)
         if self.ppo.kl_coef:
-            kl = torch.stack([_k3(new, a.reference_token_logprobs.to(device)) for new, a in zip(scores.token_logprobs, batch)])
+            kl = torch.stack(
+                [_k3(new, a.reference_token_logprobs.to(device)) for new, a in zip(scores.token_logprobs, batch)]
+            )
         loss, stats = ppo_loss(
             logprob=logprob, old_logprob=old_logprob.to(device), advantages=advantages.to(device),
             values=scores.values, old_values=old_values.to(device), returns=returns.to(device),
@@ -345,7 +359,8 @@ class PPOModule(PolicyModule):
                 "train/well_formed": episode["well_formed"],
                 "train/episode_return": self._mean_return(rollout.finished),
                 **{f"train/{k}": v for k, v in stats.items()},
-                "train/env_steps": float(self.env_steps), "train/rollout_tokens": tokens, "train/flops": self.flops.total,
+                "train/env_steps": float(self.env_steps), "train/rollout_tokens": tokens,
+                "train/flops": self.flops.total,
                 "train/update": float(self.current_epoch + 1), "train/lr": self.lr_schedulers().get_last_lr()[0],
                 "time/rollout_s": seconds["rollout"], "time/update_s": update_seconds,
                 "time/model_share": seconds["model"] / rollout_s, "time/attempts_per_s": len(attempts) / rollout_s,

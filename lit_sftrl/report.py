@@ -18,9 +18,10 @@ is per-step accuracy on ``id`` and ``rule_ood`` and route success on ``visual_oo
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -147,7 +148,9 @@ def matched_compute(runs: Sequence[Run]) -> tuple[float | None, dict[str, Pick]]
     picks: dict[str, Pick] = {}
     # A test of the Init checkpoint (paper-sized) beats the sanity check of a run started from it (val-sized).
     init = next(((run, run.records) for run in runs if run.eval_only), None)
-    init = init or next(((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None)
+    init = init or next(
+        ((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None
+    )
     if init:
         picks["Init"] = Pick(init[0], init[1][0])
     for kind, run in chosen.items():
@@ -183,7 +186,9 @@ def compute_modes(runs: Sequence[Run]) -> str:
     """How the runs' FLOPs were counted: real tokens, or the paper's approximation (records before the key: tokens)."""
     modes = sorted({record.get("compute_mode", "tokens") for run in runs for record in run.records})
     names = {"tokens": "tokens processed", "paper": "the paper's approximation"}
-    return " and ".join(names.get(mode, mode) for mode in modes) + (" (mixed: not comparable)" if len(modes) > 1 else "")
+    return (
+        " and ".join(names.get(mode, mode) for mode in modes) + (" (mixed: not comparable)" if len(modes) > 1 else "")
+    )
 
 
 def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: int) -> Path:
@@ -198,7 +203,10 @@ def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: in
                 x, y = np.array(points).T
                 y = np.clip(savgol(y, smooth), 0.0, 1.0) if smooth > 1 else y
                 ax.plot(x, 100 * y, markersize=4, **styles[run.name])
-        ax.set(title=variant, xlabel=f"training GFLOPs ({compute_modes(runs)})", ylabel=f"{metric_label(runs, variant)} (%)")
+        ax.set(
+            title=variant, xlabel=f"training GFLOPs ({compute_modes(runs)})",
+            ylabel=f"{metric_label(runs, variant)} (%)",
+        )
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     return save(fig, path)
@@ -281,7 +289,8 @@ def make_report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
     Bars: Init is the first evaluation-only run (test records only, e.g. ``lit-sftrl test`` of the Init
     checkpoint), else the sanity record of the first run that has ``init_from``. SFT and RL are the first SFT and
     first RL run (in the order given); the matched budget is the smaller of their largest FLOPs, and each bar is
-    that run's last record within the budget (+ MATCH_TOLERANCE), preferring stage test, then val, then sanity. ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
+    that run's last record within the budget (+ MATCH_TOLERANCE), preferring stage test, then val, then sanity.
+    ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
     """
     if not runs:
         raise ValueError("no run directories given")

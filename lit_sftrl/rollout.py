@@ -190,7 +190,9 @@ class RolloutEngine:
         while len(attempts) < num_attempts:
             active = list(range(min(len(pool.envs), num_attempts - len(attempts))))
             seeds = [seed_for(i, counts[i]) for i in active]
-            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(pool.envs, pool.running, active, seeds):
+            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(
+                pool.envs, pool.running, active, seeds
+            ):
                 counts[i] += 1
                 attempts.append(self._attempt(pool.running[i], i, generation, reward, terminated, truncated, info))
                 if terminated or truncated:
@@ -205,7 +207,9 @@ class RolloutEngine:
         self.seconds["rollout"] = time.perf_counter() - start
         return Rollout(attempts, finished, dict(self.seconds), self.inference_tokens)
 
-    def _attempt(self, running: _Running, index: int, generation: Generation, reward, terminated, truncated, info) -> Attempt:
+    def _attempt(
+        self, running: _Running, index: int, generation: Generation, reward, terminated, truncated, info
+    ) -> Attempt:
         return Attempt(
             prompt=running.last_prompt, answer_ids=generation.answer_ids, token_logprobs=generation.logprobs,
             token_weights=self._thought_weights(generation, info.get("action_offset")),
@@ -240,7 +244,9 @@ class RolloutEngine:
         if not cuts or not self.backbone.config.value_head:
             return
         start = time.perf_counter()
-        values = self.backbone.prompt_values([state.last_prompt for _, state in cuts], [state.cache for _, state in cuts])
+        values = self.backbone.prompt_values(
+            [state.last_prompt for _, state in cuts], [state.cache for _, state in cuts]
+        )
         self.seconds["model"] += time.perf_counter() - start
         for (attempt, _), value in zip(cuts, values.tolist()):
             attempt.bootstrap_value = value

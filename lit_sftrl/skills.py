@@ -25,10 +25,11 @@ be sliced (a held-out probe uses another seed).
 from __future__ import annotations
 
 import json
-from fractions import Fraction
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -39,7 +39,9 @@ class EpisodeTranscript:
     attempts: list[TranscriptAttempt] = field(default_factory=list)
 
 
-def feedback_after(messages_before: Sequence[dict[str, str]], messages_after: Sequence[dict[str, str]] | None) -> str | None:
+def feedback_after(
+    messages_before: Sequence[dict[str, str]], messages_after: Sequence[dict[str, str]] | None
+) -> str | None:
     """The environment's feedback to an answer: the user turn(s) its next observation adds after the conversation
     the answer continued (None when the episode ended, or when the next observation starts a new conversation)."""
     if not messages_after or len(messages_after) <= len(messages_before):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any
 
-PlainData = Union[str, bool, int, float, None, list, dict]
+PlainData = str | bool | int | float | None | list | dict
 """The type of free-form config fields: jsonargparse instantiates a ``{class_path, init_args}`` found inside a
 ``dict[str, Any]``, never inside this one (the bare ``list``/``dict`` are not parsed further)."""
 
@@ -72,8 +73,9 @@ RULES: dict[str, Rule] = {
     "max_nonfinite_losses": positive_int, "warmup_steps": nonnegative_int, "num_workers": nonnegative_int,
     "max_tokens": positive_int, "max_image_pixels": positive_int, "max_milestones": positive_int,
     # rates
-    "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION, "dropout": in_range(0.0, 1.0, high_open=True),
-    "temperature": NONNEGATIVE, "top_p": in_range(0.0, 1.0, low_open=True), "multi_turn": FRACTION,
+    "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION,
+    "dropout": in_range(0.0, 1.0, high_open=True), "temperature": NONNEGATIVE,
+    "top_p": in_range(0.0, 1.0, low_open=True), "multi_turn": FRACTION,
     "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": NONNEGATIVE,
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
     "thought_coef": NONNEGATIVE,

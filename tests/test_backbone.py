@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
-from lit_sftrl.sft import sft_loss
 from lit_sftrl.models.export import (
     export_checkpoint,
     load_backbone_from_lightning_checkpoint,
-    save_backbone,
     load_weights_for_init,
+    save_backbone,
 )
+from lit_sftrl.sft import sft_loss
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 

@@ -13,7 +13,13 @@ import pytest
 from lit_sftrl.envs.city import DEFAULT_ROUTES, SPATIAL, STYLES, TRAIN_STYLE, VISUAL_OOD_STYLE, ensure_city, make_city
 from lit_sftrl.envs.city_render import Landmark, render_panorama
 from lit_sftrl.envs.routes import (
-    COMPASS, RouteFolder, bearing_deg, load_pano_mapping, offset_geocode, parse_milestone_blocks, read_routes,
+    COMPASS,
+    RouteFolder,
+    bearing_deg,
+    load_pano_mapping,
+    offset_geocode,
+    parse_milestone_blocks,
+    read_routes,
 )
 
 
@@ -134,7 +140,9 @@ def test_make_city_checks_and_ensure_city(tmp_path):
     make_city(out, "harbor", 3, 0, overwrite=True, pano_width=64)
     assert json.loads((out / "route_infos.json").read_text())[1] == 3
     for meta in (out / "street_views").glob("*.metadata.json"):  # as generated before the heading convention
-        meta.write_text(json.dumps({key: v for key, v in json.loads(meta.read_text()).items() if key != "heading_convention"}))
+        meta.write_text(json.dumps(
+            {key: v for key, v in json.loads(meta.read_text()).items() if key != "heading_convention"}
+        ))
     with pytest.raises(ValueError, match="older heading convention"):
         ensure_city(out, "harbor", 3, 0)
 

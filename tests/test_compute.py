@@ -19,13 +19,15 @@ def test_paper_mode_counts_images_as_1600_tokens_and_rollouts_as_lambda_times_tr
     import torch
 
     from lit_sftrl.compute import ComputeConfig
-    from lit_sftrl.episodes import RolloutSpec
     from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
+    from lit_sftrl.episodes import RolloutSpec
     from lit_sftrl.models.backbone import Backbone
     from lit_sftrl.ppo import PPOModule
 
     paper = ComputeConfig(mode="paper")
-    batch = {"attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]), "pixel_values": torch.zeros(2, 1)}
+    batch = {
+        "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]), "pixel_values": torch.zeros(2, 1)
+    }
     counts = Backbone.token_counts(SimpleNamespace(tokens_per_image=paper.tokens_per_image), batch)
     assert counts.tolist() == [1605, 1603]
     text_only = {"attention_mask": batch["attention_mask"]}

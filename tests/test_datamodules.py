@@ -129,7 +129,10 @@ def batches(dataset, n: int, num_workers: int = 0) -> list[list[dict]]:
 
 
 def fingerprint(batch: list[dict]) -> list:
-    return [(json.dumps(sample["messages"]), None if sample["image"] is None else sample["image"].tobytes()) for sample in batch]
+    return [
+        (json.dumps(sample["messages"]), None if sample["image"] is None else sample["image"].tobytes())
+        for sample in batch
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +207,8 @@ def test_llava_json_feeds_the_sft_datamodule(tmp_path):
             i = int(sample["messages"][0]["content"][-2])
             seen.add(i)
             assert sample["messages"] == [
-                {"role": "user", "content": f"What colour is {i}?"}, {"role": "assistant", "content": f'{{"colour": {i}}}'}
+                {"role": "user", "content": f"What colour is {i}?"},
+                {"role": "assistant", "content": f'{{"colour": {i}}}'},
             ]
             assert sample["image"].shape == (12, 16, 3) and sample["image"][0, 0, i] == 255
     assert seen == {0, 1}
@@ -272,7 +276,9 @@ def test_eval_loaders_keep_lightning_from_padding_ranks_with_repeated_chunks():
 
 def test_paper_test_sizes_by_default():
     datamodule = SFTDataModule(task=TaskConfig(name="gp_vl"))
-    assert {v: datamodule.num_test_episodes(v) for v in datamodule.eval_variants} == {"id": 234, "rule_ood": 234, "visual_ood": 234}
+    assert {v: datamodule.num_test_episodes(v) for v in datamodule.eval_variants} == {
+        "id": 234, "rule_ood": 234, "visual_ood": 234
+    }
     assert SFTDataModule(evaluation=EvalConfig(test_episodes=5)).num_test_episodes("id") == 5
 
 
@@ -281,7 +287,9 @@ def test_visual_ood_on_a_text_task_is_refused():
         SFTDataModule(task=TaskConfig(name="gp_l"), evaluation=EvalConfig(variants=["visual_ood"]))
     with pytest.raises(ValueError, match="visual_ood.*virl_l"):
         RLDataModule(task=TaskConfig(name="virl_l"), variant="visual_ood")
-    assert SFTDataModule(task=TaskConfig(name="gp_vl"), evaluation=EvalConfig(variants=["visual_ood"])).eval_variants == ["visual_ood"]
+    assert SFTDataModule(
+        task=TaskConfig(name="gp_vl"), evaluation=EvalConfig(variants=["visual_ood"])
+    ).eval_variants == ["visual_ood"]
 
 
 def test_rl_datamodule_gives_each_rank_its_rollout_spec():

@@ -129,14 +129,18 @@ def test_two_evaluations_play_identical_episodes(backbone, temperature, top_p):
     first = engine.evaluate([Transcript(env, logs[0]) for env in envs], chunk.episodes)
     # Again on the same (now used) environments, and on fresh ones built from a fresh datamodule's chunk.
     second = engine.evaluate([Transcript(env, logs[1]) for env in envs], chunk.episodes)
-    [again] = SFTDataModule(task=TaskConfig(name="gp_vl", verify_iter=2), evaluation=EvalConfig(chunk=3, seed=5)).eval_chunks("id", 3)
+    [again] = SFTDataModule(
+        task=TaskConfig(name="gp_vl", verify_iter=2), evaluation=EvalConfig(chunk=3, seed=5)
+    ).eval_chunks("id", 3)
     fresh = [make_env_from_spec(again.env_id, again.env_kwargs) for _ in range(3)]
     third = engine.evaluate([Transcript(env, logs[2]) for env in fresh], again.episodes)
     assert first == second == third and len(first) == 3
     answers = [[entry for entry in log if entry[0] == "step"] for log in logs]
     assert answers[0] == answers[1] and len(answers[0]) == sum(r.attempts for r in first)
     assert sorted(answers[2]) == sorted(answers[0])  # three environments interleave the same answers differently
-    assert sorted(entry[1:] for entry in logs[0] if entry[0] == "reset") == sorted((s, o or None) for s, o in chunk.episodes)
+    assert sorted(entry[1:] for entry in logs[0] if entry[0] == "reset") == sorted(
+        (s, o or None) for s, o in chunk.episodes
+    )
     metrics = []
     for results in (first, second, third):
         metric = EpisodeMetrics()
@@ -155,7 +159,9 @@ def small_vl_config(tmp: Path, tiny: Path, steps: int = 1) -> Path:
     trainer.update(accelerator="cpu", max_steps=steps, log_every_n_steps=1, default_root_dir=str(tmp),
                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer["logger"]["init_args"]["save_dir"] = str(tmp)
-    trainer["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    trainer["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
     model = config["model"]["init_args"]
     model["backbone"]["path"] = str(tiny)
     model["eval_sampling"]["max_new_tokens"] = 8
@@ -180,7 +186,10 @@ def hand_counted_tokens(backbone, conversation: dict) -> int:
     """Text tokens of the rendered chat, counted with the bare tokenizer, plus the image's vision tokens derived
     from the vision config: tiles x (patches per tile + the class token)."""
     messages = [
-        {"role": m["role"], "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": m["content"]}]}
+        {
+            "role": m["role"],
+            "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": m["content"]}],
+        }
         for i, m in enumerate(conversation["messages"])
     ]
     text = backbone.processor.apply_chat_template(messages, tokenize=False)
@@ -214,8 +223,12 @@ def test_generation_flops_are_2nd_on_a_hand_counted_prompt(backbone):
 
     env = TaskConfig(name="gp_vl", image_size=224).make_env("id")
     obs, _ = env.reset(seed=3)
-    [generation] = backbone.generate([(list(obs["messages"]), obs["image"])], SamplingConfig(temperature=0.0, max_new_tokens=6))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": obs["messages"][0]["content"]}]}]
+    [generation] = backbone.generate(
+        [(list(obs["messages"]), obs["image"])], SamplingConfig(temperature=0.0, max_new_tokens=6)
+    )
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": obs["messages"][0]["content"]}]}
+    ]
     prompt_text = backbone.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_tokens = len(backbone.tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     vision = backbone.model.config.vision_config

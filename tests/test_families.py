@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from family_dirs import LAYOUTS, QWEN_FAMILIES, make_qwen_dir
+
 from lit_sftrl.cli import run
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
 from lit_sftrl.models.export import export_checkpoint, load_weights_for_init, save_backbone
@@ -46,7 +46,9 @@ def _plain_logits(directory: Path, chat, image) -> torch.Tensor:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_qwen_loads_image_only_trains_and_exports_for_plain_transformers(qwen_factory, family, layout, chats, images, tmp_path):
+def test_qwen_loads_image_only_trains_and_exports_for_plain_transformers(
+    qwen_factory, family, layout, chats, images, tmp_path
+):
     from PIL import Image
 
     from lit_sftrl.models.processors import PLAIN_IMAGE_ONLY_PROCESSOR
@@ -126,7 +128,9 @@ def test_init_from_a_lora_run_into_full_fine_tuning_merges_the_adapter(tiny_dir_
     load_weights_for_init(full, lightning_checkpoint(sft.eval(), tmp_path / "sft.ckpt"))
     prompts = prompts_of(chats, images)
     expected = prompt_logits(sft.model, sft, prompts)
-    assert (expected - prompt_logits(Backbone(BackboneConfig(path=str(path))).eval().model, sft, prompts)).abs().max() > 1e-3
+    assert (
+        expected - prompt_logits(Backbone(BackboneConfig(path=str(path))).eval().model, sft, prompts)
+    ).abs().max() > 1e-3
     torch.testing.assert_close(prompt_logits(full.model, full, prompts), expected, atol=1e-5, rtol=0)
 
 

@@ -46,7 +46,9 @@ def test_traps_catch_eval_exec_and_code_compile_but_not_ast_parse():
 
     with fuzz.CodeTraps() as traps:
         traps.armed = True
-        for call in (lambda: builtins.eval("1"), lambda: builtins.exec("x = 1"), lambda: builtins.compile("1", "f", "eval")):
+        for call in (
+            lambda: builtins.eval("1"), lambda: builtins.exec("x = 1"), lambda: builtins.compile("1", "f", "eval")
+        ):
             with pytest.raises(fuzz.CodeExecuted):
                 call()
         assert isinstance(ast.parse("1 + 2", mode="eval"), ast.Expression)  # AST only: allowed
@@ -103,10 +105,17 @@ def _judge_everywhere(envs, answer) -> None:
 # The speed bound (fuzz.MAX_STEP_MS, 50 ms) is measured over 100,000 answers by bench/fuzz_answers.py.
 HANG_MS = 2000.0
 _PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
-_json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=20)
+_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
+)
+_json_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
 _fields = st.fixed_dictionaries({}, optional={
-    "cards": _json_values, "number": _json_values, "formula": _json_values | st.text(alphabet="0123456789+-*/()= .eEj_x", max_size=60),
+    "cards": _json_values, "number": _json_values,
+    "formula": _json_values | st.text(alphabet="0123456789+-*/()= .eEj_x", max_size=60),
     "action": _json_values, "current observation": _json_values,
 })
 
@@ -118,7 +127,10 @@ def test_property_any_text(envs, text):
 
 
 @_PROPERTY
-@given(fields=_fields, python_style=st.booleans(), wrap=st.sampled_from(["{}", "```json\n{}\n```", "Answer: {} done", "[{}]"]))
+@given(
+    fields=_fields, python_style=st.booleans(),
+    wrap=st.sampled_from(["{}", "```json\n{}\n```", "Answer: {} done", "[{}]"]),
+)
 def test_property_json_of_any_types(envs, fields, python_style, wrap):
     body = repr(fields) if python_style else json.dumps(fields, allow_nan=True)
     _judge_everywhere(envs, wrap.replace("{}", body, 1))
@@ -210,7 +222,9 @@ def test_parser_warnings_stay_out_of_the_log():
     env.reset(seed=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for answer in ["{'formula': '\\d'}", "{'a': 1e5x}", "{'cards': ['\\K'], 'formula': '1'}", '{"formula": "2(3)"}']:
+        for answer in [
+            "{'formula': '\\d'}", "{'a': 1e5x}", "{'cards': ['\\K'], 'formula': '1'}", '{"formula": "2(3)"}',
+        ]:
             env.step(answer)
             env.reset(seed=0)
     assert [str(w.message) for w in caught] == []

@@ -9,7 +9,8 @@ import math
 import subprocess
 import sys
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -302,7 +303,9 @@ def test_single_turn_budget_and_step_before_reset() -> None:
         GeneralPointsEnv().step(answer("8/(3-8/3)"))
     env = env_3388(verify_iter=1)
     _, reward, terminated, truncated, info = env.step("nonsense")
-    assert (reward, terminated, truncated, info["budget_exhausted"], info["well_formed"]) == (-4.0, True, False, True, False)
+    assert (reward, terminated, truncated, info["budget_exhausted"], info["well_formed"]) == (
+        -4.0, True, False, True, False
+    )
     env = env_3388(verify_iter=1, rewards={"budget_exhausted": -0.5})
     assert env.step(answer("8+3+8+3"))[1] == -1.5
 
@@ -359,7 +362,7 @@ def _pair_ops(a: int, b: int, c: int, d: int) -> Iterator[tuple[int, int]]:
         yield a * d, b * c
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sequence_values(sequence: tuple[int, ...]) -> frozenset[tuple[int, int]]:
     """Every value of every expression tree whose leaves are ``sequence`` in this order."""
     if len(sequence) == 1:
@@ -374,7 +377,7 @@ def _sequence_values(sequence: tuple[int, ...]) -> frozenset[tuple[int, int]]:
     return frozenset(found)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def brute_force_solvable(values: tuple[int, ...], target: int) -> bool:
     """Trees over every ordering of the values, in integer-pair arithmetic: shares nothing with the solver."""
     for sequence in set(itertools.permutations(values)):
@@ -454,7 +457,7 @@ _formulas = st.text(alphabet="0123456789+-*/() =.x", max_size=40)
 _answers = st.one_of(
     st.text(max_size=200),
     st.builds(lambda f, c: answer(f, cards=c), _formulas, st.lists(st.sampled_from(RANKS + ("1", "Z")), max_size=5)),
-    st.builds(lambda f: "```json\n{'formula': %r}\n```" % f, _formulas),
+    st.builds(lambda f: f"```json\n{{'formula': {f!r}}}\n```", _formulas),
     st.builds(lambda n: "[" * n + "{" * n + "}" * n + "]" * n, st.integers(0, 3000)),
     st.recursive(
         st.none() | st.integers() | st.text(max_size=5),

@@ -90,7 +90,9 @@ def test_the_original_answer_layout_is_accepted() -> None:
     """Single-quoted Python lists, trailing commas, a leading newline: the released SFT answers' layout."""
     env = GeneralPointsEnv(modality="image")
     env.reset(seed=0, options={"hand": HAND_3388})
-    original = "\n{\n  \"cards\": ['3', '8', '3', '8'],\n  \"number\": [3, 8, 3, 8],\n  \"formula\": \"8/(3-8/3)=24\",\n}"
+    original = (
+        "\n{\n  \"cards\": ['3', '8', '3', '8'],\n  \"number\": [3, 8, 3, 8],\n  \"formula\": \"8/(3-8/3)=24\",\n}"
+    )
     _, reward, terminated, _, info = env.step(original)
     assert (reward, terminated, info["well_formed"], info["recognized"]) == (5.0, True, True, True)
 

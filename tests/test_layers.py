@@ -31,7 +31,10 @@ def under(name: str, prefixes: set[str]) -> bool:
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "envs").glob("*.py")), ids=lambda p: p.name)
 def test_environments_import_no_model_library_and_nothing_of_the_package_outside_envs(path):
-    bad = {name for name in imports(path) if under(name, ML) or (under(name, {"lit_sftrl"}) and not under(name, {"lit_sftrl.envs"}))}
+    bad = {
+        name for name in imports(path)
+        if under(name, ML) or (under(name, {"lit_sftrl"}) and not under(name, {"lit_sftrl.envs"}))
+    }
     assert not bad, f"{path.name} imports {sorted(bad)}"
 
 

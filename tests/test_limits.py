@@ -170,7 +170,9 @@ def test_bad_route_numbers_are_refused(city, field):
     elif field == "inf_heading":
         raw["init_heading"] = float("inf")
     elif field == "nan_milestone_heading":
-        raw["milestone_info"] = raw["milestone_info"].replace('"to_next_intersection_heading": "', '"to_next_intersection_heading": "9' + "9" * 400, 1)
+        raw["milestone_info"] = raw["milestone_info"].replace(
+            '"to_next_intersection_heading": "', '"to_next_intersection_heading": "9' + "9" * 400, 1
+        )
     else:
         raw["milestone_info"] = "{\n}\n" * (MAX_MILESTONES + 1)
     with pytest.raises(RouteDataError) as error:

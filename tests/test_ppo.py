@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lit_sftrl.datamodules import RolloutSpecs, keep_as_is
-from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.envs.base import ChatEnv
+from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.policy import OptimConfig
 from lit_sftrl.ppo import PPOConfig, PPOModule

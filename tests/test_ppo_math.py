@@ -39,8 +39,9 @@ def test_gae_does_not_flow_across_episodes():
 def test_ppo_loss_by_hand():
     config = PPOConfig(clip_eps=0.1, value_clip=0.1, value_coef=0.5, entropy_coef=0.0, kl_coef=0.0)
     loss, stats = ppo_loss(
-        logprob=torch.tensor([-1.0, -2.0]), old_logprob=torch.tensor([-1.1, -1.5]), advantages=torch.tensor([1.0, -1.0]),
-        values=torch.tensor([0.5, 0.0]), old_values=torch.tensor([0.3, 0.2]), returns=torch.tensor([1.0, -0.5]),
+        logprob=torch.tensor([-1.0, -2.0]), old_logprob=torch.tensor([-1.1, -1.5]),
+        advantages=torch.tensor([1.0, -1.0]), returns=torch.tensor([1.0, -0.5]),
+        values=torch.tensor([0.5, 0.0]), old_values=torch.tensor([0.3, 0.2]),
         entropy=torch.tensor([0.7, 0.9]), kl=torch.zeros(2), config=config,
     )
     # ratio e^0.1 clipped to 1.1 for the positive advantage; e^-0.5 clipped to 0.9 for the negative one.
@@ -56,7 +57,8 @@ def test_ppo_loss_by_hand():
 def test_entropy_bonus_and_kl_penalty_enter_the_loss():
     base = dict(
         logprob=torch.zeros(2), old_logprob=torch.zeros(2), advantages=torch.zeros(2), values=torch.zeros(2),
-        old_values=torch.zeros(2), returns=torch.zeros(2), entropy=torch.tensor([1.0, 3.0]), kl=torch.tensor([0.5, 1.5]),
+        old_values=torch.zeros(2), returns=torch.zeros(2), entropy=torch.tensor([1.0, 3.0]),
+        kl=torch.tensor([0.5, 1.5]),
     )
     loss, _ = ppo_loss(**base, config=PPOConfig(entropy_coef=0.1, kl_coef=0.2))
     assert loss.item() == pytest.approx(-0.1 * 2.0 + 0.2 * 1.0)
@@ -102,8 +104,8 @@ def test_thought_coef_weights_the_reasoning_tokens():
     assert answer_logprob(token_logprobs, torch.tensor([0.5, 0.5, 1.0, 1.0])).item() == -8.5
 
 
-@pytest.mark.parametrize("name, value", [("ppo_epochs", 0), ("minibatch_size", -1), ("gamma", 1.5), ("clip_eps", float("inf")),
-                                         ("value_clip", -0.1), ("thought_coef", 2.0)])
+@pytest.mark.parametrize("name, value", [("ppo_epochs", 0), ("minibatch_size", -1), ("gamma", 1.5),
+                                         ("clip_eps", float("inf")), ("value_clip", -0.1), ("thought_coef", 2.0)])
 def test_ppo_config_rejects_bad_values_naming_the_key(name, value):
     with pytest.raises(ValueError, match=f"model.ppo.{name}"):
         PPOConfig(**{name: value})

@@ -52,7 +52,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _config(tmp_path: Path, model: Path, name: str = "run", max_steps: int = MAX_STEPS, every: int = EVERY) -> tuple[Path, Path]:
+def _config(
+    tmp_path: Path, model: Path, name: str = "run", max_steps: int = MAX_STEPS, every: int = EVERY
+) -> tuple[Path, Path]:
     run = tmp_path / name
     return run, kill_resume.write_config(run, model, max_steps, every)
 
@@ -111,9 +113,12 @@ def test_sigkill_then_resume_from_last(tmp_path, model_dir):
 
     process = kill_resume.start_fit(config, False, env, log)
     beyond_a_checkpoint = lambda: (  # noqa: E731
-        (steps := kill_resume.checkpoint_steps(run)) and max(int(r["step"]) for r in kill_resume.metric_rows(run)) >= max(steps)
+        (steps := kill_resume.checkpoint_steps(run))
+        and max(int(r["step"]) for r in kill_resume.metric_rows(run)) >= max(steps)
     )
-    assert kill_resume.kill_when(process, beyond_a_checkpoint, timeout=240), f"the run ended before the kill:\n{log.read_text()[-3000:]}"
+    assert kill_resume.kill_when(process, beyond_a_checkpoint, timeout=240), (
+        f"the run ended before the kill:\n{log.read_text()[-3000:]}"
+    )
     assert process.returncode == -9
     killed_rows = {int(r["step"]): r for r in kill_resume.metric_rows(run)}
     assert kill_resume.unreadable_checkpoints(run) == []
@@ -139,7 +144,9 @@ def test_sigkill_then_resume_from_last(tmp_path, model_dir):
     assert replayed, "the kill left no step to replay"
     for step in replayed:
         assert resumed_rows[step]["train/tokens"] == killed_rows[step]["train/tokens"], step
-        assert float(resumed_rows[step]["train/loss"]) == pytest.approx(float(killed_rows[step]["train/loss"]), rel=1e-5), step
+        assert float(resumed_rows[step]["train/loss"]) == pytest.approx(
+            float(killed_rows[step]["train/loss"]), rel=1e-5
+        ), step
     assert float(resumed_rows[MAX_STEPS - 1]["train/tokens"]) == last["tokens_seen"]
 
 
@@ -367,7 +374,9 @@ def test_repeated_nonfinite_losses_stop_the_run_saved(tmp_path, model_dir, monke
     run_dir, config = _config(tmp_path, model_dir, max_steps=20, every=20)
     counter = _nan_on(monkeypatch, {1, 2, 3})
     changed = _watch_weights(monkeypatch)
-    monkeypatch.setattr(sys, "argv", ["lit-sftrl", "fit", "--config", str(config), "--model.init_args.max_nonfinite_losses", "3"])
+    monkeypatch.setattr(
+        sys, "argv", ["lit-sftrl", "fit", "--config", str(config), "--model.init_args.max_nonfinite_losses", "3"]
+    )
     from lit_sftrl.cli import run
 
     with warnings.catch_warnings():
@@ -396,5 +405,7 @@ def test_repeated_nonfinite_losses_raise_in_process(tmp_path, model_dir, monkeyp
     _nan_on(monkeypatch, set(range(100)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(FloatingPointError, match=r"2 non-finite losses in a row at step 1: stopped\. State saved to"):
+        with pytest.raises(
+            FloatingPointError, match=r"2 non-finite losses in a row at step 1: stopped\. State saved to"
+        ):
             _fit(config, "--model.init_args.max_nonfinite_losses", "2")

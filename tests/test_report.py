@@ -146,7 +146,8 @@ def test_errors_name_the_directory(tmp_path: Path) -> None:
 def test_paper_sized_init_test_beats_sanity_and_near_budget_records_match(tmp_path: Path) -> None:
     """The study's layout: a test of the Init checkpoint (step 300, its own directory), then continued SFT and
     PPO runs from it, each ending in a test record; their FLOPs differ by 3 %, within MATCH_TOLERANCE."""
-    init = write_run(tmp_path, "init_test", "SFTModule", [("test", 300, 1e12, {"rule_ood": metrics(0.2, 0.02)})], init_from=None)
+    init = write_run(tmp_path, "init_test", "SFTModule", [("test", 300, 1e12, {"rule_ood": metrics(0.2, 0.02)})],
+                     init_from=None)
     sft = write_run(tmp_path, "sft", "SFTModule", [("sanity", 300, 1e12, {"rule_ood": metrics(0.9, 0.1)}),
                                                    ("test", 400, 2.00e12, {"rule_ood": metrics(0.1, 0.01)})])
     ppo = write_run(tmp_path, "rl", "PPOModule", [("sanity", 300, 1e12, {"rule_ood": metrics(0.9, 0.1)}),

@@ -35,7 +35,8 @@ def hostile_checkpoint(folder: Path, name: str = "hostile.ckpt") -> tuple[Path, 
     runs code when loaded with weights_only=False. Returns (checkpoint, marker the code would create)."""
     marker = folder / f"{name}.ran"
     path = folder / name
-    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {"backbone": {"path": "x"}, "extra": _RunsCode(marker)}}, path)
+    torch.save({"state_dict": {}, "global_step": 1,
+                "hyper_parameters": {"backbone": {"path": "x"}, "extra": _RunsCode(marker)}}, path)
     return path, marker
 
 
@@ -112,7 +113,8 @@ def test_env_kwargs_class_path_is_refused_and_never_instantiated(tmp_path, model
     hostile = tmp_path / "hostile.yaml"
     hostile.write_text(config.read_text().replace(
         "task: {name: gp_l}",
-        f"task: {{name: gp_l, env_kwargs: {{x: {{class_path: logging.FileHandler, init_args: {{filename: {marker}}}}}}}}}",
+        f"task: {{name: gp_l, env_kwargs: {{x: {{class_path: logging.FileHandler, "
+        f"init_args: {{filename: {marker}}}}}}}}}",
     ))
     assert "class_path: logging.FileHandler" in hostile.read_text()
     with pytest.raises(SystemExit) as exit_info:
@@ -165,7 +167,9 @@ def test_every_from_pretrained_call_pins_trust_remote_code():
                 depth += {"(": 1, ")": -1}.get(char, 0)
                 if depth == 0:
                     break
-            pinned_in_kwargs = "**" in call[:end] and '"trust_remote_code": False' in text[max(0, match.start() - 400): match.start()]
+            pinned_in_kwargs = (
+                "**" in call[:end] and '"trust_remote_code": False' in text[max(0, match.start() - 400): match.start()]
+            )
             if "trust_remote_code=False" not in call[:end] and not pinned_in_kwargs:
                 unpinned.append(f"{file.name}: {text[match.start() - 40: match.end() + 40]!r}")
     assert not unpinned, unpinned

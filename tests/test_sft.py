@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +72,9 @@ def small_config(tmp: Path, tiny: Path, *, steps: int, every: int | None = None,
     )
     trainer["logger"]["init_args"]["save_dir"] = str(tmp)
     checkpoint = {"save_last": True, "save_top_k": -1, "every_n_train_steps": every or steps}
-    trainer["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}, *callbacks]
+    trainer["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}, *callbacks
+    ]
     model = config["model"]["init_args"]
     model["backbone"]["path"] = str(tiny)
     model["optim"] = {"lr": lr, "warmup_steps": 0, "schedule": "constant"}
@@ -118,7 +119,8 @@ def test_a_short_fit_lowers_the_loss(short_fit):
     tokens = [float(row["train/tokens"]) for row in train]
     assert all(b > a for a, b in zip(flops, flops[1:])) and all(b > a for a, b in zip(tokens, tokens[1:]))
     assert cli.model.flops.total == 6 * cli.model.backbone.num_parameters * cli.model.tokens_seen
-    assert (flops[-1], tokens[-1]) == pytest.approx((cli.model.flops.total, cli.model.tokens_seen), rel=1e-6)  # float32 logs
+    # float32 logs
+    assert (flops[-1], tokens[-1]) == pytest.approx((cli.model.flops.total, cli.model.tokens_seen), rel=1e-6)
 
 
 def test_validation_writes_records_with_step_flops_and_metrics(short_fit):
@@ -136,7 +138,9 @@ def test_validation_writes_records_with_step_flops_and_metrics(short_fit):
             assert 0.0 <= metrics[name] <= 1.0 and f"{name}_stderr" in metrics
     # The same numbers went to the logger.
     logged = [row for row in csv.DictReader((run_dir / "metrics.csv").open()) if row.get("val/id/episodes")]
-    assert [float(logged[0]["val/id/success"]), float(logged[0]["val/id/episodes"])] == [val["metrics"]["id"]["success"], 2.0]
+    assert [float(logged[0]["val/id/success"]), float(logged[0]["val/id/episodes"])] == [
+        val["metrics"]["id"]["success"], 2.0
+    ]
 
 
 def test_lit_sftrl_test_on_a_checkpoint_writes_a_test_record(short_fit, tmp_path, tiny):
@@ -158,7 +162,9 @@ def test_lit_sftrl_test_on_a_checkpoint_writes_a_test_record(short_fit, tmp_path
 
 def test_an_exported_run_evaluates_like_its_checkpoint_and_keeps_its_flops(short_fit, tmp_path, tiny):
     cli, run_dir = short_fit
-    exported = run(["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exported")])
+    exported = run(
+        ["export", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exported")]
+    )
     records = {}
     for name, overrides in (("from_dir", ["--model.backbone.path", str(exported)]),
                             ("from_ckpt", ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])):
@@ -188,13 +194,17 @@ def test_a_killed_and_resumed_fit_matches_an_uninterrupted_one(tmp_path, tiny):
 
     broken_dir = tmp_path / "broken"
     killer = {"class_path": class_path(KillAt), "init_args": {"step": kill}}
-    killed_config = small_config(broken_dir, tiny, steps=steps, every=every, callbacks=callbacks(broken_dir / "batches", killer))
+    killed_config = small_config(
+        broken_dir, tiny, steps=steps, every=every, callbacks=callbacks(broken_dir / "batches", killer)
+    )
     with pytest.raises(RuntimeError, match=f"killed at step {kill}"):
         run(["fit", "--config", str(killed_config)])
     saved = torch.load(broken_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == every and saved["SFTDataModule"] == {"batches_consumed": every}
 
-    resume_config = small_config(broken_dir, tiny, steps=steps, every=every, callbacks=callbacks(broken_dir / "batches"))
+    resume_config = small_config(
+        broken_dir, tiny, steps=steps, every=every, callbacks=callbacks(broken_dir / "batches")
+    )
     resumed = run(["fit", "--config", str(resume_config), "--ckpt_path", "last"])
 
     assert resumed.trainer.global_step == whole.trainer.global_step == steps
@@ -217,8 +227,13 @@ def test_a_killed_and_resumed_fit_matches_an_uninterrupted_one(tmp_path, tiny):
 def ddp_fit(run_dir: Path, tiny: Path, *extra: str) -> subprocess.CompletedProcess:
     """``lit-sftrl fit ... --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp`` in a subprocess
     (Lightning relaunches the command line for rank 1); each rank's batches are recorded."""
-    config = small_config(run_dir, tiny, steps=2, callbacks=[{"class_path": "test_sft.RecordBatches", "init_args": {"out": str(run_dir / "batches")}}])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
+    config = small_config(run_dir, tiny, steps=2, callbacks=[
+        {"class_path": "test_sft.RecordBatches", "init_args": {"out": str(run_dir / "batches")}}
+    ])
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
+    }
     return subprocess.run(
         [sys.executable, "-m", "lit_sftrl.cli", "fit", "--config", str(config),
          "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", *extra],
@@ -239,7 +254,10 @@ def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
 
     seen = recorded(run_dir / "batches")
     assert sorted(seen) == ["rank0-step0.json", "rank0-step1.json", "rank1-step0.json", "rank1-step1.json"]
-    prompts = {rank: {json.dumps(conversation[0]) for step in (0, 1) for conversation in seen[f"rank{rank}-step{step}.json"]} for rank in (0, 1)}
+    prompts = {
+        rank: {json.dumps(conversation[0]) for step in (0, 1) for conversation in seen[f"rank{rank}-step{step}.json"]}
+        for rank in (0, 1)
+    }
     assert len(prompts[0]) == len(prompts[1]) == 4 and prompts[0].isdisjoint(prompts[1])
     # Each rank drew exactly its own stream: batch b of rank r is a function of (seed, r, b).
     source = ExpertSource(TaskConfig(name="gp_l", verify_iter=1), multi_turn=0.0)
@@ -251,7 +269,10 @@ def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
     assert seen == {name: [sample["messages"] for sample in batch] for name, batch in expected.items()}
     # Tokens (so FLOPs) are summed over both ranks.
     backbone = Backbone(BackboneConfig(path=str(tiny)))
-    tokens = sum(backbone.count_tokens(backbone.sft_batch([(s["messages"], s["image"]) for s in batch])) for batch in expected.values())
+    tokens = sum(
+        backbone.count_tokens(backbone.sft_batch([(s["messages"], s["image"]) for s in batch]))
+        for batch in expected.values()
+    )
     assert checkpoint["tokens_seen"] == checkpoint["flops"]["train_tokens"] == tokens
 
 

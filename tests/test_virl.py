@@ -16,10 +16,22 @@ import pytest
 from lit_sftrl.envs.base import REVISION_PREFIX
 from lit_sftrl.envs.city import make_city
 from lit_sftrl.envs.routes import (
-    RestrictedUnpickler, RouteFolder, compass_word, load_pano_mapping, parse_milestone_blocks, wrap_degrees,
+    RestrictedUnpickler,
+    RouteFolder,
+    compass_word,
+    load_pano_mapping,
+    parse_milestone_blocks,
+    wrap_degrees,
 )
 from lit_sftrl.envs.virl import (
-    DEFAULT_REWARDS, FORWARD, INTERSECTION_TEXT, STOP, VIRLEnv, claims_intersection, normalize_action, relative_word,
+    DEFAULT_REWARDS,
+    FORWARD,
+    INTERSECTION_TEXT,
+    STOP,
+    VIRLEnv,
+    claims_intersection,
+    normalize_action,
+    relative_word,
 )
 
 INFO_KEYS = {"gt_action", "success", "correct", "feedback", "at_intersection", "attempt", "route_index", "recognized",

@@ -61,7 +61,9 @@ def _original_rail(n: int, drop_rate: float, seed: int) -> list[tuple[float, flo
             for i in range(1, n + 1):
                 if rng.random() < drop_rate:
                     continue
-                point = (previous[0] * (1 - i / n) + target[0] * (i / n), previous[1] * (1 - i / n) + target[1] * (i / n))
+                point = (
+                    previous[0] * (1 - i / n) + target[0] * (i / n), previous[1] * (1 - i / n) + target[1] * (i / n)
+                )
                 if haversine_m(*previous, *point) > 8 and haversine_m(*point, *target) > 8:
                     points.append(point)
         previous = target
@@ -165,11 +167,16 @@ def test_a_template_override_changes_the_prompt_and_the_env_still_judges(tmp_pat
                              "feedback_wrong_action": "wrong: {action}"})
     prompt = env.reset(seed=0)[0]["messages"][0]["content"]
     assert prompt.startswith("[Task Description]\nYou are an expert in navigation.\n\n[Instruction]\n1. First, turn ")
-    assert "[Action space]\nnorth, northeast, east, southeast, south, southwest, west, northwest, forward(), stop()" in prompt
+    assert (
+        "[Action space]\nnorth, northeast, east, southeast, south, southwest, west, northwest, forward(), stop()"
+        in prompt
+    )
     assert "[Observations and actions sequence]\nO_1: No landmark nearby\n\n[Output]\n{\n" in prompt
     assert env.step(_answer("stop()"))[4]["feedback"] == "wrong: 'stop()'"
     # The original answer layout (trailing commas, a leading newline) is read and judged.
-    original = '\n{\n  "current observation": "No landmark nearby",\n  "current instruction": "x",\n  "action": "%s",\n}'
+    original = (
+        '\n{\n  "current observation": "No landmark nearby",\n  "current instruction": "x",\n  "action": "%s",\n}'
+    )
     _, reward, _, _, info = env.step(original % env.gt_action())
     assert reward == 1.0 and info["correct"] and info["well_formed"]
     with pytest.raises(ValueError, match="templates key 'prompt'"):

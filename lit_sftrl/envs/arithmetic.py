@@ -20,9 +20,9 @@ from __future__ import annotations
 import ast
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable
 
 MAX_FORMULA_CHARS = 200
 _ALLOWED = re.compile(r"[0-9+\-*/()=\s]*")

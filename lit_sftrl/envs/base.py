@@ -12,8 +12,8 @@ Environments know nothing of models: turning messages and image into tokens is t
 
 from __future__ import annotations
 
-import reprlib
 import math
+import reprlib
 import string
 from collections.abc import Mapping
 from typing import Any

@@ -28,7 +28,13 @@ import numpy as np
 
 from lit_sftrl.envs.city_render import STYLES, CityStyle, Landmark, render_panorama
 from lit_sftrl.envs.routes import (
-    MAPPING_FILE, ROUTES_FILE, VIEWS_DIR, bearing_deg, compass_word, haversine_m, offset_geocode,
+    MAPPING_FILE,
+    ROUTES_FILE,
+    VIEWS_DIR,
+    bearing_deg,
+    compass_word,
+    haversine_m,
+    offset_geocode,
 )
 
 TRAIN_STYLE, VISUAL_OOD_STYLE = "metro", "harbor"

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from lit_sftrl.envs.arithmetic import FormulaError, evaluate_formula, format_number
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table

@@ -13,9 +13,9 @@ minus. Solutions are rendered with the fewest parentheses that keep the value, e
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from fractions import Fraction
-from functools import lru_cache
-from typing import Iterator
+from functools import cache
 
 Multiset = tuple[int, ...]  # sorted card values
 MAX_CARD_VALUE = 13
@@ -48,7 +48,7 @@ def multisets(num_cards: int, max_value: int = MAX_CARD_VALUE) -> Iterator[Multi
     return itertools.combinations_with_replacement(range(1, max_value + 1), num_cards)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _solvable_table(num_cards: int, target: int) -> frozenset[Multiset]:
     """The solvable multisets of ``num_cards`` values in 1..13, built on first use (well under a second)."""
     return frozenset(values for values in multisets(num_cards) if _solvable(values, target))
@@ -71,7 +71,7 @@ def _solvable(values: Multiset, target: int) -> bool:
     return False
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reachable(values: Multiset) -> frozenset[Fraction]:
     """Every value an expression over ``values`` (each used once) can take."""
     if len(values) == 1:
@@ -88,7 +88,7 @@ def _reachable(values: Multiset) -> frozenset[Fraction]:
     return frozenset(found)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _solutions(values: Multiset, target: int) -> tuple[str, ...]:
     goal = Fraction(target)
     found: set[str] = set()
@@ -112,7 +112,7 @@ def _other_operand(symbol: str, x: Fraction, goal: Fraction) -> Fraction | None:
     return x / goal if goal != 0 and x != 0 else None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _expressions(values: Multiset) -> dict[Fraction, frozenset[tuple[str, int]]]:
     """Every expression over ``values`` grouped by value, as ``(text, precedence)`` pairs."""
     if len(values) == 1:

@@ -51,7 +51,14 @@ import numpy as np
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
 from lit_sftrl.envs.parsing import extract_json_object, field_offset
 from lit_sftrl.envs.rail import (  # noqa: F401  (re-exported: the rail's names were this module's)
-    FORWARD, INTERSECTION_TEXT, STOP, RailPoint, build_rail, move_sentence, relative_word, route_sentences,
+    FORWARD,
+    INTERSECTION_TEXT,
+    STOP,
+    RailPoint,
+    build_rail,
+    move_sentence,
+    relative_word,
+    route_sentences,
     turn_sentence,
 )
 from lit_sftrl.envs.routes import COMPASS, SNAP_RADIUS_M, load_route_folder
@@ -79,8 +86,8 @@ DEFAULT_TEMPLATES: Mapping[str, str] = MappingProxyType({
         "action to take at your current observation."
     ),
     "observation_format": (
-        "[Observation format]\nThe image is a 2x2 grid of street views around you: top left = {0} view, top right = "
-        "{1} view, bottom left = {2} view, bottom right = {3} view. Check whether landmarks from the instruction are "
+        "[Observation format]\nThe image is a 2x2 grid of street views around you: top left = {} view, top right = "
+        "{} view, bottom left = {} view, bottom right = {} view. Check whether landmarks from the instruction are "
         "visible in it."
     ).format(*VIEW_ORDER),
     "action_space": (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,7 +78,9 @@ class Backbone(nn.Module):
         self.model = apply_lora(model, config.lora) if config.lora is not None else model
         disable_bnb_cpu_repacking(self.model)
         self._text_config = self._base().config.get_text_config(decoder=True)
-        self.value_head = ValueHead(self._text_config.hidden_size, config.value_head_hidden) if config.value_head else None
+        self.value_head = (
+            ValueHead(self._text_config.hidden_size, config.value_head_hidden) if config.value_head else None
+        )
         if self.value_head is not None and (self.path / VALUE_HEAD_FILE).exists():
             self.value_head.load(self.path)  # a directory exported from a PPO run carries its value head
         self.num_parameters = logical_num_parameters(str(self.path))
@@ -246,7 +247,9 @@ class Backbone(nn.Module):
         inputs = self._to_device(self.encoder.encode_prompts(prompts))
         images = [image for _, image in prompts]
         cache = new_cache(self._text_config, inputs["input_ids"].shape[1] + new_tokens, images[0] is not None)
-        keep = cache is not None and caches is not None and self.config.cache_conversations and self._accepts_position_ids
+        keep = (
+            cache is not None and caches is not None and self.config.cache_conversations and self._accepts_position_ids
+        )
         if keep:
             inputs = continue_batch(cache, caches, inputs, images, self.tokenizer.pad_token_id)
             # Given, not left to generate: it derives them only if the forward it sees names position_ids.
@@ -308,7 +311,9 @@ class Backbone(nn.Module):
         return token_lp, mean_entropy, values, self.count_tokens(batch)
 
     @torch.no_grad()
-    def prompt_values(self, prompts: Sequence[Prompt], caches: Sequence[ConversationCache | None] | None = None) -> torch.Tensor:
+    def prompt_values(
+        self, prompts: Sequence[Prompt], caches: Sequence[ConversationCache | None] | None = None
+    ) -> torch.Tensor:
         """[B] fp32 values of prompts without generating (e.g. to bootstrap from a truncated state); ``caches``
         as in :meth:`generate` spare re-encoding what a conversation's cache holds."""
         if self.value_head is None:

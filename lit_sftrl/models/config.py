@@ -6,16 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from lit_sftrl.validation import validate
-
 from lit_sftrl.models.chat import Message, Prompt
+from lit_sftrl.validation import validate
 
 if TYPE_CHECKING:
     import torch
 
     from lit_sftrl.models.kv_cache import ConversationCache
 
-__all__ = ["BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores", "as_backbone_config"]
+__all__ = [
+    "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores",
+    "as_backbone_config",
+]
 
 
 @dataclass

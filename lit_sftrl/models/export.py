@@ -93,7 +93,9 @@ def check_lightning_checkpoint(path: str | Path, crc_limit: int = CRC_CHECK_LIMI
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted (not a whole zip archive, which torch.save writes)")
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or corrupted (not a whole zip archive, which torch.save writes)"
+        )
     if path.stat().st_size <= crc_limit:
         try:
             with zipfile.ZipFile(path) as archive:
@@ -258,7 +260,9 @@ def save_backbone(backbone: Backbone, out: str | Path, merge_lora: bool = True) 
         backbone.model.save_pretrained(out)
     elif merge_lora:
         if config.quantization != "none":
-            raise ValueError("cannot merge LoRA into quantised weights; use export_checkpoint (reloads the base unquantised)")
+            raise ValueError(
+                "cannot merge LoRA into quantised weights; use export_checkpoint (reloads the base unquantised)"
+            )
         backbone.base_model.save_pretrained(out, state_dict=merged_state_dict(backbone.model))
     else:
         backbone.model.peft_config[backbone.model.active_adapter].base_model_name_or_path = str(backbone.path.resolve())

@@ -55,7 +55,9 @@ class ConversationCache:
         the same array, so this is an identity check in practice)."""
         if self.image is None or image is None or self.image is image:
             return self.image is image
-        return isinstance(image, np.ndarray) and isinstance(self.image, np.ndarray) and np.array_equal(self.image, image)
+        return (
+            isinstance(image, np.ndarray) and isinstance(self.image, np.ndarray) and np.array_equal(self.image, image)
+        )
 
     def reusable(self, ids: torch.Tensor) -> int:
         """How many leading tokens of ``ids`` this cache holds. The last token of ``ids`` is never counted: its
@@ -97,7 +99,9 @@ class GrowingLayer(DynamicLayer):
     def _backs_keys(self) -> bool:
         """False before the first write, and after anything outside :meth:`update` replaced the keys
         (``batch_select_indices``, ``reset``): the buffers no longer hold them."""
-        return self._buffers is not None and self.keys.numel() > 0 and self.keys.data_ptr() == self._buffers[0].data_ptr()
+        return (
+            self._buffers is not None and self.keys.numel() > 0 and self.keys.data_ptr() == self._buffers[0].data_ptr()
+        )
 
     def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, capacity: int) -> None:
         keys = key_states.new_zeros((*key_states.shape[:-2], capacity, key_states.shape[-1]))
@@ -153,7 +157,9 @@ def continue_batch(
         return inputs
     width = cached + max(len(columns) - n for columns, n in zip(sources, reused))
     targets = [
-        torch.cat([torch.arange(cached - n, cached), torch.arange(width - (len(columns) - n), width)]).to(columns.device)
+        torch.cat(
+            [torch.arange(cached - n, cached), torch.arange(width - (len(columns) - n), width)]
+        ).to(columns.device)
         for columns, n in zip(sources, reused)
     ]
     batch = input_ids.shape[0]

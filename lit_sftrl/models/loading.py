@@ -251,9 +251,9 @@ def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:
 
 def check_model_directory(path: str | Path) -> None:
     """Raise ValueError naming the file unless ``path`` reads back as a whole Hugging Face model (or LoRA adapter)
-    directory, or a GGUF file (its magic bytes only): a config, every JSON file parsing, and every safetensors file as long as its header says (a copy
-    cut short, a half-written export). Reads headers only, so it is cheap at any model size; flipped bytes inside
-    tensors are not caught (safetensors carries no checksum)."""
+    directory, or a GGUF file (its magic bytes only): a config, every JSON file parsing, and every safetensors file
+    as long as its header says (a copy cut short, a half-written export). Reads headers only, so it is cheap at any
+    model size; flipped bytes inside tensors are not caught (safetensors carries no checksum)."""
     path = Path(path)
     if is_gguf(path):
         check_gguf_file(path)
@@ -289,7 +289,9 @@ def _refuse_incomplete_export(path: Path) -> None:
     except (OSError, ValueError, UnicodeDecodeError, AttributeError):
         return  # no record (not an export), or reported as corrupted by the JSON check
     if complete is not True:
-        raise ValueError(f"{str(path)!r} is an incomplete export (its {record.name} says so): export the checkpoint again")
+        raise ValueError(
+            f"{str(path)!r} is an incomplete export (its {record.name} says so): export the checkpoint again"
+        )
 
 
 def _refuse_remote_code(path: Path) -> None:

@@ -99,7 +99,8 @@ def save_processor(processor, out: str | Path) -> None:
         config["processor_class"] = original
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         log.warning(
-            "%s: saved as %s, which plain transformers loads only with torchvision installed (%s)", out, original, problem
+            "%s: saved as %s, which plain transformers loads only with torchvision installed (%s)",
+            out, original, problem,
         )
 
 

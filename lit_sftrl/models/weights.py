@@ -92,7 +92,9 @@ def copy_by_canonical_name(module: nn.Module, state: dict[str, torch.Tensor], sk
     return copied
 
 
-def merge_lora_state(state: dict[str, torch.Tensor], alpha: float, r: int, module: nn.Module) -> dict[str, torch.Tensor]:
+def merge_lora_state(
+    state: dict[str, torch.Tensor], alpha: float, r: int, module: nn.Module
+) -> dict[str, torch.Tensor]:
     """``state`` of a LoRA run (adapter weights under peft names) turned into full weights for ``module`` (a full
     fine-tuning backbone loaded from the same base): each adapted layer becomes its weight in ``module`` plus
     ``B @ A * alpha / r`` (peft's merge, without rsLoRA). Other entries pass through unchanged."""
@@ -110,6 +112,8 @@ def merge_lora_state(state: dict[str, torch.Tensor], alpha: float, r: int, modul
             raise ValueError(f"the LoRA layer {layer!r} has no weight to merge into in this model")
         delta = (pair["B"].float() @ pair["A"].float()) * (alpha / r)
         if delta.shape != weight.shape:
-            raise ValueError(f"the LoRA layer {layer!r} gives {tuple(delta.shape)}, its weight is {tuple(weight.shape)}")
+            raise ValueError(
+                f"the LoRA layer {layer!r} gives {tuple(delta.shape)}, its weight is {tuple(weight.shape)}"
+            )
         merged[f"model.{layer}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
     return merged
