@@ -9,9 +9,10 @@ flushed to disk, and ``os.replace`` (atomic within one filesystem) puts it in pl
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -48,7 +49,10 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        if (
+            isinstance(exception, KeyboardInterrupt) and self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
             with _as_if_saved_at_batch_end(trainer):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.last_model_path}; "

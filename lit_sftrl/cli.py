@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: validate/test play episodes (and keep transcripts)
 TOOLS_HELP = {
@@ -53,7 +54,10 @@ def cli_main(argv: list[str] | None) -> Any:
 
 
 def _overview() -> str:
-    lines = ["usage: lit-sftrl COMMAND [options]   (lit-sftrl COMMAND --help for a command's options)", "", "training (LightningCLI):"]
+    lines = [
+        "usage: lit-sftrl COMMAND [options]   (lit-sftrl COMMAND --help for a command's options)", "",
+        "training (LightningCLI):",
+    ]
     lines += [f"  {name:<10} {what}" for name, what in (
         ("fit", "train: SFT or PPO, as the --config file says"),
         ("validate", "evaluate a model on the validation episodes of every variant"),

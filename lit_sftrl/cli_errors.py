@@ -59,8 +59,9 @@ def short_message(message: str, options: list[str]) -> str:
     if choice:
         return f"{path or 'a setting'}: {choice.group(2)!r} is not one of {choice.group(1)}"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    useful = [line for line in lines[1:] if not re.match(r"(- )?(Expected a <class 'NoneType'>|Subtypes:|Errors:|Given value|"
-                                                         r"Does not validate against any of the Union|- Problem with given)", line)]
+    noise = (r"(- )?(Expected a <class 'NoneType'>|Subtypes:|Errors:|Given value|"
+             r"Does not validate against any of the Union|- Problem with given)")
+    useful = [line for line in lines[1:] if not re.match(noise, line)]
     return "\n".join([f"{path}: {lines[0]}" if path else lines[0], *useful[:2]])
 
 

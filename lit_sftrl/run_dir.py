@@ -60,7 +60,7 @@ class RunDirectoryLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "RunDirectoryLock":
+    def __enter__(self) -> RunDirectoryLock:
         self.acquire()
         return self
 
@@ -75,7 +75,8 @@ def _read_holder(fd: int) -> str:
         record = {}
     if not record.get("pid"):
         return "another process"
-    return f"process {record['pid']} on {record.get('host', '?')} ({record.get('command', '?')}, since {record.get('since', '?')})"
+    return (f"process {record['pid']} on {record.get('host', '?')} "
+            f"({record.get('command', '?')}, since {record.get('since', '?')})")
 
 
 def remove_orphan_temporaries(run_dir: str | os.PathLike) -> list[Path]:
@@ -121,11 +122,15 @@ def place_in_run_directory(trainer: Any) -> None:
     if logger is None or logger is True:
         from jsonargparse import Namespace
 
-        trainer["logger"] = Namespace(class_path=DEFAULT_LOGGER, init_args=Namespace(save_dir=root, name="", version=""))
+        trainer["logger"] = Namespace(
+            class_path=DEFAULT_LOGGER, init_args=Namespace(save_dir=root, name="", version="")
+        )
         return
     if logger is False:
         callbacks = trainer.get("callbacks") or []
-        trainer["callbacks"] = [c for c in callbacks if not str(_get(c, "class_path") or "").endswith("LearningRateMonitor")]
+        trainer["callbacks"] = [
+            c for c in callbacks if not str(_get(c, "class_path") or "").endswith("LearningRateMonitor")
+        ]
         return
     for entry in logger if isinstance(logger, list) else [logger]:
         init_args = _get(entry, "init_args")

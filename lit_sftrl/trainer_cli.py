@@ -31,7 +31,6 @@ from lit_sftrl.run_dir import (
 )
 from lit_sftrl.tasks import TaskConfig
 
-
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves to a file itself
 validation.install_yaml_limits()  # every config this CLI reads goes through the size and alias limits
 
@@ -231,7 +230,11 @@ def run_kind_mismatch(path: str, model_class_path: str) -> str | None:
         kind = "a PPO run"
     else:
         return None
-    wanted = "a PPO run" if model_class_path.endswith("PPOModule") else "an SFT run" if model_class_path.endswith("SFTModule") else kind
+    wanted = (
+        "a PPO run" if model_class_path.endswith("PPOModule")
+        else "an SFT run" if model_class_path.endswith("SFTModule")
+        else kind
+    )
     if wanted == kind:
         return None
     return (f"--ckpt_path {path} is a checkpoint of {kind}, and --ckpt_path resumes {wanted} of the same kind; to "
@@ -260,7 +263,9 @@ def last_checkpoint(trainer: Any) -> str | None:
 
 # A VLM leaves parameters unused on many batches (the vision tower and cross-attention layers on text-only
 # tasks), which plain DDP rejects at its second step; the backbone cannot know in advance, so DDP looks for them.
-DDP_FIND_UNUSED = {name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")}
+DDP_FIND_UNUSED = {
+    name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+}
 
 
 def ddp_strategy(strategy: Any) -> Any:
@@ -279,25 +284,32 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     data = config.data.init_args if "init_args" in config.data else config.data
     backbone_path = _get(model, "backbone.path")
     if backbone_path and not Path(backbone_path).exists() and not TINY_NAME.match(Path(backbone_path).name):
-        problems.append(("model.backbone.path", f"{backbone_path!r} does not exist (tiny-<family>[-small] names are built on first use)"))
+        problems.append(("model.backbone.path",
+                         f"{backbone_path!r} does not exist (tiny-<family>[-small] names are built on first use)"))
     init_from = _get(model, "init_from")
     if init_from and not Path(init_from).exists():
         problems.append(("model.init_from", f"{init_from!r} does not exist"))
     if config.get("weights_only") is False:
-        problems.append(("weights_only", "checkpoints are loaded with weights_only=True only: a pickle that needs more could run code"))
+        problems.append(("weights_only",
+                         "checkpoints are loaded with weights_only=True only: a pickle that needs more could run code"))
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
-    task = TaskConfig(**{k: v for k, v in vars(_get(data, "task") or {}).items()}) if _get(data, "task") else TaskConfig()
+    task = (
+        TaskConfig(**{k: v for k, v in vars(_get(data, "task") or {}).items()}) if _get(data, "task") else TaskConfig()
+    )
     variants = [("data.variant", _get(data, "variant"))] + [
         ("data.evaluation.variants", v) for v in (_get(data, "evaluation.variants") or [])
     ]
     for key, variant in variants:
         if variant is not None and variant not in task.variants:
-            problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; choose one of {list(task.variants)}"))
+            problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; "
+                                  f"choose one of {list(task.variants)}"))
     for key, folder in (("data.task.routes", task.routes), ("data.task.ood_routes", task.ood_routes)):
         if folder in task.route_folders() and not _routes_available(folder):
-            problems.append((key, f"route folder {folder!r} does not exist and is not named after a synthetic city style"))
+            problems.append(
+                (key, f"route folder {folder!r} does not exist and is not named after a synthetic city style")
+            )
     llava_json = _get(data, "llava_json")
     if llava_json and not Path(llava_json).exists():
         problems.append(("data.llava_json", f"{llava_json!r} does not exist"))

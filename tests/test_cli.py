@@ -23,7 +23,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 def test_the_configs_folder_holds_every_task_and_trainer():
-    assert {path.stem for path in CONFIGS} >= {f"{task}_{kind}" for task in ("gp_l", "gp_vl", "virl_l", "virl_vl") for kind in ("sft", "ppo")}
+    assert {path.stem for path in CONFIGS} >= {
+        f"{task}_{kind}" for task in ("gp_l", "gp_vl", "virl_l", "virl_vl") for kind in ("sft", "ppo")
+    }
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
@@ -49,7 +51,8 @@ def test_help_lists_every_command(capsys):
     for command in COMMANDS:
         assert f"  {command} " in listed
     result = subprocess.run(
-        [sys.executable, "-m", "lit_sftrl.cli", "--help"], capture_output=True, text=True, env=subprocess_env(), timeout=120
+        [sys.executable, "-m", "lit_sftrl.cli", "--help"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert all(f"  {command} " in result.stdout for command in COMMANDS)
@@ -84,12 +87,15 @@ BAD_OVERRIDES = {
     "unknown key": (["--model.init_args.backbone.nonsense", "1"], "nonsense"),
     "wrong type": (["--data.init_args.batch_size", "abc"], "batch_size"),
     "missing backbone": (["--model.backbone.path", "/nonexistent/model"], "model.backbone.path"),
-    "missing backbone, init_args form": (["--model.init_args.backbone.path", "/nonexistent/model"], "model.backbone.path"),
+    "missing backbone, init_args form": (
+        ["--model.init_args.backbone.path", "/nonexistent/model"], "model.backbone.path"
+    ),
     "missing init_from": (["--model.init_args.init_from", "/nonexistent/run.ckpt"], "model.init_from"),
     "missing ckpt_path": (["--ckpt_path", "/nonexistent/last.ckpt"], "ckpt_path"),
     "visual_ood on a text task": (["--data.init_args.evaluation.variants", "[visual_ood]"], "data.evaluation.variants"),
     "missing route folder": (
-        ["--data.init_args.task.name", "virl_l", "--data.init_args.task.routes", "/nonexistent/routes"], "data.task.routes"
+        ["--data.init_args.task.name", "virl_l", "--data.init_args.task.routes", "/nonexistent/routes"],
+        "data.task.routes",
     ),
     "missing ood route folder": (
         ["--data.init_args.task.name", "virl_vl", "--data.init_args.task.ood_routes", "/nonexistent/vln_mini"],
@@ -100,7 +106,9 @@ BAD_OVERRIDES = {
 
 
 @pytest.mark.parametrize("overrides, key", BAD_OVERRIDES.values(), ids=BAD_OVERRIDES.keys())
-def test_a_bad_sft_config_stops_before_any_model_with_the_key_named(overrides, key, tmp_path, capsys, no_model_may_be_built):
+def test_a_bad_sft_config_stops_before_any_model_with_the_key_named(
+    overrides, key, tmp_path, capsys, no_model_may_be_built
+):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
         run(["fit", "--config", str(REPO / "configs/gp_l_sft.yaml"), *overrides,
@@ -143,8 +151,8 @@ def test_every_problem_is_reported_at_once(no_model_may_be_built, tmp_path):
 def test_a_missing_tiny_default_is_not_a_problem(tmp_path, capsys):
     # tiny-<family> names are built on first use: only --print_config here, nothing is built.
     with pytest.raises(SystemExit) as exit_info:
-        run(["fit", "--config", str(REPO / "configs/gp_l_sft.yaml"), "--model.backbone.path", str(tmp_path / "tiny-mllama"),
-             "--print_config"])
+        run(["fit", "--config", str(REPO / "configs/gp_l_sft.yaml"),
+             "--model.backbone.path", str(tmp_path / "tiny-mllama"), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert not (tmp_path / "tiny-mllama").exists()
 

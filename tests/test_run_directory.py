@@ -57,7 +57,7 @@ def test_logger_false_and_tensorboard_keep_the_run_in_its_directory(config, tmp_
     assert (root / "checkpoints" / "last.ckpt").is_file()
     pytest.importorskip("tensorboard")
     root = tmp_path / "tensorboard"
-    _fit(config, "--trainer.default_root_dir", str(root), "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
-         "--trainer.logger.save_dir", "ignored")
+    _fit(config, "--trainer.default_root_dir", str(root),
+         "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", "ignored")
     _everything_in(root, config.parent / "configured")
     assert list(root.glob("events.out.tfevents.*")) and not Path("ignored").exists()

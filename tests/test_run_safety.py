@@ -28,7 +28,9 @@ def _config(tmp_path: Path, model: Path, max_steps: int, every: int, name: str =
     """The drill config with the project's RunCheckpoint (what configs/ use)."""
     run = tmp_path / name
     path = kill_resume.write_config(run, model, max_steps, every)
-    path.write_text(path.read_text().replace("lightning.pytorch.callbacks.ModelCheckpoint", "lit_sftrl.checkpoint_io.RunCheckpoint"))
+    path.write_text(
+        path.read_text().replace("lightning.pytorch.callbacks.ModelCheckpoint", "lit_sftrl.checkpoint_io.RunCheckpoint")
+    )
     return run, path
 
 
@@ -107,7 +109,8 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, model_dir):
     run_dir, config = _config(tmp_path, model_dir, max_steps=1, every=1)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from lit_sftrl.run_dir import RunDirectoryLock; "
-        f"RunDirectoryLock({str(run_dir)!r}).acquire('lit-sftrl fit (the first one)'); print('held', flush=True); time.sleep(120)")],
+        f"RunDirectoryLock({str(run_dir)!r}).acquire('lit-sftrl fit (the first one)'); "
+        "print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -115,7 +118,9 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, model_dir):
             with pytest.raises(SystemExit) as exit_info:
                 run([command, "--config", str(config)])
             message = str(exit_info.value.code)
-            assert f"process {holder.pid}" in message and "the first one" in message and str(run_dir) in message, message
+            assert (
+                f"process {holder.pid}" in message and "the first one" in message and str(run_dir) in message
+            ), message
         assert not (run_dir / "metrics.csv").exists() and not (run_dir / "checkpoints").exists()
     finally:
         holder.kill()
