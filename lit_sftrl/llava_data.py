@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lit_sftrl.images import MAX_IMAGE_PIXELS, check_image_header, confined_file, load_rgb
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, check_image_header, confined_file, load_rgb
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE_MARKER = "<image>"

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lit_sftrl.images import check_image_header, confined_file
+from lit_sftrl.envs.images import check_image_header, confined_file
 
 EARTH_RADIUS_M = 6_371_008.8
 SNAP_RADIUS_M = 20.0
