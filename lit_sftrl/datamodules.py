@@ -16,8 +16,8 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from lit_sftrl.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.envs.images import load_rgb
+from lit_sftrl.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.llava_data import read_llava_json
 from lit_sftrl.seeding import stream_rng, stream_seed
 from lit_sftrl.tasks import TaskConfig
