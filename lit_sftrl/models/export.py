@@ -164,6 +164,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     try:
         _write_record(staging, {"complete": False})
         save_backbone(backbone, staging, merge_lora=merge_lora)
+        from lit_sftrl.model_card import model_card
+
+        (staging / "README.md").write_text(model_card(ckpt, checkpoint, _checkpoint_flops(checkpoint), merge_lora))
         # Compute already spent travels with the weights: a run initialised from this directory starts from it.
         _write_record(staging, {"complete": True, "source_checkpoint": str(Path(ckpt).resolve()),
                                 "flops": _checkpoint_flops(checkpoint)})
