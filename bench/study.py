@@ -1,4 +1,4 @@
-"""The paper's protocol at tiny scale, end to end, with the documented commands (SPEC §6-§8).
+"""The paper's protocol at tiny scale, end to end, with the documented commands (docs/spec.md §6-§8).
 
     python bench/study.py --task gp_l --out checkpoints/study_gp_l
 

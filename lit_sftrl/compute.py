@@ -1,4 +1,4 @@
-"""Compute accounting, the paper's x-axis (SPEC §7).
+"""Compute accounting, the paper's x-axis (docs/spec.md §7).
 
 Training costs 6·N·D FLOPs and inference 2·N·D, with N the model's parameters and D the tokens processed
 (text and image tokens, prompt and answer). A run started from another run's weights inherits that run's

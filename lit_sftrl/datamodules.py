@@ -164,7 +164,7 @@ class EpisodeDataModule(L.LightningDataModule):
 def expert_conversations(
     env: Any, seed: int, options: dict, rng: np.random.Generator, multi_turn: float
 ) -> list[Conversation]:
-    """Play one episode with the expert; one conversation per prompt the environment showed (SPEC §4).
+    """Play one episode with the expert; one conversation per prompt the environment showed (docs/spec.md §4).
 
     With probability ``multi_turn`` a prompt is first answered with the environment's sub-optimal answer, so
     the conversation holds the wrong answer, the feedback turn and the correction (the paper's App. C.1).

@@ -1,4 +1,4 @@
-"""Evaluation metrics over fixed episodes (SPEC §6), each with its binomial standard error.
+"""Evaluation metrics over fixed episodes (docs/spec.md §6), each with its binomial standard error.
 
 * ``success``: episodes solved within the attempt budget (GP) / routes completed (V-IRL route success).
 * ``per_step_accuracy``: correct attempts / all attempts, retries counted (V-IRL's headline metric).

@@ -1,4 +1,4 @@
-"""Paper-style reports from run directories (SPEC §6-§8; Chu et al. 2025, Figs. 5-8).
+"""Paper-style reports from run directories (docs/spec.md §6-§8; Chu et al. 2025, Figs. 5-8).
 
 Input: each run directory holds ``eval/*.json`` records written by the trainer (stage ``sanity``/``val``/``test``,
 ``step``, cumulative ``flops``, ``module``, ``init_from``, ``metrics[variant]``, optional ``task``).
@@ -11,7 +11,7 @@ Input: each run directory holds ``eval/*.json`` records written by the trainer (
 * ``report.md``: the Init / SFT / RL table, the matched compute, the runs used, links to the figures, and every
   run's last record.
 
-Headline metric (SPEC §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``) where it
+Headline metric (docs/spec.md §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``) where it
 is per-step accuracy on ``id`` and ``rule_ood`` and route success on ``visual_ood``.
 """
 
@@ -61,7 +61,7 @@ class Run:
         return [r for r in self.records if r.get("stage") in set(stages)]
 
     def metric(self, variant: str) -> str:
-        """The headline metric's name for this run and variant (SPEC §8)."""
+        """The headline metric's name for this run and variant (docs/spec.md §8)."""
         if (self.task or "").startswith("virl") and variant != "visual_ood":
             return "per_step_accuracy"
         return "success"

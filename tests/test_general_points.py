@@ -1,4 +1,4 @@
-"""GeneralPoints (SPEC §1): dealing, judging, revision, the expert, the solver, rendering, gymnasium API."""
+"""GeneralPoints (docs/spec.md §1): dealing, judging, revision, the expert, the solver, rendering, gymnasium API."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_prompt_states_target_rule_format_and_cards_only_in_text() -> None:
         assert prompt.isascii()
 
 
-# -- rewards, in SPEC order ---------------------------------------------------------------------------------
+# -- rewards, in docs/spec.md §1 order ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-"""GeneralPoints, the generalised 24 game (SPEC §1): GP-L with ``modality="text"``, GP-VL with ``"image"``.
+"""GeneralPoints, the generalised 24 game (docs/spec.md §1): GP-L with ``modality="text"``, GP-VL with ``"image"``.
 
 An episode is one hand. The model answers with a JSON object ``{"cards": [...], "number": [...], "formula":
-"..."}``; each attempt is judged by the first failing check of SPEC §1 (VL: cards misread; malformed formula;
+"..."}``; each attempt is judged by the first failing check of docs/spec.md §1 (VL: cards misread; malformed formula;
 wrong numbers; success; wrong value). A failed attempt with budget left continues the conversation with
 "You failed this trial because <feedback>". Success terminates the episode; so does the ``verify_iter``-th
 failure (the paper's MDP: the budget's end is a terminal, shown in the prompt by the attempts so far), whose
@@ -205,7 +205,7 @@ class GeneralPointsEnv(ChatEnv):
     # -- judging ------------------------------------------------------------------------------------------
 
     def judge(self, answer: Any) -> Verdict:
-        """The first failing check of SPEC §1 for ``answer`` on the current hand (no state change)."""
+        """The first failing check of docs/spec.md §1 for ``answer`` on the current hand (no state change)."""
         parsed, reason = extract_json_object(answer)
         image, text = self.modality == "image", self.templates
         if parsed is None:
@@ -238,7 +238,7 @@ class GeneralPointsEnv(ChatEnv):
         return self._answer_text(f"{found[int(self.np_random.integers(len(found)))]}={self.target}")
 
     def suboptimal_answer(self) -> str:
-        """A plausible wrong answer (SPEC §4's multi-turn ablation): true cards and values, a formula that uses
+        """A plausible wrong answer (docs/spec.md §4's multi-turn ablation): true cards and values, a formula that uses
         every value once but misses the target; if random tries keep hitting it, one that overuses a value."""
         values = self.numbers
         for _ in range(32):

@@ -1,4 +1,4 @@
-"""A V-IRL route's instructions and *rail*, the expert trajectory the agent walks on (SPEC §2).
+"""A V-IRL route's instructions and *rail*, the expert trajectory the agent walks on (docs/spec.md §2).
 
 The rail is the original code's, with relocation on (as its configs ran it): the start (turn to the first
 heading), then along each segment between milestones the candidates at fractions i/n, i = 1..n

@@ -1,4 +1,4 @@
-"""V-IRL navigation (SPEC §2): follow route instructions through street views, one rail point at a time.
+"""V-IRL navigation (docs/spec.md §2): follow route instructions through street views, one rail point at a time.
 
 An episode is one route. The agent only ever stands on the route's *rail* (the expert trajectory, built as the
 original code built it: see ``lit_sftrl.envs.rail``). At each rail point the model answers a JSON object; a

@@ -169,7 +169,7 @@ def _log_once(logger_name: str) -> None:
 def _quantization_config(config: BackboneConfig):
     from transformers import BitsAndBytesConfig
 
-    # Keep the vision side and the output layer in float: int8 on Mllama's vision tower breaks (STACK.md), and
+    # Keep the vision side and the output layer in float: int8 on Mllama's vision tower breaks (docs/stack.md), and
     # they are a small share of the weights.
     skip = [*VISION_MODULES, "lm_head"]
     if config.quantization == "nf4":
@@ -185,7 +185,7 @@ def _quantization_config(config: BackboneConfig):
 
 def disable_bnb_cpu_repacking(model: nn.Module) -> None:
     """On AVX512-BF16 CPUs a 4-bit layer's first inference forward repacks its weight for good, after which any
-    backward fails; PPO generates before it trains, so always switch the repacking off (STACK.md)."""
+    backward fails; PPO generates before it trains, so always switch the repacking off (docs/stack.md)."""
     try:
         import bitsandbytes as bnb
     except ImportError:  # no quantised layers possible

@@ -131,7 +131,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int, image_token: str):
     )
     backend.train_from_iterator(list(corpus), trainer=trainer)
     # The header and image tokens exist only in this vocabulary: declare them special too, otherwise
-    # skip_special_tokens does not strip them and they cannot be suppressed at sampling time (STACK.md).
+    # skip_special_tokens does not strip them and they cannot be suppressed at sampling time (docs/stack.md).
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,

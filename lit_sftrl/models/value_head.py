@@ -1,4 +1,4 @@
-"""The PPO state-value head (SPEC §5): an MLP on the final hidden state of the last prompt token, sharing the
+"""The PPO state-value head (docs/spec.md §5): an MLP on the final hidden state of the last prompt token, sharing the
 backbone. Kept in fp32 whatever the backbone dtype, so small value targets are not rounded away."""
 
 from __future__ import annotations
