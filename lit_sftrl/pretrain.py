@@ -203,9 +203,10 @@ def answer_is_correct(item: dict[str, Any], text: str) -> bool:
 
 
 def probe_skills(path: str | os.PathLike, items: int = 100, seed: int = 1000, image_size: int = 224,
-                 skills: tuple[str, ...] = (*TEXT_SKILLS, "card_image")) -> dict[str, float]:
+                 skills: tuple[str, ...] = (*TEXT_SKILLS, *IMAGE_SKILLS)) -> dict[str, float]:
     """Greedy accuracy of the model at ``path`` on held-out corpus items (another seed) of each skill, plus
-    ``json_keys``: the share of JSON questions answered with a JSON object of exactly the keys asked for."""
+    ``json_keys``: the share of JSON questions answered with a JSON object of exactly the keys asked for, and
+    ``street_style``: the share of street panels asked about whose city style the answer names right."""
     from lit_sftrl.models.backbone import Backbone
     from lit_sftrl.models.config import BackboneConfig, SamplingConfig
 
@@ -221,6 +222,9 @@ def probe_skills(path: str | os.PathLike, items: int = 100, seed: int = 1000, im
         scores[skill] = sum(answer_is_correct(item, a.text) for item, a in zip(batch, answers)) / items
         if skill == "json":  # the format alone: a JSON object with exactly the keys asked for, in order
             scores["json_keys"] = sum(_same_keys(item, a.text) for item, a in zip(batch, answers)) / items
+        if skill == "street_image":
+            styled = [(item, a) for item, a in zip(batch, answers) if "style" in item["check"]]
+            scores["street_style"] = sum(i["check"]["style"] in a.text.lower() for i, a in styled) / max(len(styled), 1)
     return scores
 
 

@@ -89,7 +89,7 @@ def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Co
     if skill == "card_image":
         question, answer, image = _card_image(rng, config.image_size)
     elif skill == "street_image":
-        question, answer, image = _street_image(rng, config)
+        question, answer, image, meta = _street_image(rng, config)
     else:
         question, answer, meta = _TEXT[skill](rng)
     user = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
@@ -350,17 +350,17 @@ def _card_image(rng: np.random.Generator, size: int) -> tuple[str, str, np.ndarr
     return question, answer, render_table(cards, size)
 
 
-def _street_image(rng: np.random.Generator, config: SkillsConfig) -> tuple[str, str, np.ndarray]:
+def _street_image(rng: np.random.Generator, config: SkillsConfig) -> tuple[str, str, np.ndarray, dict]:
     style = _pick(rng, sorted(STYLES))
     image, name, panel = _street_scene(style, int(rng.integers(config.street_scenes)), config.image_size, config.seed)
     where = f"{SIDES[panel]}, in the {PANELS[panel]} panel"
     described = STYLE_WORDS.get(style, f"a street in the {style} style")
-    kind = int(rng.integers(3))
+    kind, meta = int(rng.integers(3)), {"style": described}
     if kind == 0:
-        return "Describe this street.", f"This is {described}. A {name} sign stands {where}.", image
+        return "Describe this street.", f"This is {described}. A {name} sign stands {where}.", image, meta
     if kind == 1:
-        return "What sign can you read, and where is it?", f"{name}, {where}.", image
-    return "What kind of place is shown?", f"{described[0].upper()}{described[1:]}.", image
+        return "What sign can you read, and where is it?", f"{name}, {where}.", image, {}
+    return "What kind of place is shown?", f"{described[0].upper()}{described[1:]}.", image, meta
 
 
 @lru_cache(maxsize=256)

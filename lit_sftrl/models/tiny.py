@@ -3,8 +3,9 @@
 ``make_tiny`` writes a standard Hugging Face directory (config, safetensors weights, generation config,
 tokenizer, image processor, processor, chat template) that ``AutoModelForImageTextToText`` and
 ``AutoProcessor`` load without lit-sftrl. The tokenizer is a byte-level BPE trained on the given corpus (the
-environments' own text), so every string is encodable and the vocabulary stays small (a few thousand
-tokens): CPU training speed is dominated by sequence length and vocabulary size.
+environments' own text plus a sample of the skills corpus: ``corpus.tokenizer_corpus``), so every string is
+encodable and the vocabulary stays small (a few thousand tokens): CPU training speed is dominated by sequence
+length and vocabulary size.
 
 Families: ``mllama`` (the paper's Llama-3.2-Vision architecture; the image enters through cross-attention,
 so it costs no text positions) and ``llava`` (CLIP tower + projector; the image becomes 49 placeholder
