@@ -297,7 +297,8 @@ def test_two_process_cpu_ddp_run_has_different_episodes_and_identical_weights(ti
         "--trainer.logger.init_args.save_dir", str(tmp_path / "run"),
         f"--trainer.callbacks+={probe}",
         "--model.init_args.backbone.path", tiny, "--model.init_args.sampling.max_new_tokens", "4",
-        "--model.init_args.ppo.ppo_epochs", "1", "--model.init_args.ppo.minibatch_size", "8",
+        # minibatch_size counts both ranks: 16 = each rank's 8 attempts, one optimizer step per update.
+        "--model.init_args.ppo.ppo_epochs", "1", "--model.init_args.ppo.minibatch_size", "16",
         "--model.init_args.ppo.micro_batch_size", "4",
         "--data.init_args.num_envs", "4", "--data.init_args.rollout_steps", "8",
     ]
