@@ -30,7 +30,7 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lit_sftrl.cli import run
-    from lit_sftrl.pretrain import pretrain_base
+    from lit_sftrl.pretrain import pretrain_base, probe_skills
 
     # the smoke stream holds both kinds of batch (image and text), so both forward paths are trained
     stream = iter(SkillBatches(load_config(None, SMOKE).skills, 2, 0))
@@ -45,6 +45,10 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path):
     assert AutoProcessor.from_pretrained(first).tokenizer.padding_side == "left"
     assert model.config.model_type == "mllama"
     assert not list(tmp_path.glob(".a.tmp-*"))
+
+    scores = probe_skills(first, items=2, skills=("compass", "json", "street_image"), image_size=64)
+    assert set(scores) == {"compass", "json", "json_keys", "street_image", "street_style"}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
 
     second = pretrain_base(load_config(None, [*SMOKE, f"out={tmp_path / 'b'}"]))
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
@@ -75,3 +79,21 @@ def test_a_missing_base_says_how_to_build_it(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="make-tiny --pretrain"):
         resolve_model_path(tmp_path / "tiny-mllama-base")
+
+
+def test_answer_checks_reject_wrong_answers():
+    from lit_sftrl.pretrain import answer_is_correct
+    from lit_sftrl.skills import skill_item
+
+    config = SkillsConfig(size=400, seed=5)
+    arithmetic = next(item for i in range(400) if "target" in (item := skill_item(config, i, "arithmetic"))["check"])
+    numbers, target = arithmetic["check"]["numbers"], arithmetic["check"]["target"]
+    assert answer_is_correct(arithmetic, f"{'+'.join(map(str, numbers))} = {sum(numbers)}") == (sum(numbers) == target)
+    assert not answer_is_correct(arithmetic, f"{target} = {target}")  # the right value from the wrong numbers
+    assert not answer_is_correct(arithmetic, "no idea")
+    json_item = next(item for i in range(400) if "expression_key" in (item := skill_item(config, i, "json"))["check"])
+    reference = json_item["messages"][-1]["content"]
+    assert answer_is_correct(json_item, reference)
+    assert not answer_is_correct(json_item, reference.replace('"', "'"))  # not JSON
+    compass = skill_item(config, 0, "compass")
+    assert not answer_is_correct(compass, compass["messages"][-1]["content"] + " or so")
