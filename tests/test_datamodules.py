@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lit_sftrl.datamodules import (
     EvalConfig,
@@ -267,11 +267,20 @@ def test_ranks_share_the_evaluation_chunks_without_repeats():
 
 
 def test_eval_loaders_keep_lightning_from_padding_ranks_with_repeated_chunks():
+    """What a 3-rank Lightning trainer does to the loaders: ours come back untouched, every chunk once; a plain
+    loader gets a sampler that shards it (and pads ranks with repeats when the count does not divide)."""
+    import lightning as L
+    from lightning.pytorch.trainer.states import RunningStage
+
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy="ddp", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    prepare = trainer._data_connector._prepare_dataloader
     datamodule = SFTDataModule(task=TaskConfig(name="gp_l"), evaluation=EvalConfig(val_episodes=6, chunk=2))
     for loader in datamodule.val_dataloader() + datamodule.test_dataloader():
-        # Lightning replaces any sampler that is not a DistributedSampler by one that pads ranks with repeats.
-        assert isinstance(loader.sampler, DistributedSampler)
-        assert list(loader) == [loader.dataset[i] for i in range(len(loader.dataset))]
+        prepared = prepare(loader, shuffle=False, mode=RunningStage.VALIDATING)
+        assert list(prepared) == [loader.dataset[i] for i in range(len(loader.dataset))]
+    plain = DataLoader(list(range(4)), batch_size=None)
+    assert list(prepare(plain, shuffle=False, mode=RunningStage.VALIDATING)) == [0, 3]  # rank 0 of 3: sharded
 
 
 def test_paper_test_sizes_by_default():
