@@ -14,6 +14,7 @@ from family_dirs import LAYOUTS, QWEN_FAMILIES, make_qwen_dir
 from lit_sftrl.cli import run
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
 from lit_sftrl.models.export import export_checkpoint, load_weights_for_init, save_backbone
+from lit_sftrl.sft import sft_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
@@ -60,7 +61,8 @@ def test_qwen_loads_image_only_trains_and_exports_for_plain_transformers(
     for generation, logprobs in zip(generations, scores.token_logprobs):
         assert (generation.logprobs - logprobs.detach()).abs().max() < 1e-4  # PPO's first ratio is exactly 1
     answers = [(chat + [{"role": "assistant", "content": '{"formula": "1 + 2"}'}], image) for chat, image in prompts]
-    loss, _ = backbone.train().sft_loss(backbone.sft_batch(answers))
+    logits, labels, _ = backbone.train().label_logits(backbone.sft_batch(answers))
+    loss = sft_loss(logits, labels)
     loss.backward()
     with torch.no_grad():
         for name, param in backbone.named_parameters():

@@ -295,18 +295,18 @@ def test_damaged_model_directory_is_refused_before_anything_runs(kind, tmp_path,
 
 
 def _nan_on(monkeypatch, calls: set[int], value: float = float("nan")) -> list[int]:
-    """Backbone.sft_loss returns ``value`` on the given calls (0-based); returns the call counter."""
-    from lit_sftrl.models.backbone import Backbone
+    """The SFT objective returns ``value`` x itself on the given calls (0-based); returns the call counter."""
+    from lit_sftrl import sft
 
-    original, counter = Backbone.sft_loss, [0]
+    original, counter = sft.sft_loss, [0]
 
-    def sft_loss(self, inputs):
-        loss, tokens = original(self, inputs)
+    def sft_loss(logits, labels):
+        loss = original(logits, labels)
         index = counter[0]
         counter[0] += 1
-        return (loss * value if index in calls else loss), tokens
+        return loss * value if index in calls else loss
 
-    monkeypatch.setattr(Backbone, "sft_loss", sft_loss)
+    monkeypatch.setattr(sft, "sft_loss", sft_loss)
     return counter
 
 
