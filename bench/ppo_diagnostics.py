@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> None:
 
     record: dict = {"task": args.task, "temperature": args.temperature, "attempts": len(attempts),
                     "mean_answer_tokens": tokens, "mean_reward": sum(a.reward for a in attempts) / len(attempts),
+                    "correct_attempts": sum(a.correct for a in attempts),
                     "returns_mean": float(returns.mean()), "returns_std": float(returns.std())}
     logprob, scores, _ = losses(module)
-    record["first_minibatch_max_abs_log_ratio"] = float((logprob - old_logprob).abs().max())
+    record["first_minibatch_max_abs_log_ratio"] = float((logprob.detach() - old_logprob).abs().max())
     policy = -(advantages * (logprob - old_logprob).exp()).mean()
     value = 0.5 * ((scores.values - returns) ** 2).mean()
     record["grad_norm_policy"] = grad_norm(module, policy)
