@@ -7,6 +7,7 @@ evaluation records (``eval/*.json``: success and the other metrics, each with it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -31,8 +32,9 @@ def _latest_evaluations(run_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("stage") in ("val", "test") and record.get("step", -1) >= latest.get(record["stage"], {}).get("step", -1):
-            latest[record["stage"]] = record
+        stage = record.get("stage")
+        if stage in ("val", "test") and record.get("step", -1) >= latest.get(stage, {}).get("step", -1):
+            latest[stage] = record
     return [latest[stage] for stage in ("test", "val") if stage in latest]
 
 
@@ -48,13 +50,20 @@ def model_card(ckpt: str | Path, checkpoint: dict[str, Any], flops: float, merge
     config_path, config = _run_config(ckpt)
     hparams = checkpoint.get("hyper_parameters") or {}
     backbone = hparams.get("backbone") or {}
+    if dataclasses.is_dataclass(backbone):  # checkpoints written outside the CLI keep the config object
+        backbone = dataclasses.asdict(backbone)
     model_args = ((config.get("model") or {}).get("init_args")) or {}
     task = ((((config.get("data") or {}).get("init_args")) or {}).get("task")) or {}
+    lora = ""
+    if backbone.get("lora"):
+        lora = f" with LoRA {backbone['lora']}" + (" (merged)" if merge_lora else " (adapter only)")
+    init_from = f", initialised from `{hparams['init_from']}`" if hparams.get("init_from") else ""
+    verify_iter = f" (verify_iter {task['verify_iter']})" if task.get("verify_iter") else ""
     lines = [
         "# lit-sftrl export", "",
-        f"- **Base model**: `{backbone.get('path', '?')}`" + (f" with LoRA {backbone['lora']}" + (" (merged)" if merge_lora else " (adapter only)") if backbone.get("lora") else ""),
-        f"- **Method**: {_method(checkpoint, config)}" + (f", initialised from `{hparams['init_from']}`" if hparams.get("init_from") else ""),
-        f"- **Task**: {task.get('name', '?')}" + (f" (verify_iter {task['verify_iter']})" if task.get("verify_iter") else ""),
+        f"- **Base model**: `{backbone.get('path', '?')}`{lora}",
+        f"- **Method**: {_method(checkpoint, config)}{init_from}",
+        f"- **Task**: {task.get('name', '?')}{verify_iter}",
         f"- **Optimiser**: {model_args.get('optim') or 'defaults'}",
         f"- **Training compute**: {flops:.4g} FLOPs over {checkpoint.get('global_step', '?')} optimizer steps "
         "(cumulative, including the runs it started from)",
@@ -62,7 +71,8 @@ def model_card(ckpt: str | Path, checkpoint: dict[str, Any], flops: float, merge
     ]
     evaluations = _latest_evaluations(ckpt.resolve().parent.parent)
     if evaluations:
-        lines += ["", "## Evaluation", "", "| stage | step | variant | metric | value | standard error |", "|---|---|---|---|---|---|"]
+        lines += ["", "## Evaluation", "", "| stage | step | variant | metric | value | standard error |",
+                  "|---|---|---|---|---|---|"]
         for record in evaluations:
             for variant, metrics in sorted((record.get("metrics") or {}).items()):
                 for name, value in sorted(metrics.items()):
@@ -75,5 +85,6 @@ def model_card(ckpt: str | Path, checkpoint: dict[str, Any], flops: float, merge
     lines += ["", "## How it was made", "", "```"]
     if config_path is not None:
         lines.append(f"lit-sftrl fit --config {shlex.quote(str(config_path))}")
-    lines += [f"lit-sftrl export --ckpt {shlex.quote(str(ckpt))} --out OUT" + ("" if merge_lora else " --adapter-only"), "```", ""]
+    adapter = "" if merge_lora else " --adapter-only"
+    lines += [f"lit-sftrl export --ckpt {shlex.quote(str(ckpt))} --out OUT{adapter}", "```", ""]
     return "\n".join(lines)

@@ -31,7 +31,7 @@ def test_saved_config_replays(tmp_path, tiny_dir_factory, capsys):
 
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.stem != "pretrain_base")  # a tool's
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
@@ -45,8 +45,7 @@ def test_every_printed_config_parses_back(config, tmp_path, capsys, monkeypatch)
     for source in (config, tmp_path / "printed.yaml"):
         with pytest.raises(SystemExit) as exit_info:
             run(["fit", "--config", str(source), "--print_config"])
-        if exit_info.value.code not in (0, None):
-            pytest.skip(f"{config.name} does not parse here: {exit_info.value.code}")  # covered by test_cli
+        assert exit_info.value.code in (0, None), f"{source} does not parse"
         printed.append(capsys.readouterr().out)
         (tmp_path / "printed.yaml").write_text(printed[-1])
     assert "Unable to serialize" not in printed[0]
