@@ -11,7 +11,8 @@ Input: each run directory holds ``eval/*.json`` records written by the trainer (
 * ``report.md``: the Init / SFT / RL table, the matched compute, the runs used, links to the figures, and every
   run's last record.
 
-Headline metric (docs/spec.md §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``) where it
+Headline metric (docs/spec.md §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``),
+where it
 is per-step accuracy on ``id`` and ``rule_ood`` and route success on ``visual_ood``.
 """
 
