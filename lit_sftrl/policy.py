@@ -120,13 +120,16 @@ class PolicyModule(L.LightningModule):
             self.flops.initial = inherited_flops(self.init_from)
 
     def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            parameters, lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay
+            self.parameter_groups(), lr=self.optim.lr, betas=self.optim.betas, weight_decay=self.optim.weight_decay
         )
         total = self.total_optimizer_steps()
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.optim.factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (each may set its own ``lr``); the schedule scales every group alike."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def total_optimizer_steps(self) -> int:
         return int(self.trainer.estimated_stepping_batches)

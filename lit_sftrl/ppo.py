@@ -29,6 +29,7 @@ from lit_sftrl.policy import OptimConfig, PolicyModule
 from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
 from lit_sftrl.seeding import stream_seed
 from lit_sftrl.tasks import make_env_from_spec, paper_buffer_ratio
+from lit_sftrl.validation import validate
 
 
 @dataclass
@@ -54,6 +55,8 @@ class PPOConfig:
         normalize_advantages: normalise advantages over the whole batch across ranks.
         thought_coef: weight of the answer's tokens before its action field (``formula`` in GeneralPoints,
             ``action`` in V-IRL) in the answer's log-prob: 1.0 = a plain sum; the paper 0.5.
+        value_lr_scale: the value head's learning rate over ``optim.lr`` (paper 1). The head starts fresh: at the
+            policy's small rate it does not fit the returns in a short run, leaving advantages ~ returns.
     """
 
     gamma: float = 0.9
@@ -69,19 +72,10 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     normalize_advantages: bool = True
     thought_coef: float = 1.0
+    value_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("ppo_epochs", "minibatch_size", "micro_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model.ppo.{name}={value!r} must be a positive integer")
-        for name in ("gamma", "gae_lambda", "thought_coef"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"model.ppo.{name}={getattr(self, name)!r} must lie in [0, 1]")
-        for name in ("clip_eps", "value_clip", "value_coef", "entropy_coef", "kl_coef", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and value < float("inf")):
-                raise ValueError(f"model.ppo.{name}={value!r} must be a finite number >= 0")
+        validate(self, "ppo")
 
 
 def compute_gae(
@@ -180,6 +174,12 @@ class PPOModule(PolicyModule):
         self.env_steps = 0
         self._pool: EnvironmentPool | None = None
         self._pool_states: list | None = None  # from a checkpoint: rebuilds each rank's running episodes
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        head = [p for p in self.backbone.value_head.parameters() if p.requires_grad]
+        ids = {id(p) for p in head}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": head, "lr": self.optim.lr * self.ppo.value_lr_scale}]
 
     def total_optimizer_steps(self) -> int:
         """The schedule's length: it steps once per update."""
@@ -330,41 +330,26 @@ class PPOModule(PolicyModule):
             self.flops.add_inference(self._sum_over_ranks(rollout.inference_tokens))
 
     def _log_update(self, rollout: Rollout, stats: dict[str, float], update_seconds: float) -> None:
-        attempts = rollout.attempts
-        sums = torch.tensor(
-            [len(attempts), sum(a.reward for a in attempts), sum(a.correct for a in attempts),
-             sum(r.attempts for r in rollout.finished), rollout.inference_tokens],
-            dtype=torch.float64, device=self.device,
-        )
-        n, reward, correct, finished_attempts, tokens = self.trainer.strategy.reduce(sums, reduce_op="sum").tolist()
-        furthest = torch.tensor(
-            [max((a.attempt_index for a in attempts), default=0), max((a.progress or 0 for a in attempts), default=0)],
-            device=self.device,
-        )
-        furthest = self.all_gather(furthest).reshape(-1, 2).max(dim=0).values.tolist()
+        totals = torch.tensor(rollout.totals(), dtype=torch.float64, device=self.device)
+        n, reward, correct, finished_attempts, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
+        furthest = self.all_gather(torch.tensor(rollout.furthest(), device=self.device)).reshape(-1, 2).amax(0).tolist()
         self.train_metrics.update(rollout.finished)
         episode = self.train_metrics.compute()
         self.train_metrics.reset()
         self.env_steps += int(n)
-        seconds, rollout_s = rollout.seconds, max(rollout.seconds["rollout"], 1e-9)
         self.log_dict(
             {
-                "train/reward": reward / n,
-                "train/per_step_accuracy": correct / n,
+                "train/reward": reward / n, "train/per_step_accuracy": correct / n,
                 "train/episodes_finished": episode["episodes"],
-                "train/attempts_per_episode": finished_attempts / episode["episodes"] if episode["episodes"] else 0.0,
-                "train/max_attempt_index": float(furthest[0]),
-                "train/max_rail_index": float(furthest[1]),
-                "train/success": episode["success"],
-                "train/well_formed": episode["well_formed"],
+                "train/attempts_per_episode": finished_attempts / max(episode["episodes"], 1),
+                "train/max_attempt_index": float(furthest[0]), "train/max_rail_index": float(furthest[1]),
+                "train/success": episode["success"], "train/well_formed": episode["well_formed"],
                 "train/episode_return": self._mean_return(rollout.finished),
                 **{f"train/{k}": v for k, v in stats.items()},
                 "train/env_steps": float(self.env_steps), "train/rollout_tokens": tokens,
-                "train/flops": self.flops.total,
-                "train/update": float(self.current_epoch + 1), "train/lr": self.lr_schedulers().get_last_lr()[0],
-                "time/rollout_s": seconds["rollout"], "time/update_s": update_seconds,
-                "time/model_share": seconds["model"] / rollout_s, "time/attempts_per_s": len(attempts) / rollout_s,
-                "time/rollout_tokens_per_s": rollout.inference_tokens / rollout_s,
+                "train/flops": self.flops.total, "train/update": float(self.current_epoch + 1),
+                "train/lr": self.lr_schedulers().get_last_lr()[0],
+                **rollout.timing(), "time/update_s": update_seconds,
             },
             prog_bar=False,
         )

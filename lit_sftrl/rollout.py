@@ -154,6 +154,22 @@ class Rollout:
     seconds: dict[str, float]
     inference_tokens: int
 
+    def totals(self) -> list[float]:
+        """What adds up over ranks: attempts, their rewards, correct ones, finished episodes' attempts, tokens."""
+        return [len(self.attempts), sum(a.reward for a in self.attempts), sum(a.correct for a in self.attempts),
+                sum(r.attempts for r in self.finished), self.inference_tokens]
+
+    def furthest(self) -> list[int]:
+        """How far episodes got: the largest attempt index and rail index of this rollout."""
+        return [max((a.attempt_index for a in self.attempts), default=0),
+                max((a.progress or 0 for a in self.attempts), default=0)]
+
+    def timing(self) -> dict[str, float]:
+        seconds = max(self.seconds["rollout"], 1e-9)
+        return {"time/rollout_s": self.seconds["rollout"], "time/model_share": self.seconds["model"] / seconds,
+                "time/attempts_per_s": len(self.attempts) / seconds,
+                "time/rollout_tokens_per_s": self.inference_tokens / seconds}
+
 
 class RolloutEngine:
     """Plays episodes of many environments at once with one backbone.

@@ -107,5 +107,5 @@ def test_thought_coef_weights_the_reasoning_tokens():
 @pytest.mark.parametrize("name, value", [("ppo_epochs", 0), ("minibatch_size", -1), ("gamma", 1.5),
                                          ("clip_eps", float("inf")), ("value_clip", -0.1), ("thought_coef", 2.0)])
 def test_ppo_config_rejects_bad_values_naming_the_key(name, value):
-    with pytest.raises(ValueError, match=f"model.ppo.{name}"):
+    with pytest.raises(ValueError, match=f"ppo.{name}"):
         PPOConfig(**{name: value})
