@@ -22,13 +22,11 @@ from lit_sftrl.episodes import EvalEpisodes
 from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
 from lit_sftrl.finite import nonfinite_weights_message, trainable_weights_finite
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.models.export import inherited_flops, load_weights_for_init
+from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.tasks import VARIANTS, make_env_from_spec
 from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 from lit_sftrl.validation import check_values, validate
-
-STATE_PREFIX = "backbone."
 
 
 @dataclass
@@ -183,12 +181,12 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not trainable_weights_finite(self.backbone):  # the last guard: a checkpoint never holds NaN weights
             raise FloatingPointError(nonfinite_weights_message(self.trainer, self.global_step))
-        checkpoint["state_dict"] = {STATE_PREFIX + k: v for k, v in self.backbone.trainable_state_dict().items()}
+        checkpoint["state_dict"] = pack_state(self.backbone)
         checkpoint["flops"] = self.flops.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = {k[len(STATE_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
+        state = unpack_state(checkpoint["state_dict"])
         self.backbone.load_trainable_state_dict(state)
         self.flops.load_state_dict(checkpoint.get("flops", {}))
         self._checkpoint_step = int(checkpoint.get("global_step", 0))

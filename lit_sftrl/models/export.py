@@ -122,8 +122,18 @@ def _backbone_config(checkpoint: dict[str, Any]) -> BackboneConfig:
     return as_backbone_config(config)
 
 
+def pack_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``state_dict``: the backbone's trainable weights under the ``"backbone."`` prefix."""
+    return {PREFIX + k: v for k, v in backbone.trainable_state_dict().items()}
+
+
+def unpack_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What :func:`pack_state` packed, by the backbone's own parameter names."""
+    return {k[len(PREFIX) :]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+
+
 def _backbone_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k[len(PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(PREFIX)}
+    return unpack_state(checkpoint["state_dict"])
 
 
 def load_backbone_from_lightning_checkpoint(path: str | Path, **overrides: Any) -> Backbone:
