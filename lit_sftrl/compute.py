@@ -78,3 +78,17 @@ class FlopsCounter:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def token_counts(batch: dict, tile_tokens: int | None = None, tokens_per_image: int | None = None):
+    """Per row of a model-input batch, the tokens the model processes: text tokens without padding (LLaVA-like
+    families' image placeholder tokens included) plus, for cross-attention families (Mllama), ``tile_tokens`` per
+    image tile, which never enter the text. ``tokens_per_image`` (the paper's accounting) replaces the image's
+    real tokens by a constant per row that has an image."""
+    counts = batch["attention_mask"].sum(dim=1).cpu()
+    if tokens_per_image is not None:
+        has_image = any(key in batch for key in ("pixel_values", "cross_attention_mask"))
+        return counts + tokens_per_image * int(has_image)
+    if tile_tokens and "cross_attention_mask" in batch and "aspect_ratio_mask" in batch:
+        counts = counts + batch["aspect_ratio_mask"].flatten(1).sum(dim=1).cpu() * tile_tokens
+    return counts

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_sftrl.compute import token_counts
 from lit_sftrl.models.config import (
     BackboneConfig,
     Generation,
@@ -55,7 +56,7 @@ from lit_sftrl.models.sampling import (
     suppressed_token_ids,
 )
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
-from lit_sftrl.models.weights import VALUE_HEAD_PREFIX
+from lit_sftrl.models.weights import load_trainable
 
 __all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
@@ -382,17 +383,10 @@ class Backbone(nn.Module):
         return int(self.token_counts(batch).sum())
 
     def token_counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per row: text tokens without padding (LLaVA-like families' image placeholder tokens included) plus,
-        for cross-attention families (Mllama), the vision tokens of each image tile, which never enter the text."""
-        counts = batch["attention_mask"].sum(dim=1).cpu()
-        if self.tokens_per_image is not None:  # the paper's accounting: a constant per image
-            has_image = any(key in batch for key in ("pixel_values", "cross_attention_mask"))
-            return counts + self.tokens_per_image * int(has_image)
-        if "cross_attention_mask" in batch and "aspect_ratio_mask" in batch:
-            vision = self._base().config.vision_config
-            patches = (vision.image_size // vision.patch_size) ** 2 + 1  # + class token
-            counts = counts + batch["aspect_ratio_mask"].flatten(1).sum(dim=1).cpu() * patches
-        return counts
+        """Per row, the tokens processed (:func:`lit_sftrl.compute.token_counts`), with this model's tile size."""
+        vision = self._base().config.vision_config if "cross_attention_mask" in batch else None  # Mllama's tiles
+        tile = None if vision is None else (vision.image_size // vision.patch_size) ** 2 + 1  # + class token
+        return token_counts(batch, tile_tokens=tile, tokens_per_image=self.tokens_per_image)
 
     # -- state -------------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -400,24 +394,6 @@ class Backbone(nn.Module):
         fine-tuning. With ``config.path`` this is all a checkpoint needs."""
         return {name: param.detach() for name, param in self.named_parameters() if param.requires_grad}
 
-    def load_trainable_state_dict(
-        self, state: dict[str, torch.Tensor], strict: bool = True, value_head: bool = True
-    ) -> None:
-        """Load what :meth:`trainable_state_dict` produced. ``value_head=False`` keeps the value head as it is
-        (PPO initialised from an SFT run: the value head starts fresh)."""
-        if not value_head:
-            state = {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD_PREFIX)}
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if not value_head:
-            expected = {n for n in expected if not n.startswith(VALUE_HEAD_PREFIX)}
-        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - params.keys())
-        if strict and (missing or unexpected):
-            raise ValueError(
-                f"state does not match this backbone: {len(missing)} missing (e.g. {missing[:3]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); a different LoRA/value-head configuration?"
-            )
-        with torch.no_grad():
-            for name, value in state.items():
-                if name in params:
-                    params[name].copy_(value)
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True, value_head: bool = True):
+        """Load what :meth:`trainable_state_dict` produced; ``value_head=False`` keeps the value head (PPO from SFT)."""
+        load_trainable(self, state, strict=strict, value_head=value_head)

@@ -117,3 +117,26 @@ def merge_lora_state(
             )
         merged[f"model.{layer}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
     return merged
+
+
+def load_trainable(
+    module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True, value_head: bool = True
+) -> None:
+    """Copy ``state`` (trainable weights by parameter name) into ``module``; ``strict`` refuses missing or unknown
+    names, naming a few; ``value_head=False`` leaves the value head as it is."""
+    if not value_head:
+        state = {k: v for k, v in state.items() if not k.startswith(VALUE_HEAD_PREFIX)}
+    params = dict(module.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if not value_head:
+        expected = {n for n in expected if not n.startswith(VALUE_HEAD_PREFIX)}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - params.keys())
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"state does not match this backbone: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); a different LoRA/value-head configuration?"
+        )
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params:
+                params[name].copy_(value)
