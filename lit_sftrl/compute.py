@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from lit_sftrl.validation import validate
+
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6
 INFERENCE_FLOPS_PER_PARAM_TOKEN = 2
 PAPER_IMAGE_TOKENS = 1600  # what the original counted per image
@@ -34,11 +36,8 @@ class ComputeConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("tokens", "paper"):
-            raise ValueError(f"model.compute.mode={self.mode!r} must be 'tokens' or 'paper'")
-        if self.buffer_ratio is not None and not 0 <= self.buffer_ratio < float("inf"):
-            raise ValueError(f"model.compute.buffer_ratio={self.buffer_ratio!r} must be a finite number >= 0")
-        if isinstance(self.image_tokens, bool) or not isinstance(self.image_tokens, int) or self.image_tokens < 0:
-            raise ValueError(f"model.compute.image_tokens={self.image_tokens!r} must be an integer >= 0")
+            raise ValueError(f"compute.mode: must be 'tokens' or 'paper', got {self.mode!r}")
+        validate(self, "compute")
 
     @property
     def tokens_per_image(self) -> int | None:

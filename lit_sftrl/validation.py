@@ -78,7 +78,7 @@ RULES: dict[str, Rule] = {
     "top_p": in_range(0.0, 1.0, low_open=True), "multi_turn": FRACTION,
     "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": NONNEGATIVE,
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
-    "thought_coef": FRACTION, "value_lr_scale": POSITIVE,
+    "thought_coef": FRACTION, "value_lr_scale": POSITIVE, "buffer_ratio": NONNEGATIVE, "image_tokens": nonnegative_int,
 }
 FINITE = in_range(-math.inf, math.inf, low_open=True, high_open=True)
 
