@@ -89,3 +89,31 @@ def _as_if_saved_at_batch_end(trainer: Any) -> Iterator[None]:
         for progress, values in zip((total, current), saved[0]):
             vars(progress).update(values)
         loop._batches_that_stepped = saved[1]
+
+
+def use_configured_optimizer_settings(checkpoint: dict[str, Any], groups: list[dict[str, Any]]) -> None:
+    """Make a resumed run use the config's learning rate, weight decay and betas (``groups``: one dict per
+    parameter group), not the checkpoint's, keeping where the schedule stands.
+
+    Lightning restores the optimizer's and the scheduler's state dicts as saved, learning rates included, so
+    ``--ckpt_path X --model.init_args.optim.lr <lower>`` (the advice after a non-finite stop) silently trained on
+    at the old rate. Each group's rates are rescaled by new/old peak rate; a checkpoint whose groups do not match
+    the config's is left alone (Lightning then reports the mismatch itself)."""
+    optimizers, schedulers = checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or []
+    if len(optimizers) != 1 or len(optimizers[0].get("param_groups", [])) != len(groups):
+        return
+    ratios = []
+    for saved, wanted in zip(optimizers[0]["param_groups"], groups):
+        old = saved.get("initial_lr", saved["lr"])
+        ratio = wanted["lr"] / old if old else 1.0
+        ratios.append(ratio)
+        saved["lr"] *= ratio
+        if "initial_lr" in saved:
+            saved["initial_lr"] = wanted["lr"]
+        for key in ("weight_decay", "betas"):
+            if key in wanted and key in saved:
+                saved[key] = type(saved[key])(wanted[key]) if key == "betas" else wanted[key]
+    for scheduler in schedulers:
+        for key in ("base_lrs", "_last_lr"):
+            if len(scheduler.get(key) or []) == len(ratios):
+                scheduler[key] = [value * ratio for value, ratio in zip(scheduler[key], ratios)]

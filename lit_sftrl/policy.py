@@ -16,11 +16,18 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_sftrl.checkpoint_io import use_configured_optimizer_settings
 from lit_sftrl.compute import ComputeConfig, FlopsCounter
 from lit_sftrl.corpus import ensure_backbone
 from lit_sftrl.episodes import EvalEpisodes
 from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
-from lit_sftrl.finite import nonfinite_weights_message, trainable_weights_finite
+from lit_sftrl.finite import (
+    LastFiniteState,
+    last_saved_checkpoint,
+    nonfinite_weights_message,
+    save_stop_checkpoint,
+    trainable_weights_finite,
+)
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
 from lit_sftrl.rollout import RolloutEngine
@@ -89,6 +96,7 @@ class PolicyModule(L.LightningModule):
         check_values("model.", max_nonfinite_losses=max_nonfinite_losses)
         self.max_nonfinite_losses = max_nonfinite_losses
         self._nonfinite_in_a_row = 0
+        self._last_finite = LastFiniteState()  # lit_sftrl.finite: what it copies, and where
         self.save_hyperparameters({"backbone": asdict(self.backbone_config), "init_from": init_from})
         self.backbone: Backbone | None = None
         self.flops: FlopsCounter | None = None
@@ -147,7 +155,7 @@ class PolicyModule(L.LightningModule):
         )
         if self._nonfinite_in_a_row >= self.max_nonfinite_losses:
             path = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
-            self.trainer.save_checkpoint(path)
+            save_stop_checkpoint(self.trainer, path)
             raise FloatingPointError(
                 f"{self._nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: stopped. "
                 f"State saved to {path}; lower the learning rate or check the data, then resume with --ckpt_path."
@@ -155,21 +163,30 @@ class PolicyModule(L.LightningModule):
         return False
 
     # A step with a finite loss can still leave non-finite weights (an overflowing update, a huge learning rate).
-    # They are caught right after the step, before any checkpoint callback runs, and never saved: every checkpoint
-    # on disk, the non-finite-loss stop included, holds finite weights, so resuming from one is always possible.
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    # They are caught right after the step, before any checkpoint callback runs, and never saved: the state from
+    # before the step (captured by LastFiniteState) is put back and saved as nonfinite-stop.ckpt instead.
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        self._last_finite.capture(getattr(optimizer, "optimizer", optimizer), self.backbone)
+        super().optimizer_step(epoch, batch_idx, optimizer, *args, **kwargs)
         self.stop_on_nonfinite_weights(self.global_step + 1)  # Lightning counts the step once this hook returns
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.stop_on_nonfinite_weights(self.global_step)  # manual optimisation (PPO) steps inside training_step
+        # Manual optimisation (PPO) steps many times inside training_step, between rollouts that move the
+        # environments on: no single earlier state to go back to, so the run stops naming its last checkpoint.
+        self.stop_on_nonfinite_weights(self.global_step)
 
     def stop_on_nonfinite_weights(self, step: int) -> None:
         if self.backbone is None or not self.trainer.strategy.reduce_boolean_decision(
             not trainable_weights_finite(self.backbone), all=False
         ):
             return
-        raise FloatingPointError(nonfinite_weights_message(self.trainer, step))
+        saved = None
+        if self.automatic_optimization and self._last_finite.captured:
+            self._last_finite.restore(self.trainer.optimizers[0])
+            saved = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
+            save_stop_checkpoint(self.trainer, saved)
+        last = last_saved_checkpoint(self.trainer)
+        raise FloatingPointError(nonfinite_weights_message(step, saved and str(saved), last))
 
     @property
     def run_dir(self) -> Path:
@@ -180,7 +197,9 @@ class PolicyModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not trainable_weights_finite(self.backbone):  # the last guard: a checkpoint never holds NaN weights
-            raise FloatingPointError(nonfinite_weights_message(self.trainer, self.global_step))
+            raise FloatingPointError(
+                nonfinite_weights_message(self.global_step, None, last_saved_checkpoint(self.trainer))
+            )
         checkpoint["state_dict"] = pack_state(self.backbone)
         checkpoint["flops"] = self.flops.state_dict()
 
@@ -188,6 +207,10 @@ class PolicyModule(L.LightningModule):
         self.configure_model()
         state = unpack_state(checkpoint["state_dict"])
         self.backbone.load_trainable_state_dict(state)
+        use_configured_optimizer_settings(checkpoint, [  # a resume takes the config's learning rate
+            {"lr": group.get("lr", self.optim.lr), "weight_decay": self.optim.weight_decay, "betas": self.optim.betas}
+            for group in self.parameter_groups()
+        ])
         self.flops.load_state_dict(checkpoint.get("flops", {}))
         self._checkpoint_step = int(checkpoint.get("global_step", 0))
 

@@ -55,20 +55,94 @@ def _poison_weights_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
 
 
-def test_nonfinite_weights_after_a_step_stop_the_run_and_are_never_saved(tmp_path, model_dir, monkeypatch):
-    run_dir, config = _config(tmp_path, model_dir, max_steps=6, every=2)
+def test_nonfinite_weights_after_a_step_stop_with_the_state_before_it_which_resumes_at_a_lower_lr(
+    tmp_path, model_dir, monkeypatch
+):
+    """Step 3 turns a weight NaN (the loss was finite): the run stops in one line naming nonfinite-stop.ckpt,
+    which holds the state before step 3 (weights and optimizer moments equal to the step-2 checkpoint's, data
+    position 2), and resuming from it with a lower learning rate trains to the end at that rate. Before, no
+    stop checkpoint was written, and a resume kept the checkpoint's learning rate whatever the config said."""
+    run_dir, config = _config(tmp_path, model_dir, max_steps=5, every=2)
     _poison_weights_at(monkeypatch, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(FloatingPointError, match=r"weights turned non-finite .* at step 3") as error:
             _fit(config)
-    assert "last.ckpt" in str(error.value) and "--ckpt_path" in str(error.value) and "\n" not in str(error.value)
-    saved = sorted((run_dir / "checkpoints").glob("*.ckpt"))
-    assert saved, "the step-2 checkpoint exists"
-    for path in saved:
+    stop = run_dir / "checkpoints" / "nonfinite-stop.ckpt"
+    message = str(error.value)
+    assert str(stop) in message and "--ckpt_path" in message and "\n" not in message, message
+    for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
         checkpoint = read_lightning_checkpoint(path)
         assert checkpoint["global_step"] <= 2, path
         assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values()), path
+    saved, before = read_lightning_checkpoint(stop), read_lightning_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == before["global_step"] == 2
+    assert saved["SFTDataModule"] == before["SFTDataModule"] == {"batches_consumed": 2}
+    assert saved["state_dict"].keys() == before["state_dict"].keys()
+    for key, tensor in saved["state_dict"].items():
+        assert torch.equal(tensor, before["state_dict"][key]), key
+    moments, expected = saved["optimizer_states"][0]["state"], before["optimizer_states"][0]["state"]
+    assert moments.keys() == expected.keys()
+    for index, state in moments.items():
+        for name, value in state.items():
+            assert torch.equal(value, expected[index][name]), (index, name)
+    monkeypatch.undo()
+    lower = 1.0e-4  # the config's is 1e-3
+    resumed = _fit(config, "--ckpt_path", str(stop), "--model.init_args.optim.lr", str(lower))
+    assert resumed.trainer.global_step == 5
+    group = resumed.trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == pytest.approx(lower) and group["lr"] <= lower
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(lower)]
+
+
+def test_a_resume_uses_the_configured_learning_rate():
+    from lit_sftrl.checkpoint_io import use_configured_optimizer_settings
+
+    checkpoint = {
+        "optimizer_states": [{"param_groups": [{"lr": 5e-4, "initial_lr": 1e-3, "weight_decay": 0.0,
+                                                "betas": (0.9, 0.999)}]}],
+        "lr_schedulers": [{"base_lrs": [1e-3], "_last_lr": [5e-4]}],
+    }
+    use_configured_optimizer_settings(checkpoint, [{"lr": 1e-4, "weight_decay": 0.1, "betas": (0.8, 0.9)}])
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(5e-5) and group["initial_lr"] == 1e-4  # the schedule keeps its place
+    assert group["weight_decay"] == 0.1 and group["betas"] == (0.8, 0.9)
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == [pytest.approx(1e-4)]
+    assert checkpoint["lr_schedulers"][0]["_last_lr"] == [pytest.approx(5e-5)]
+
+
+def test_the_last_finite_state_is_copied_where_it_is_cheap():
+    """LoRA-like (few trainable parameters): the copy stays beside them; full fine-tuning: it goes to host memory
+    (the same device here, on CPU). Either way restore gives back the parameters and the optimizer moments."""
+    from lit_sftrl.finite import LastFiniteState
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 400))
+    model[1].requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for on_host, params in ((False, model[0].parameters()), (True, model.parameters())):
+        snapshot = LastFiniteState()
+        snapshot.capture(torch.optim.AdamW(list(params)), model)
+        assert snapshot._on_host is on_host
+    snapshot = LastFiniteState()
+    snapshot.capture(optimizer, model)  # before the first step: no optimizer state yet
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    weights = [p.detach().clone() for p in model[0].parameters()]
+    moments = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+    snapshot.capture(optimizer, model)
+    optimizer.step()
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    snapshot.restore(optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), weights))
+    assert all(torch.equal(optimizer.state[model[0].weight][k], v) for k, v in moments.items())
+    first = LastFiniteState()
+    fresh = torch.optim.AdamW(list(model[0].parameters()))
+    first.capture(fresh, model)
+    model(torch.ones(1, 4)).sum().backward()
+    fresh.step()
+    first.restore(fresh)
+    assert not fresh.state  # back to before the first step: no moments
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, model_dir, monkeypatch):
