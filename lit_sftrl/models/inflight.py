@@ -1,0 +1,334 @@
+"""In-flight batched decoding: a fixed number of slots, rows leave the batch the step their answer ends, and
+waiting prompts are prefilled and join the running batch.
+
+``Backbone.generate`` (transformers' loop) decodes a batch until its longest answer ends: rows that finished
+keep riding along, and the next prompts wait for the whole batch. A trained model's answers end at very
+different lengths, so most of a lockstep batch's late steps were spent on finished rows.
+
+Exactness: each row computes what ``generate`` computes for it alone, up to float rounding from the batch
+shape. Positions follow each row's attention mask, so left padding added when rows of different widths are
+merged does not shift them; padded columns are masked out. Sampling is per row (its own seeded generator,
+one draw per decoded token, the same Gumbel-max draw as :class:`SeededSampler`), so a row samples the same
+tokens whichever rows share its batch and whenever it joined. Log-probs use :func:`masked_log_probs` exactly
+as generation and scoring do.
+
+Cache layout: one :class:`GrowingLayer` per layer, ``[rows, kv_heads, columns, head_dim]``; all rows share the
+current column. Text layers are right-aligned (each row's tokens end at the last column); Mllama's cross-attention
+layers hold each row's image keys and values (same width for every image row). The batch is re-assembled only
+on a step where rows leave or join: it drops the columns that are padding for every remaining row and left-pads
+the narrower side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from lit_sftrl.models.config import Generation, Prompt, SamplingConfig
+from lit_sftrl.models.encoding import per_token_keys
+from lit_sftrl.models.kv_cache import ConversationCache, GrowingLayer, new_cache, text_layers
+from lit_sftrl.models.sampling import _top_p_filter, masked_log_probs
+
+
+@dataclass
+class Request:
+    """One prompt to answer: its conversation cache from the previous turn (or None), its sampling seed, and a tag
+    that comes back with its :class:`Generation`."""
+
+    prompt: Prompt
+    cache: ConversationCache | None = None
+    seed: int | None = None
+    tag: Any = None
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    prompt_ids: torch.Tensor  # [T] the row's prompt tokens (cached prefix included), CPU
+    prompt_tokens: int  # FLOPs accounting, as generate counts it
+    value: float | None
+    keep_cache: bool
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+def supports_inflight(backbone: Any) -> bool:
+    """Whether :class:`InflightDecoder` can drive this backbone: a real :class:`Backbone` whose model takes
+    position ids (positions must follow each row's mask) and whose layers are all full attention."""
+    from lit_sftrl.models.backbone import Backbone
+
+    return (
+        isinstance(backbone, Backbone) and backbone._accepts_position_ids
+        and new_cache(backbone._text_config, 1) is not None
+    )
+
+
+class LockstepDecoder:
+    """The same interface over ``generate``: every waiting prompt is answered in one batched call, which
+    decodes until its longest answer ends (the engine before in-flight batching; any backbone with a
+    ``generate`` method, e.g. test doubles)."""
+
+    def __init__(self, backbone: Any, sampling: SamplingConfig, slots: int) -> None:
+        self.backbone, self.sampling, self.slots = backbone, sampling, slots
+        self.pending: list[Request] = []
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def submit(self, request: Request) -> None:
+        self.pending.append(request)
+
+    def step(self) -> list[tuple[Any, Generation]]:
+        batch, self.pending = self.pending, []
+        if not batch:
+            return []
+        generations = self.backbone.generate(
+            [r.prompt for r in batch], self.sampling, [r.cache for r in batch],
+            seeds=None if any(r.seed is None for r in batch) else [r.seed for r in batch],
+        )
+        return [(r.tag, g) for r, g in zip(batch, generations)]
+
+
+class InflightDecoder:
+    """Decodes up to ``slots`` answers at once; :meth:`step` admits waiting prompts into free slots (one batched
+    prefill), decodes one token for every running row, and returns the rows whose answer ended.
+
+    A batch holds image prompts or text prompts, never both (the families' forwards take one or the other);
+    prompts of the other kind wait until the running batch has drained.
+    """
+
+    def __init__(self, backbone: Any, sampling: SamplingConfig, slots: int) -> None:
+        self.backbone, self.sampling, self.slots = backbone, sampling, slots
+        self.waiting: list[Request] = []
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = self.positions = self.last = self.cross_mask = None  # per-row batch tensors
+        self.with_images: bool | None = None
+        self.text_layers = set(text_layers(backbone._text_config))
+        self.forward_seconds = {"prefill": 0.0, "steps": 0.0}
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.rows)
+
+    def submit(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[tuple[Any, Generation]]:
+        with self.backbone._eval_mode():
+            self._admit()
+            done = self._retire()
+            if self.rows:
+                self._decode()
+                done += self._retire()
+        return done
+
+    def _admit(self) -> None:
+        free = self.slots - len(self.rows)
+        if free <= 0 or not self.waiting:
+            return
+        kind = self.with_images if self.rows else self.waiting[0].prompt[1] is not None
+        joining = [r for r in self.waiting if (r.prompt[1] is not None) == kind][:free]
+        if not joining:
+            return
+        self.waiting = [r for r in self.waiting if all(r is not j for j in joining)]
+        self.with_images = kind
+        rows, cache, inputs, logits = self._prefill(joining)
+        tokens = self._choose(logits, rows)
+        cross = inputs["cross_attention_mask"][:, -1:] if "cross_attention_mask" in inputs else None
+        positions = inputs["position_ids"][:, -1] + 1
+        self._assemble(keep=list(range(len(self.rows))), joining=(rows, cache, inputs["attention_mask"],
+                       positions, tokens, cross))
+
+    def _prefill(self, requests: list[Request]):
+        """One forward over the joining prompts, continued from their conversation caches where they hold some."""
+        backbone, model = self.backbone, self.backbone.model
+        prompts = [r.prompt for r in requests]
+        caches = [r.cache for r in requests]
+        inputs, cache, keep = backbone._model_inputs(prompts, caches, self.sampling.max_new_tokens)
+        if cache is None:  # image tokens inside the text (LLaVA): transformers' own layers, copied out below
+            cache = DynamicCache(config=backbone._text_config)
+        inputs = backbone._with_position_ids(model, inputs)
+        past = cache.get_seq_length()
+        cut = set(per_token_keys(inputs)) - {"attention_mask"}
+        run = {key: value[:, past:] if key in cut and past else value for key, value in inputs.items()}
+        kwargs = {"logits_to_keep": 1} if backbone._accepts_logits_to_keep else {}
+        capture = backbone.value_head is not None
+        start = time.perf_counter()
+        with backbone._final_hidden.capture(capture) as store:
+            logits = model(**run, cache=cache, use_cache=True, **kwargs).logits[:, -1]
+        self.forward_seconds["prefill"] += time.perf_counter() - start
+        values = backbone.value_head(store[0][:, -1]).tolist() if capture else [None] * len(requests)
+        counts = backbone.token_counts(inputs).tolist()
+        rows = []
+        for i, request in enumerate(requests):
+            generator = None
+            if self.sampling.temperature > 0:
+                seed = request.seed if request.seed is not None else int(torch.randint(2**62, ()))
+                generator = torch.Generator(device=logits.device).manual_seed(int(seed))
+            ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].cpu()
+            rows.append(_Row(request, generator, ids, int(counts[i]), values[i], keep))
+        return rows, cache, inputs, logits
+
+    def _decode(self) -> None:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        inputs = {"input_ids": self.last[:, None], "attention_mask": self.mask, "position_ids": self.positions[:, None]}
+        if self.cross_mask is not None:
+            inputs["cross_attention_mask"] = self.cross_mask
+        kwargs = {"logits_to_keep": 1} if self.backbone._accepts_logits_to_keep else {}
+        start = time.perf_counter()
+        logits = self.backbone.model(**inputs, cache=self.cache, use_cache=True, **kwargs).logits[:, -1]
+        self.forward_seconds["steps"] += time.perf_counter() - start
+        self.positions = self.positions + 1
+        self.last = self._choose(logits, self.rows)
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[_Row]) -> torch.Tensor:
+        """Each row's next token: greedy, or its own seeded Gumbel-max draw (what SeededSampler draws)."""
+        suppressed = self.backbone._suppressed_mask
+        temperature, top_p = self.sampling.temperature, self.sampling.top_p
+        scores = logits.float().masked_fill(suppressed.to(logits.device), float("-inf"))
+        if temperature > 0:
+            scaled = scores / temperature
+            if top_p < 1.0:
+                scaled = _top_p_filter(scaled, top_p)
+            uniform = torch.stack(
+                [torch.rand(scores.shape[-1], generator=row.generator, device=scores.device) for row in rows]
+            )
+            scores = scaled - torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        tokens = scores.argmax(-1)
+        chosen = masked_log_probs(logits, temperature, suppressed).gather(-1, tokens[:, None])[:, 0]
+        for row, token, logprob in zip(rows, tokens.tolist(), chosen.tolist()):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+        return tokens
+
+    def _retire(self) -> list[tuple[Any, Generation]]:
+        eos, cap = set(self.backbone.eos_ids), self.sampling.max_new_tokens
+        ended = [i for i, row in enumerate(self.rows) if row.tokens[-1] in eos or len(row.tokens) >= cap]
+        if not ended:
+            return []
+        done = [(self.rows[i].request.tag, self._generation(i)) for i in ended]
+        self._assemble(keep=[i for i in range(len(self.rows)) if i not in set(ended)], joining=None)
+        return done
+
+    # -- batch bookkeeping ---------------------------------------------------------------------------------------
+    def _generation(self, i: int) -> Generation:
+        row, backbone = self.rows[i], self.backbone
+        answer = torch.tensor(row.tokens, dtype=torch.long)
+        backbone.cap_counts["answers"] += 1
+        backbone.cap_counts["at_cap"] += len(row.tokens) >= self.sampling.max_new_tokens
+        return Generation(
+            prompt_ids=row.prompt_ids, answer_ids=answer,
+            text=backbone.tokenizer.decode(answer, skip_special_tokens=True),
+            logprobs=torch.tensor(row.logprobs, dtype=torch.float32), value=row.value,
+            num_tokens=row.prompt_tokens + len(row.tokens),
+            cache=self._conversation_cache(i) if row.keep_cache else None,
+        )
+
+    def _conversation_cache(self, i: int) -> ConversationCache:
+        """The row's keys and values at every token it fed: its prompt and all sampled tokens but the last."""
+        row = self.rows[i]
+        columns = self.mask[i].nonzero()[:, 0]
+        layers = [
+            (layer.keys[i][:, columns], layer.values[i][:, columns]) if index in self.text_layers else None
+            for index, layer in enumerate(self.cache.layers)
+        ]
+        ids = torch.cat([row.prompt_ids, torch.tensor(row.tokens[:-1], dtype=torch.long)])
+        return ConversationCache(ids, layers, row.request.prompt[1])
+
+    def _assemble(self, keep: list[int], joining: tuple | None) -> None:
+        """Rebuild the batch from the kept rows and the joining ones: the text layers' columns right-aligned into
+        the narrowest width that holds every row, with room to decode the rest of the answers."""
+        parts = []  # (cache, rows index, mask, first column to keep)
+        if keep:
+            index = torch.tensor(keep, device=self.mask.device)
+            first = int(self.mask[index].any(0).nonzero()[0, 0])
+            parts.append((self.cache, index, self.mask[index, first:], first))
+        if joining is not None:
+            rows, cache, mask, positions, tokens, cross = joining
+            parts.append((cache, None, mask, 0))
+        self.rows = [self.rows[i] for i in keep] + (rows if joining is not None else [])
+        if not self.rows:
+            self.cache = self.mask = self.positions = self.last = self.cross_mask = None
+            return
+        width = max(mask.shape[1] for _, _, mask, _ in parts)
+        self.mask = torch.cat([_left_pad(mask, width) for _, _, mask, _ in parts])
+        self.positions = _cat([self.positions[index] if keep else None, positions if joining else None])
+        self.last = _cat([self.last[index] if keep else None, tokens if joining else None])
+        old_cross = self.cross_mask[index] if keep and self.cross_mask is not None else None
+        self.cross_mask = _cat([old_cross, cross if joining else None])
+        capacity = width + self.sampling.max_new_tokens
+        layers = []
+        for number in range(len(parts[0][0].layers)):
+            pieces = []
+            for cache, index, _, first in parts:
+                layer = cache.layers[number]
+                if not layer.is_initialized or layer.keys.numel() == 0:
+                    continue
+                keys, values = layer.keys, layer.values
+                if index is not None:
+                    keys, values = keys[index], values[index]
+                if number in self.text_layers:
+                    keys, values = keys[..., first:, :], values[..., first:, :]
+                pieces.append((keys, values))
+            aligned = number in self.text_layers
+            layers.append(_stacked(pieces, width if aligned else None, capacity if aligned else None))
+        self.cache = DynamicCache(config=self.backbone._text_config)
+        self.cache.layers = layers
+
+
+def _cat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present) if present else None
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _stacked(pieces: list[tuple[torch.Tensor, torch.Tensor]], width: int | None, capacity: int | None) -> GrowingLayer:
+    """One layer of the batch: ``pieces`` stacked over rows, each right-aligned at column ``width`` (None: the
+    pieces' own common width, for image keys) of a buffer with ``capacity`` columns."""
+    if not pieces:
+        return GrowingLayer(capacity or 1)  # nothing cached here (Mllama's cross-attention layers, text prompts)
+    width = width or pieces[0][0].shape[-2]
+    capacity = capacity or width
+    sample = pieces[0][0]
+    rows = sum(keys.shape[0] for keys, _ in pieces)
+    buffers = tuple(sample.new_zeros((rows, sample.shape[1], capacity, sample.shape[-1])) for _ in range(2))
+    row = 0
+    for keys, values in pieces:
+        n, w = keys.shape[0], keys.shape[-2]
+        buffers[0][row : row + n, :, width - w : width] = keys
+        buffers[1][row : row + n, :, width - w : width] = values
+        row += n
+    layer = GrowingLayer(capacity)
+    layer.lazy_initialization(sample, sample)
+    layer._buffers = buffers
+    layer.keys, layer.values = buffers[0][..., :width, :], buffers[1][..., :width, :]
+    return layer
+
+
+def decode_all(decoder: Any, requests: Sequence[Request], on_done: Callable | None = None) -> list[Generation]:
+    """Answers to ``requests`` in their order (for tests and benches that have everything to submit up front)."""
+    for n, request in enumerate(requests):
+        decoder.submit(Request(request.prompt, request.cache, request.seed, tag=n))
+    results: dict[int, Generation] = {}
+    while len(decoder):
+        for n, generation in decoder.step():
+            results[n] = generation
+            if on_done is not None:
+                on_done(requests[n].tag, generation)
+    return [results[n] for n in range(len(requests))]

@@ -1,0 +1,106 @@
+"""In-flight batching: rows that finish leave the batch, waiting prompts join the running one, and every row gets
+what it gets decoded alone (answers, fp32 log-probs, values, conversation caches)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
+from lit_sftrl.models.inflight import InflightDecoder, Request, decode_all, supports_inflight
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+def _backbone(tiny_dir) -> Backbone:
+    backbone = Backbone(BackboneConfig(path=str(tiny_dir), value_head=True)).eval()
+    torch.nn.init.normal_(backbone.value_head.net[-1].weight, std=0.5)  # V = 0 at init would compare nothing
+    return backbone
+
+
+def _uneven_ends(backbone: Backbone, prompts, sampling: SamplingConfig) -> None:
+    """Declare end-of-sequence a token the untrained model samples at different depths in different answers, so
+    rows finish at different lengths (an untrained model rarely samples its real end-of-turn token)."""
+    answers = [g.answer_ids.tolist() for g in backbone.generate(prompts, sampling, seeds=list(range(len(prompts))))]
+    depth = collections.defaultdict(set)
+    for answer in answers:
+        for position, token in enumerate(answer[:-1]):
+            depth[token].add(position)
+    token = max(depth, key=lambda t: (len(depth[t]), -min(depth[t])))
+    backbone.eos_ids = sorted({*backbone.eos_ids, token})
+
+
+def _prompts(chats, images, with_images: bool):
+    prompts = [(chat, image if with_images else None) for chat, image in zip(chats, images)]
+    extra = [(chats[1][:1], images[3]), (chats[0], images[1])]
+    return prompts + [(chat, image if with_images else None) for chat, image in extra]
+
+
+def _assert_alone_equals_inflight(backbone, prompts, sampling, slots):
+    seeds = [11 * n + 1 for n in range(len(prompts))]
+    decoder = InflightDecoder(backbone, sampling, slots=slots)
+    joined_mid_batch = []
+
+    def record(tag, generation):
+        joined_mid_batch.append(len(decoder.rows))
+
+    inflight = decode_all(decoder, [Request(p, None, s) for p, s in zip(prompts, seeds)], on_done=record)
+    lengths = {len(g.answer_ids) for g in inflight}
+    assert len(lengths) > 1, "rows must finish at different lengths"
+    assert any(joined_mid_batch), "some row must finish while others keep decoding"
+    for prompt, seed, together in zip(prompts, seeds, inflight):
+        (alone,) = backbone.generate([prompt], sampling, seeds=[seed])
+        assert torch.equal(alone.answer_ids, together.answer_ids)
+        assert torch.equal(alone.prompt_ids, together.prompt_ids)
+        assert alone.text == together.text and alone.num_tokens == together.num_tokens
+        torch.testing.assert_close(alone.logprobs, together.logprobs, atol=1e-5, rtol=0)
+        assert alone.value == pytest.approx(together.value, abs=1e-5)
+    return inflight
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_inflight_greedy_equals_one_at_a_time(tiny_dir, chats, images, with_images):
+    backbone = _backbone(tiny_dir)
+    assert supports_inflight(backbone)
+    prompts = _prompts(chats, images, with_images)
+    _uneven_ends(backbone, prompts, GREEDY)
+    # 2 slots for 6 prompts: four of them join a batch that is already decoding
+    _assert_alone_equals_inflight(backbone, prompts, GREEDY, slots=2)
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_inflight_seeded_sampling_equals_one_at_a_time(tiny_dir, chats, images, with_images):
+    backbone = _backbone(tiny_dir)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=12)
+    prompts = _prompts(chats, images, with_images)
+    _uneven_ends(backbone, prompts, sampling)
+    _assert_alone_equals_inflight(backbone, prompts, sampling, slots=3)
+
+
+def _next_turn(prompt, generation, feedback="Wrong. Try again."):
+    chat, image = prompt
+    return chat + [{"role": "assistant", "content": generation.text}, {"role": "user", "content": feedback}], image
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_row_joining_with_a_conversation_cache_equals_one_encoded_whole(tiny_dir, chats, images, with_images):
+    backbone = _backbone(tiny_dir)
+    prompts = _prompts(chats, images, with_images)
+    _uneven_ends(backbone, prompts, GREEDY)
+    first = decode_all(InflightDecoder(backbone, GREEDY, slots=3), [Request(p) for p in prompts])
+    if with_images and backbone.model.config.model_type != "mllama":
+        assert all(g.cache is None for g in first)  # LLaVA: image tokens inside the text, encoded whole each turn
+        return
+    assert all(g.cache is not None for g in first)
+    second = [_next_turn(p, g) for p, g in zip(prompts, first)]
+    # New conversations interleaved with continued ones, 2 slots: continued rows join mid-batch.
+    requests = [r for pair in zip([Request(p, g.cache) for p, g in zip(second, first)], [Request(p) for p in prompts])
+                for r in pair]
+    together = decode_all(InflightDecoder(backbone, GREEDY, slots=2), requests)
+    for request, got in zip(requests, together):
+        (whole,) = backbone.generate([request.prompt], GREEDY)
+        assert torch.equal(whole.answer_ids, got.answer_ids) and torch.equal(whole.prompt_ids, got.prompt_ids)
+        torch.testing.assert_close(whole.logprobs, got.logprobs, atol=1e-5, rtol=0)
+        assert whole.value == pytest.approx(got.value, abs=1e-5)
