@@ -34,15 +34,23 @@ class SFTModule(PolicyModule):
     tokens_seen = 0  # trained-on tokens over all ranks; checkpointed
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int):
-        inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in batch])
-        length = int(inputs["input_ids"].shape[-1])
-        if length > self.backbone_config.max_tokens:  # one 5 MB turn once took the machine down with no message
-            raise LimitExceeded(
-                f"batch {batch_idx} holds a sample of {length} tokens, more than model.backbone.max_tokens="
-                f"{self.backbone_config.max_tokens}: shorten the data or raise the limit"
-            )
-        logits, labels, tokens = self.backbone.label_logits(inputs)
-        loss = sft_loss(logits, labels)
+        # A model input holds images for all its rows or for none, and LLaVA-style files mix image and text-only
+        # samples: each kind goes through the model on its own, and the loss is the mean over all labelled
+        # tokens of the batch, as one mixed forward pass would give.
+        losses, labelled, tokens = [], 0, 0
+        for group in _by_modality(batch):
+            inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in group])
+            length = int(inputs["input_ids"].shape[-1])
+            if length > self.backbone_config.max_tokens:  # one 5 MB turn once took the machine down with no message
+                raise LimitExceeded(
+                    f"batch {batch_idx} holds a sample of {length} tokens, more than model.backbone.max_tokens="
+                    f"{self.backbone_config.max_tokens}: shorten the data or raise the limit"
+                )
+            logits, labels, group_tokens = self.backbone.label_logits(inputs)
+            count = int((labels != IGNORE).sum())
+            losses.append(sft_loss(logits, labels) * count)
+            labelled, tokens = labelled + count, tokens + group_tokens
+        loss = torch.stack(losses).sum() / max(labelled, 1)
         if not self.loss_is_finite(loss):
             return None  # Lightning skips the optimizer step
         tokens = int(self.trainer.strategy.reduce(loss.new_tensor(tokens), reduce_op="sum"))
@@ -59,3 +67,10 @@ class SFTModule(PolicyModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+
+def _by_modality(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The batch's samples with an image, then those without (each group in its original order; none empty)."""
+    with_image = [sample for sample in batch if sample["image"] is not None]
+    text_only = [sample for sample in batch if sample["image"] is None]
+    return [group for group in (with_image, text_only) if group]

@@ -64,3 +64,30 @@ def test_malformed_files_name_the_entry(tmp_path, entries, message):
     path.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=message):
         read_llava_json(path)
+
+
+def test_an_sft_fit_on_a_file_mixing_image_and_text_only_samples_runs(tmp_path, tiny_dir_factory):
+    """Valid LLaVA-style data mixes both kinds; a model input holds images for all rows or none, so a mixed
+    batch used to crash the first step. The stream here draws mixed batches (checked), and the fit trains."""
+    import math
+
+    from test_sft import small_config
+
+    from lit_sftrl.cli import run
+    from lit_sftrl.datamodules import LlavaSource, SFTBatches
+
+    Image.new("RGB", (16, 12), (255, 0, 0)).save(tmp_path / "red.png")
+    entries = [{"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                      {"from": "gpt", "value": '{"colour": "red"}'}]}] * 3
+    entries += [{"conversations": [{"from": "human", "value": f"Say {i}."}, {"from": "gpt", "value": str(i)}]}
+                for i in range(3)]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(entries))
+    stream = iter(SFTBatches(LlavaSource(str(data), None), batch_size=4, seed=0, rank=0, start=0))
+    kinds = [{sample["image"] is None for sample in next(stream)} for _ in range(3)]
+    assert {True, False} in kinds, kinds  # at least one of the three steps' batches mixes them
+
+    config = small_config(tmp_path / "run", tiny_dir_factory("mllama"), steps=3, batch_size=4)
+    cli = run(["fit", "--config", str(config), "--data.init_args.llava_json", str(data)])
+    assert cli.trainer.global_step == 3
+    assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
