@@ -1,8 +1,10 @@
 """The batched multi-turn rollout engine: the only place where environments and models meet.
 
-Environments advance in lockstep: every environment waiting for an answer gets its prompt into one batched
-generation; each keeps its own conversation, revision turns included. Data flows one way: env observation ->
-prompt -> backbone.generate -> answer text -> env.step, and what the environment judged (correct, well-formed,
+Environments do not wait for each other: each holds a slot of one in-flight decoding batch
+(:mod:`lit_sftrl.models.inflight`); when its answer ends it leaves the batch, the environment steps, and its next
+prompt (a revision turn, the next rail point, a new episode) joins the running batch. Each keeps its own
+conversation, revision turns included. Data flows one way: env observation -> prompt -> decoder -> answer text
+-> env.step, and what the environment judged (correct, well-formed,
 success, budget exhausted, where the action field starts) comes back in ``info``; nothing is judged here.
 
 Training environments live in an :class:`EnvironmentPool` that outlives each PPO update, as in the original
@@ -20,13 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from lit_sftrl.episodes import Episode
 from lit_sftrl.models.backbone import Backbone, Generation, Prompt, SamplingConfig
+from lit_sftrl.models.inflight import InflightDecoder, LockstepDecoder, Request, supports_inflight
 from lit_sftrl.models.kv_cache import ConversationCache
 from lit_sftrl.seeding import stream_seed
 from lit_sftrl.transcripts import TranscriptAttempt
@@ -180,21 +183,30 @@ class RolloutEngine:
         thought_coef: weight of the answer's tokens before its action field in the answer's log-prob (1.0: a plain
             sum; the paper 0.5). The environment says where the action field starts (``info["action_offset"]``).
         keep_transcripts: record prompt, answer, feedback and reward of every attempt in ``EpisodeResult``.
+        decoding: ``inflight`` (default): one slot per environment; an answer that ends leaves the batch at once
+            and its environment's next prompt joins the running batch (:mod:`lit_sftrl.models.inflight`).
+            ``lockstep``: every waiting prompt in one ``generate`` call, decoded until its longest answer ends
+            (the engine before; also what a backbone without in-flight support gets).
     """
 
     def __init__(
-        self, backbone: Backbone, sampling: SamplingConfig, thought_coef: float = 1.0, keep_transcripts: bool = False
+        self, backbone: Backbone, sampling: SamplingConfig, thought_coef: float = 1.0, keep_transcripts: bool = False,
+        decoding: Literal["inflight", "lockstep"] = "inflight",
     ) -> None:
-        self.backbone, self.sampling = backbone, sampling
+        self.backbone, self.sampling, self.decoding = backbone, sampling, decoding
         self.thought_coef, self.keep_transcripts = thought_coef, keep_transcripts
         self.seconds = {"model": 0.0, "environment": 0.0}
         self.inference_tokens = 0
 
     # --------------------------------------------------------------------------------------- PPO
 
-    def collect(self, pool: EnvironmentPool, num_attempts: int, seed_for: Callable[[int, int], int]) -> Rollout:
+    def collect(
+        self, pool: EnvironmentPool, num_attempts: int, seed_for: Callable[[int, int], int],
+        on_attempts: Callable[[int], None] | None = None,
+    ) -> Rollout:
         """Roll the pool's episodes on until ``num_attempts`` attempts are collected. ``seed_for(env, k)`` seeds the
-        sampling of environment ``env``'s ``k``-th attempt of this rollout."""
+        sampling of environment ``env``'s ``k``-th attempt of this rollout. ``on_attempts(n)``: called with the
+        number of attempts that just finished, each time some finish."""
         start = time.perf_counter()
         self.seconds, self.inference_tokens = {"model": 0.0, "environment": 0.0}, 0
         for running in pool.running:
@@ -203,13 +215,20 @@ class RolloutEngine:
         finished: list[EpisodeResult] = []
         cuts: list[tuple[Attempt, _Running]] = []
         counts = [0] * len(pool.envs)
-        while len(attempts) < num_attempts:
-            active = list(range(min(len(pool.envs), num_attempts - len(attempts))))
-            seeds = [seed_for(i, counts[i]) for i in active]
-            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(
-                pool.envs, pool.running, active, seeds
-            ):
-                counts[i] += 1
+        decoder = self._decoder(len(pool.envs))
+
+        def submit(i: int) -> None:
+            running = pool.running[i]
+            decoder.submit(Request(running.last_prompt, running.cache, seed_for(i, counts[i]), tag=i))
+            counts[i] += 1
+
+        for i in range(min(len(pool.envs), num_attempts)):
+            submit(i)
+        while len(decoder):
+            done = 0
+            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(pool.envs, pool.running,
+                                                                                           decoder):
+                done += 1
                 attempts.append(self._attempt(pool.running[i], i, generation, reward, terminated, truncated, info))
                 if terminated or truncated:
                     if truncated and not terminated:  # the environment cut it (a time limit): bootstrap from there
@@ -218,6 +237,10 @@ class RolloutEngine:
                     pool.next_episode(i)
                 else:
                     pool.running[i].continue_with(obs, generation.cache)
+                if sum(counts) < num_attempts:  # the next prompt joins the running batch at once
+                    submit(i)
+            if done and on_attempts is not None:
+                on_attempts(done)
         cuts += self._cut_at_end(attempts, pool)
         self._bootstrap(cuts)
         self.seconds["rollout"] = time.perf_counter() - start
@@ -269,29 +292,45 @@ class RolloutEngine:
 
     # --------------------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, envs: Sequence[Any], episodes: Sequence[Episode]) -> list[EpisodeResult]:
+    def evaluate(
+        self, envs: Sequence[Any], episodes: Sequence[Episode], on_attempts: Callable[[int], None] | None = None
+    ) -> list[EpisodeResult]:
         """Play each episode to its end; results come back in the order of ``episodes``. Sampled decoding is
-        seeded by the episode's reset seed and the attempt number, so evaluations of a checkpoint are identical."""
+        seeded by the episode's reset seed and the attempt number, so evaluations of a checkpoint are identical.
+        ``on_attempts`` as in :meth:`collect`."""
         queue = list(enumerate(episodes))
         results: dict[int, EpisodeResult] = {}
         running: dict[int, tuple[int, _Running]] = {}
+        decoder = self._decoder(len(envs))
+
+        def submit(i: int) -> None:
+            state = running[i][1]
+            seed = stream_seed("eval_sampling", state.episode[0], state.result.attempts)
+            decoder.submit(Request(state.last_prompt, state.cache, seed, tag=i))
+
         for i, env in enumerate(envs[: len(queue)]):
             index, episode = queue.pop(0)
             running[i] = (index, self._start(env, episode))
-        while running:
-            states = {i: state for i, (_, state) in running.items()}
-            active = sorted(running)
-            seeds = [stream_seed("eval_sampling", states[i].episode[0], states[i].result.attempts) for i in active]
-            for i, generation, (obs, _, terminated, truncated, _) in self._advance(envs, states, active, seeds):
+            submit(i)
+        states = {i: state for i, (_, state) in running.items()}
+        while len(decoder):
+            done = 0
+            for i, generation, (obs, _, terminated, truncated, _) in self._advance(envs, states, decoder):
+                done += 1
                 index, state = running[i]
                 if terminated or truncated:
                     results[index] = state.result
                     del running[i]
-                    if queue:
-                        next_index, episode = queue.pop(0)
-                        running[i] = (next_index, self._start(envs[i], episode))
+                    if not queue:
+                        continue
+                    next_index, episode = queue.pop(0)
+                    running[i] = (next_index, self._start(envs[i], episode))
+                    states[i] = running[i][1]
                 else:
                     state.continue_with(obs, generation.cache)
+                submit(i)
+            if done and on_attempts is not None:
+                on_attempts(done)
         return [results[i] for i in range(len(episodes))]
 
     # --------------------------------------------------------------------------------------- shared
@@ -304,14 +343,17 @@ class RolloutEngine:
             running.result.transcript = []
         return running
 
-    def _advance(self, envs: Sequence[Any], running, active: list[int], seeds: list[int]):
-        """One batched generation for the ``active`` environments, then one step of each. Each conversation goes
-        to the model with its cache from the previous turn, so only its new tokens are encoded."""
+    def _decoder(self, slots: int) -> InflightDecoder | LockstepDecoder:
+        inflight = self.decoding == "inflight" and supports_inflight(self.backbone)
+        return (InflightDecoder if inflight else LockstepDecoder)(self.backbone, self.sampling, slots)
+
+    def _advance(self, envs: Sequence[Any], running, decoder: InflightDecoder | LockstepDecoder):
+        """One step of the decoder (the answers that ended), then one environment step for each of them. Each
+        conversation went to the model with its cache from the previous turn, so only its new tokens are encoded."""
         start = time.perf_counter()
-        prompts, caches = [running[i].last_prompt for i in active], [running[i].cache for i in active]
-        generations = self.backbone.generate(prompts, self.sampling, caches, seeds=seeds)
+        finished = decoder.step()
         self.seconds["model"] += time.perf_counter() - start
-        for i, generation in zip(active, generations):
+        for i, generation in finished:
             self.inference_tokens += generation.num_tokens
             start = time.perf_counter()
             step = running[i].step(envs[i], generation.text)

@@ -104,3 +104,51 @@ def test_row_joining_with_a_conversation_cache_equals_one_encoded_whole(tiny_dir
         assert torch.equal(whole.answer_ids, got.answer_ids) and torch.equal(whole.prompt_ids, got.prompt_ids)
         torch.testing.assert_close(whole.logprobs, got.logprobs, atol=1e-5, rtol=0)
         assert whole.value == pytest.approx(got.value, abs=1e-5)
+
+
+def _gp_envs(count: int):
+    from lit_sftrl.tasks import TaskConfig
+
+    task = TaskConfig(name="gp_l", verify_iter=3)
+    return [task.make_env("id") for _ in range(count)]
+
+
+def test_engine_inflight_rollout_answers_are_those_decoded_alone(tiny_dir_factory):
+    from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+
+    backbone = _backbone(tiny_dir_factory("mllama"))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    envs = _gp_envs(3)
+    prompt = envs[0].reset(seed=0)[0]["messages"]
+    _uneven_ends(backbone, [(prompt, None)] * 3, sampling)
+    reported = []
+    rollout = RolloutEngine(backbone, sampling).collect(
+        EnvironmentPool(envs, lambda i, n: (100 * i + n, {})), 10, lambda i, k: 7 * i + k, on_attempts=reported.append
+    )
+    assert len(rollout.attempts) == sum(reported) == 10 and len(reported) > 1
+    assert len({len(a.answer_ids) for a in rollout.attempts}) > 1
+    seen = collections.Counter()
+    for attempt in rollout.attempts:  # every answer is what its row decodes alone with its seed
+        k, seen[attempt.env_index] = seen[attempt.env_index], seen[attempt.env_index] + 1
+        (alone,) = backbone.generate([attempt.prompt], sampling, seeds=[7 * attempt.env_index + k])
+        assert torch.equal(alone.answer_ids, attempt.answer_ids)
+        torch.testing.assert_close(alone.logprobs, attempt.token_logprobs, atol=1e-5, rtol=0)
+        assert alone.value == pytest.approx(attempt.value, abs=1e-5)
+
+
+def test_engine_inflight_evaluation_equals_lockstep(tiny_dir_factory):
+    from lit_sftrl.rollout import RolloutEngine
+
+    backbone = _backbone(tiny_dir_factory("mllama"))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    envs = _gp_envs(3)
+    _uneven_ends(backbone, [(envs[0].reset(seed=0)[0]["messages"], None)] * 3, sampling)
+    episodes = [(seed, {}) for seed in range(5)]
+    results, reported = {}, []
+    for decoding in ("inflight", "lockstep"):
+        engine = RolloutEngine(backbone, sampling, keep_transcripts=True, decoding=decoding)
+        results[decoding] = engine.evaluate(envs, episodes, on_attempts=reported.append)
+    assert sum(reported) == 2 * sum(r.attempts for r in results["inflight"])
+    for a, b in zip(results["inflight"], results["lockstep"]):
+        assert [t.answer for t in a.transcript] == [t.answer for t in b.transcript]
+        assert (a.attempts, a.success, a.episode_return) == (b.attempts, b.success, b.episode_return)
