@@ -24,6 +24,7 @@ import torch
 from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.evaluation import EpisodeMetrics
+from lit_sftrl.micro_batches import PaddingMeter
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
 from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
@@ -272,13 +273,12 @@ class PPOModule(PolicyModule):
         old_logprob = torch.stack([answer_logprob(a.token_logprobs, a.token_weights) for a in attempts])
         old_values = torch.tensor([a.value for a in attempts])
         generator = torch.Generator().manual_seed(stream_seed("ppo_shuffle", spec.seed, spec.rank, self.current_epoch))
-        totals: dict[str, float] = {}
-        batches, tokens = 0, 0
+        totals, batches, tokens, padding = {}, 0, 0, PaddingMeter.of(attempts)  # totals: stat -> sum
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(len(attempts), generator=generator).tolist()
             for minibatch in _chunks(order, per_rank):
                 finite = True
-                for micro in _chunks(minibatch, self.ppo.micro_batch_size):
+                for micro in padding.split(minibatch, self.ppo.micro_batch_size):
                     loss, stats, n = self._micro_batch_loss(
                         [attempts[i] for i in micro], old_logprob=old_logprob[micro], old_values=old_values[micro],
                         advantages=advantages[micro], returns=returns[micro],
@@ -297,7 +297,7 @@ class PPOModule(PolicyModule):
                     )
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return {key: value / max(batches, 1) for key, value in totals.items()}, self._sum_over_ranks(tokens)
+        return {k: v / max(batches, 1) for k, v in totals.items()} | padding.shares(), self._sum_over_ranks(tokens)
 
     def _micro_batch_loss(self, batch: list[Attempt], *, old_logprob, old_values, advantages, returns):
         scores = self.backbone.score(

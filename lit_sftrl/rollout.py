@@ -53,6 +53,7 @@ class Attempt:
     progress: int | None  # V-IRL: the rail point judged
     bootstrap_value: float = 0.0  # V of the cut state (the state itself, not the next episode's first)
     reference_token_logprobs: torch.Tensor | None = None
+    prompt_tokens: int = 0  # the prompt's length as scoring lays it out (micro-batches grouped by length)
 
 
 @dataclass
@@ -255,6 +256,7 @@ class RolloutEngine:
             value=float(generation.value or 0.0), reward=float(reward), correct=bool(info.get("correct")),
             terminated=bool(terminated), truncated=bool(truncated and not terminated), env_index=index,
             attempt_index=int(info.get("attempt", 0)), progress=info.get("rail_index"),
+            prompt_tokens=len(generation.prompt_ids),
         )
 
     def _thought_weights(self, generation: Generation, action_offset: int | None) -> torch.Tensor | None:

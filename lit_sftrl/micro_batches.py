@@ -1,0 +1,61 @@
+"""PPO micro-batches grouped by length, and how much of them is padding.
+
+A scoring forward lays a micro-batch out as ``[left padding][prompt][answer][right padding]``
+(:mod:`lit_sftrl.models.encoding`), so every row costs the longest prompt plus the longest answer of its
+micro-batch. Rollouts mix first turns with revision turns hundreds of tokens longer, and short answers with ones
+cut at the cap: micro-batches drawn in shuffled order were mostly padding. Grouping happens inside each
+mini-batch, which keeps each optimizer step's attempts (and so its gradient) what the shuffle drew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+Lengths = Sequence[tuple[int, int]]  # per attempt: (prompt tokens, answer tokens)
+
+
+def by_length(indices: Sequence[int], lengths: Lengths, size: int) -> list[list[int]]:
+    """``indices`` split into micro-batches of ``size`` whose members have similar prompt + answer lengths."""
+    ordered = sorted(indices, key=lambda i: (lengths[i][0] + lengths[i][1], lengths[i][1], i))
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
+def as_drawn(indices: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` split into micro-batches in the order they were drawn (what PPO did before grouping)."""
+    return [list(indices[start : start + size]) for start in range(0, len(indices), size)]
+
+
+def padding(micro_batches: Sequence[Sequence[int]], lengths: Lengths) -> tuple[int, int]:
+    """Padded token slots and all token slots of these micro-batches' scoring forwards."""
+    padded = slots = 0
+    for micro in micro_batches:
+        width = max(lengths[i][0] for i in micro) + max(lengths[i][1] for i in micro)
+        slots += len(micro) * width
+        padded += len(micro) * width - sum(lengths[i][0] + lengths[i][1] for i in micro)
+    return padded, slots
+
+
+class PaddingMeter:
+    """Padding shares of an update's micro-batches, grouped by length and as drawn."""
+
+    def __init__(self, lengths: Lengths) -> None:
+        self.lengths = lengths
+        self.counts = {"grouped": [0, 0], "as_drawn": [0, 0]}
+
+    @classmethod
+    def of(cls, attempts: Sequence) -> PaddingMeter:
+        """For a rollout's attempts (:class:`lit_sftrl.rollout.Attempt`)."""
+        return cls([(attempt.prompt_tokens, len(attempt.answer_ids)) for attempt in attempts])
+
+    def split(self, minibatch: Sequence[int], size: int) -> list[list[int]]:
+        """The mini-batch's micro-batches grouped by length, counting padding both ways."""
+        grouped = by_length(minibatch, self.lengths, size)
+        for key, micro_batches in (("grouped", grouped), ("as_drawn", as_drawn(minibatch, size))):
+            padded, slots = padding(micro_batches, self.lengths)
+            self.counts[key][0] += padded
+            self.counts[key][1] += slots
+        return grouped
+
+    def shares(self) -> dict[str, float]:
+        share = {key: padded / max(slots, 1) for key, (padded, slots) in self.counts.items()}
+        return {"padding_share": share["grouped"], "padding_share_as_drawn": share["as_drawn"]}
