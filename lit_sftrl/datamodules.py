@@ -16,7 +16,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from lit_sftrl.envs.images import load_rgb
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, load_rgb
 from lit_sftrl.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.llava_data import read_llava_json
 from lit_sftrl.seeding import stream_rng, stream_seed
@@ -222,12 +222,15 @@ class ExpertSource:
 class LlavaSource:
     """SFT samples from a released LLaVA-style JSON file, drawn uniformly with replacement."""
 
-    def __init__(self, path: str, image_folder: str | None) -> None:
-        self.conversations = read_llava_json(path, image_folder, lazy=True)  # images checked, decoded when drawn
+    def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        # Images checked (folder, file type, header's pixel count) here, decoded when a batch draws them.
+        self.conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
+        self.max_image_pixels = max_image_pixels
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
         drawn = [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
-        return [{**c, "image": load_rgb(c["image"])} if isinstance(c["image"], str) else c for c in drawn]
+        return [{**c, "image": load_rgb(c["image"], self.max_image_pixels)} if isinstance(c["image"], str) else c
+                for c in drawn]
 
 
 class SFTDataModule(EpisodeDataModule):
@@ -239,6 +242,8 @@ class SFTDataModule(EpisodeDataModule):
         multi_turn: share of prompts first answered wrongly, then corrected (paper App. C.1; 0 = off).
         llava_json: read samples from this LLaVA-style JSON file instead of playing the environment.
         image_folder: folder that the JSON's image paths are relative to (default: the JSON's folder).
+        max_image_pixels: the most pixels an image of the JSON may declare in its file header, checked before
+            anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels).
         num_workers: dataloader worker processes.
         seed: seed of the training stream.
         evaluation: the fixed validation/test episodes.
@@ -251,19 +256,21 @@ class SFTDataModule(EpisodeDataModule):
         multi_turn: float = 0.0,
         llava_json: str | None = None,
         image_folder: str | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         num_workers: int = 0,
         seed: int = 0,
         evaluation: EvalConfig | None = None,
     ) -> None:
         super().__init__(task, evaluation, seed)
-        check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers)
+        check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers,
+                     max_image_pixels=max_image_pixels)
         self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
-        self.llava_json, self.image_folder = llava_json, image_folder
+        self.llava_json, self.image_folder, self.max_image_pixels = llava_json, image_folder, max_image_pixels
         self.batches_consumed = 0
 
     def train_dataloader(self) -> DataLoader:
         if self.llava_json:
-            source = LlavaSource(self.llava_json, self.image_folder)
+            source = LlavaSource(self.llava_json, self.image_folder, self.max_image_pixels)
         else:
             source = ExpertSource(self.task, self.multi_turn)
         rank = self.trainer.global_rank if self.trainer else 0

@@ -18,6 +18,8 @@ import gymnasium as gym
 
 from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
 from lit_sftrl.envs.base import ChatEnv
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
+from lit_sftrl.envs.routes import MAX_MILESTONES
 from lit_sftrl.validation import PlainData, check_plain_data, validate
 
 TaskName = Literal["gp_l", "gp_vl", "virl_l", "virl_vl"]
@@ -44,6 +46,10 @@ class TaskConfig:
             ``{instructions}``, ``{history}``, ...; the keys and fields are the environment's
             ``DEFAULT_TEMPLATES`` / ``TEMPLATE_FIELDS``), e.g. the prompts a released checkpoint was trained on.
             Applies to every variant; the environment still judges answers the same way.
+        max_milestones: V-IRL: the most milestones one route may have (the official routes have fewer than 30; a
+            route of 10,000 exhausted the memory); a route folder with a longer one is refused, naming it.
+        max_image_pixels: V-IRL-VL: the most pixels a panorama file may declare in its header, checked before
+            decoding (a 140 KB file can declare 12000 x 12000 pixels, 432 MB decoded).
     """
 
     name: TaskName = "gp_l"
@@ -54,6 +60,8 @@ class TaskConfig:
     ood_routes: str = "data/virl/harbor"
     env_kwargs: dict[str, PlainData] | None = None  # not dict[str, Any]: jsonargparse would instantiate class_paths
     templates: dict[str, str] | None = None
+    max_milestones: int = MAX_MILESTONES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
         validate(self, "task")
@@ -90,6 +98,7 @@ class TaskConfig:
             env_id = VIRL_ID
             kwargs["routes"] = self.ood_routes if variant == "visual_ood" else self.routes
             kwargs["action_space"] = "relative" if variant == "rule_ood" else "absolute"
+            kwargs["max_milestones"], kwargs["max_image_pixels"] = self.max_milestones, self.max_image_pixels
         else:
             env_id = GENERAL_POINTS_ID
             kwargs["target"] = self.target

@@ -31,6 +31,11 @@ from lit_sftrl.tasks import TaskConfig
     (lambda: EvalConfig(chunk=0), "evaluation.chunk"),
     (lambda: LoraSettings(r=0), "lora.r"),
     (lambda: BackboneConfig(value_head_hidden=0), "backbone.value_head_hidden"),
+    # the limits a config states on data (tests/test_limits.py shows each one enforced)
+    (lambda: BackboneConfig(max_tokens=0), "backbone.max_tokens"),
+    (lambda: SFTDataModule(max_image_pixels=0), "data.max_image_pixels"),
+    (lambda: TaskConfig(max_image_pixels=-1), "task.max_image_pixels"),
+    (lambda: TaskConfig(max_milestones=0), "task.max_milestones"),
 ])
 def test_bad_sizes_and_rates_are_refused_at_construction(build, key):
     with pytest.raises(ValueError) as error:

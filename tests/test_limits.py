@@ -60,6 +60,17 @@ def test_an_oversized_config_is_refused():
         limited_yaml_load("a: " + "x" * MAX_YAML_CHARS)
 
 
+def test_an_oversized_or_exploding_config_file_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
+    from lit_sftrl.cli import run
+    from lit_sftrl.validation import MAX_YAML_CHARS
+
+    big = tmp_path / "big.yaml"
+    big.write_text("seed_everything: 0\n" + "#" * MAX_YAML_CHARS + "\n")
+    with pytest.raises(SystemExit):
+        run(["fit", "--config", "configs/gp_l_sft.yaml", "--config", str(big)])
+    assert "characters is refused" in capsys.readouterr().err
+
+
 def test_a_config_that_includes_itself_is_one_line(tmp_path):
     from lit_sftrl.cli import run
 
@@ -133,6 +144,17 @@ def test_images_are_decoded_lazily_and_cached_by_path(tmp_path):
     assert all(sample["image"] is batch[0]["image"] for sample in batch)  # one decoded copy
 
 
+def test_the_image_pixel_limit_is_the_configs(tmp_path):
+    """data.max_image_pixels reaches the LLaVA reader: a 16 x 12 image passes at 192 pixels, not at 191."""
+    from lit_sftrl.datamodules import SFTDataModule
+
+    Image.new("RGB", (16, 12)).save(tmp_path / "a.png")
+    data = _llava(tmp_path, "a.png")
+    SFTDataModule(llava_json=str(data), max_image_pixels=192).train_dataloader()
+    with pytest.raises(ValueError, match=r"16 x 12 pixels, more than the limit of 191 \(max_image_pixels\)"):
+        SFTDataModule(llava_json=str(data), max_image_pixels=191).train_dataloader()
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 
 
@@ -199,3 +221,21 @@ def test_panorama_files_stay_in_their_folder(city, tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "rotation": float("nan")}))
     with pytest.raises(RouteDataError, match="rotation"):
         folder.panorama(pano, "route 0")
+
+
+def test_route_limits_are_the_task_configs(city):
+    """task.max_milestones and task.max_image_pixels reach the V-IRL environment: the generated city passes with
+    the defaults, a route folder over either limit is refused naming the key (pixels before decoding)."""
+    from lit_sftrl.envs.routes import RouteDataError
+    from lit_sftrl.tasks import TaskConfig
+
+    routes = json.loads((city / "route_infos.json").read_text())[0]
+    longest = max(len(route["route_results"]["geocode_list"]) for route in routes)
+    TaskConfig(name="virl_l", routes=str(city), max_milestones=longest).make_env("id")
+    with pytest.raises(RouteDataError, match=f"more than task.max_milestones={longest - 1}"):
+        TaskConfig(name="virl_l", routes=str(city), max_milestones=longest - 1).make_env("id")
+    task = TaskConfig(name="virl_vl", routes=str(city), ood_routes=str(city), max_image_pixels=100)
+    env = task.make_env("id")
+    with pytest.raises(RouteDataError, match="more than the limit of 100 \\(max_image_pixels\\)"):
+        env.reset(seed=0)
+    TaskConfig(name="virl_vl", routes=str(city), ood_routes=str(city)).make_env("id").reset(seed=0)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lit_sftrl.envs.images import check_image_header, confined_file
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, check_image_header, confined_file
 
 EARTH_RADIUS_M = 6_371_008.8
 SNAP_RADIUS_M = 20.0
@@ -162,7 +162,7 @@ def _geocode(value: Any, where: str) -> Geocode:
     return (float(value[0]), float(value[1]))
 
 
-def parse_route(raw: Any, index: int) -> Route:
+def parse_route(raw: Any, index: int, max_milestones: int = MAX_MILESTONES) -> Route:
     """Validate one entry of ``route_infos.json``; errors name the route and the field."""
     where = f"route {index}"
     try:
@@ -175,8 +175,8 @@ def parse_route(raw: Any, index: int) -> Route:
         destination = str((raw.get("dest_place") or {}).get("name", "the destination"))
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise RouteDataError(f"{where}: missing or malformed field ({type(error).__name__}: {error})") from None
-    if len(blocks) > MAX_MILESTONES:
-        raise RouteDataError(f"{where}: {len(blocks)} milestone blocks, more than the limit of {MAX_MILESTONES}")
+    if len(blocks) > max_milestones:
+        raise RouteDataError(f"{where}: {len(blocks)} milestone blocks, more than task.max_milestones={max_milestones}")
     if not geocodes or len(blocks) != len(geocodes):
         raise RouteDataError(
             f"{where}: {len(blocks)} milestone blocks for {len(geocodes)} geocodes; expected one per geocode"
@@ -185,7 +185,7 @@ def parse_route(raw: Any, index: int) -> Route:
     return Route(index, start, init % 360.0 if init else None, geocodes, milestones, destination)
 
 
-def read_routes(path: Path) -> tuple[Route, ...]:
+def read_routes(path: Path, max_milestones: int = MAX_MILESTONES) -> tuple[Route, ...]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -194,7 +194,7 @@ def read_routes(path: Path) -> tuple[Route, ...]:
         raise RouteDataError(f"{path}: expected a JSON array [routes, n]")
     if not data[0]:
         raise RouteDataError(f"{path}: holds no routes")
-    return tuple(parse_route(raw, i) for i, raw in enumerate(data[0]))
+    return tuple(parse_route(raw, i, max_milestones) for i, raw in enumerate(data[0]))
 
 
 # ------------------------------------------------------------------------------------------- pano mapping
@@ -282,14 +282,14 @@ class RouteFolder:
 
     PANO_CACHE = 48  # decoded panoramas kept per folder (~1.5 MB each at 1024x512), shared by all its envs
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_milestones: int = MAX_MILESTONES, max_image_pixels: int = MAX_IMAGE_PIXELS):
         if not (path / ROUTES_FILE).is_file():
             raise FileNotFoundError(
                 f"V-IRL route folder {str(path)!r} has no {ROUTES_FILE} (expected {ROUTES_FILE}, {MAPPING_FILE} and "
                 f"{VIEWS_DIR}/ inside; lit_sftrl.envs.city.make_city writes one)"
             )
-        self.path = path
-        self.routes = read_routes(path / ROUTES_FILE)
+        self.path, self.max_image_pixels = path, max_image_pixels
+        self.routes = read_routes(path / ROUTES_FILE, max_milestones)
         self._lock = threading.Lock()
         self._ids: list[str] | None = None
         self._coords: np.ndarray | None = None
@@ -351,7 +351,7 @@ class RouteFolder:
         try:
             image_path = confined_file(folder, f"{pano_id}.jpg", f"{where}: panorama {pano_id!r}")
             meta_path = confined_file(folder, f"{pano_id}.metadata.json", f"{where}: panorama {pano_id!r}")
-            check_image_header(image_path, f"{where}: panorama {pano_id!r}")
+            check_image_header(image_path, f"{where}: panorama {pano_id!r}", self.max_image_pixels)
         except ValueError as error:
             raise RouteDataError(str(error)) from None
         try:
@@ -374,16 +374,15 @@ class RouteFolder:
         return [perspective_view(pano, rotation, heading, size, fov) for heading in headings]
 
 
-_FOLDERS: dict[str, tuple[tuple[int, int], RouteFolder]] = {}
+_FOLDERS: dict[tuple[str, int, int], tuple[tuple[int, int], RouteFolder]] = {}
 _FOLDERS_LOCK = threading.Lock()
 
 
-def load_route_folder(path: str | Path) -> RouteFolder:
-    """Parse a route folder once per process: environments on the same folder share one :class:`RouteFolder`.
-
-    The cache is keyed by the resolved path and checked against route_infos.json's size and modification
-    time, so a folder regenerated in place is read afresh.
-    """
+def load_route_folder(path: str | Path, max_milestones: int = MAX_MILESTONES,
+                      max_image_pixels: int = MAX_IMAGE_PIXELS) -> RouteFolder:
+    """Parse a route folder once per process and limits: environments on it share one :class:`RouteFolder`.
+    The cache is keyed by the resolved path (and limits) and checked against route_infos.json's size and
+    modification time, so a folder regenerated in place is read afresh."""
     resolved = Path(path).expanduser().resolve()
     if not resolved.is_dir():
         raise FileNotFoundError(f"V-IRL route folder {str(path)!r} does not exist")
@@ -393,7 +392,7 @@ def load_route_folder(path: str | Path) -> RouteFolder:
     except FileNotFoundError:
         version = (-1, -1)  # RouteFolder raises the explanatory error
     with _FOLDERS_LOCK:
-        cached = _FOLDERS.get(str(resolved))
+        cached = _FOLDERS.get(key := (str(resolved), max_milestones, max_image_pixels))
         if cached is None or cached[0] != version:
-            cached = _FOLDERS[str(resolved)] = (version, RouteFolder(resolved))
+            cached = _FOLDERS[key] = (version, RouteFolder(resolved, max_milestones, max_image_pixels))
     return cached[1]

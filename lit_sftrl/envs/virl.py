@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from lit_sftrl.envs.base import ChatEnv, check_choice, check_positive_int, reward_table
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
 from lit_sftrl.envs.parsing import extract_json_object, field_offset
 from lit_sftrl.envs.rail import (  # noqa: F401  (re-exported: the rail's names were this module's)
     FORWARD,
@@ -61,7 +62,7 @@ from lit_sftrl.envs.rail import (  # noqa: F401  (re-exported: the rail's names 
     route_sentences,
     turn_sentence,
 )
-from lit_sftrl.envs.routes import COMPASS, SNAP_RADIUS_M, load_route_folder
+from lit_sftrl.envs.routes import COMPASS, MAX_MILESTONES, SNAP_RADIUS_M, load_route_folder
 from lit_sftrl.envs.templates import fill, template_table
 
 ACTION_SPACES = ("absolute", "relative")
@@ -202,15 +203,19 @@ class VIRLEnv(ChatEnv):
         route_order: str = "random",
         rewards: dict[str, float] | None = None,
         templates: Mapping[str, str] | None = None,
+        max_milestones: int = MAX_MILESTONES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         check_choice("action_space", action_space, ACTION_SPACES)
         check_choice("modality", modality, MODALITIES)
         check_choice("route_order", route_order, ROUTE_ORDERS)
         check_positive_int("verify_iter", verify_iter)
         check_positive_int("image_size", image_size)
+        check_positive_int("max_milestones", max_milestones)  # limits on the route data (TaskConfig's)
+        check_positive_int("max_image_pixels", max_image_pixels)
         check_rail(straight_line_length, drop_rate)
         super().__init__(image_size if modality == "image" else None)
-        self.folder = load_route_folder(routes)
+        self.folder = load_route_folder(routes, max_milestones, max_image_pixels)
         self.action_space_name, self.modality, self.route_order = action_space, modality, route_order
         self.verify_iter, self.straight_line_length = verify_iter, straight_line_length
         self.drop_rate = float(drop_rate)
