@@ -8,7 +8,9 @@ flushed to disk, and ``os.replace`` (atomic within one filesystem) puts it in pl
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +20,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for want of space; the message says so and names the file."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,6 +41,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, path)
+        except (OSError, RuntimeError) as error:
+            if _out_of_space(error, path.parent):
+                free = shutil.disk_usage(path.parent).free
+                raise DiskFull(
+                    f"no space left on device writing checkpoint {path} ({free / 2**20:.0f} MiB free on its "
+                    "filesystem): free some space, then resume with --ckpt_path last (earlier checkpoints are whole)"
+                ) from error
+            raise
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -64,6 +78,19 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of space. torch's zip writer turns ENOSPC into a RuntimeError
+    ("file write failed") that carries no errno: then the filesystem's free space (with the partial file still on
+    it) decides."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+    try:
+        return isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sftrl import validation
-from lit_sftrl.checkpoint_io import AtomicCheckpointIO
+from lit_sftrl.checkpoint_io import AtomicCheckpointIO, DiskFull
 from lit_sftrl.cli_errors import ShortErrorParser
 from lit_sftrl.datamodules import EpisodeDataModule
 from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
@@ -196,7 +196,7 @@ class SftRlCLI(LightningCLI):
         stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
         try:
             self.trainer.fit(model, **kwargs)
-        except (FloatingPointError, validation.LimitExceeded) as error:
+        except (FloatingPointError, validation.LimitExceeded, DiskFull) as error:
             if not self._command_line:
                 raise
             sys.exit(f"lit-sftrl fit: {error}")

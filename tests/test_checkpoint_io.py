@@ -35,6 +35,51 @@ def test_a_write_that_dies_leaves_the_old_checkpoint_and_no_debris(tmp_path, mon
     assert torch.load(target)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("failure", ["torch_zip_writer", "enospc_on_fsync"])
+def test_a_full_disk_says_no_space_and_keeps_the_old_checkpoint(tmp_path, monkeypatch, failure):
+    """torch's zip writer reports a full disk as "file write failed" (no errno); fsync reports ENOSPC. Either way
+    the error says "no space", names the file and how to go on; the old checkpoint stays, no debris."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from lit_sftrl import checkpoint_io
+    from lit_sftrl.checkpoint_io import DiskFull
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+    if failure == "torch_zip_writer":
+        def fail(obj, file):
+            file.write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+
+        monkeypatch.setattr(torch, "save", fail)
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(100 * 2**20, 100 * 2**20, 0))
+    else:
+        def fail(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(checkpoint_io.os, "fsync", fail)
+    with pytest.raises(DiskFull) as error:
+        io.save_checkpoint({"step": 2}, target)
+    message = str(error.value)
+    assert message.startswith("no space left on device writing checkpoint") and str(target) in message
+    assert "--ckpt_path last" in message and "\n" not in message
+    monkeypatch.undo()
+    assert torch.load(target)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_other_write_errors_pass_through_unchanged(tmp_path, monkeypatch):
+    def fail(obj, file):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(RuntimeError, match="something else"):
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+
 
 @pytest.mark.parametrize("callback, last_step", [("RunCheckpoint", 5), ("ModelCheckpoint", 4)])
 def test_training_that_stops_between_periodic_saves_keeps_its_last_steps(tmp_path, callback, last_step):

@@ -221,3 +221,24 @@ def test_evaluation_keeps_the_fit_config_and_orphans_are_cleaned(tmp_path, model
          "--model.init_args.eval_sampling.max_new_tokens", "4"])
     assert (run_dir / "config.yaml").read_text() == fit_config
     assert (run_dir / "config-validate.yaml").stat().st_mtime >= start - 1
+
+
+def test_a_full_disk_during_a_fit_ends_it_in_one_line_saying_no_space(tmp_path, model_dir, monkeypatch):
+    """From the shell (sys.argv), a checkpoint write that hits ENOSPC ends the fit with one line, not a
+    traceback through Lightning's callbacks."""
+    import errno
+
+    from lit_sftrl import checkpoint_io
+    from lit_sftrl.cli import run
+
+    _, config = _config(tmp_path, model_dir, max_steps=2, every=1)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.os, "fsync", full)
+    monkeypatch.setattr(sys, "argv", ["lit-sftrl", "fit", "--config", str(config)])
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    message = str(exit_info.value.code)
+    assert message.startswith("lit-sftrl fit: no space left on device writing checkpoint") and "\n" not in message
