@@ -1,46 +1,44 @@
-"""Rollout speed on GP-L: the batched engine vs one environment, one answer at a time: ``python bench/rollout.py``.
+"""Rollout speed on GP-L: one at a time, the lockstep batch and the in-flight batch: ``python bench/rollout.py``.
 
-``--task gp_vl`` runs the same comparison on card images (informational; the target is GP-L's).
+``--models tiny,sft`` (the default) measures the untrained tiny Mllama and an SFT model of the main job's
+recipe (``configs/gp_l_sft.yaml`` without its evaluations, ``--sft-steps`` optimizer steps, exported; trained
+on first use under ``--sft-dir`` and reused after). ``--task gp_vl`` runs the same on card images.
 
-All modes play the SAME episodes (the same reset seeds, drawn in the same order) with the same tiny model,
-sampling settings (temperature 1, 64 new tokens) and value head, in one process:
+Every mode plays the SAME ``--episodes`` (32) to their ends with the same model, sampling settings (temperature
+1, 64 new tokens) and value head, in one process; sampling is seeded per episode and attempt (the engine's
+evaluation seeds), so every mode gives the same answers, which the script checks:
 
-* batched: :class:`lit_sftrl.rollout.RolloutEngine` with ``num_envs`` (16) environments in lockstep, one batched
-  ``generate`` per step, each conversation continued from its cached keys and values, finished episodes reset in
-  place (what PPO runs);
-* batched, whole prompts (informational): the same without conversation caches, every turn encoded whole;
 * one at a time: the original research code's loop: one environment, one prompt per ``generate`` call, the
   whole conversation encoded at every turn, the next prompt only after the environment judged the answer;
-* one at a time + rescoring (informational): the same, plus the original's second forward over prompt + answer
-  for the value and log-prob (RL4VLM-style ``evaluate``); the engine gets both out of ``generate`` itself.
+* lockstep: :class:`lit_sftrl.rollout.RolloutEngine` with ``decoding="lockstep"``, ``num_envs`` (16)
+  environments, one batched ``generate`` per round that decodes until its longest answer ends (the engine
+  before in-flight batching), conversations continued from their caches;
+* in-flight: the engine's default: 16 slots; an answer that ends leaves the batch at once, its environment
+  steps and its next prompt is prefilled and joins the running batch (``lit_sftrl/models/inflight.py``).
 
-Each collects the same number of attempts (``--attempts``, default 80: every environment plays one whole
-episode of five attempts when the model never solves a hand, as an untrained model does not). Reported:
-attempts per second, the speed-up of batching (target >= 8x), and the share of the batched rollout's time
-spent outside the model (target <= 15 %): everything outside the backbone wrapper, plus the processor's
-prompt encoding and the decoding of answers inside it, i.e. chat-template rendering and tokenisation, decoding,
-answer parsing, reward, environment resets and steps, and the engine's own bookkeeping. The model time is
-split further into whole-prompt forwards (prefill, values, scoring), one-token decoding steps, and the rest
-(generate's loop, cache bookkeeping).
+Reported: attempts per second, the speed-ups over one at a time, the ceiling and the in-flight speed-up's
+fraction of it, the share of the in-flight rollout's time outside the model (target <= 15 %), and the share of
+padded tokens in PPO's micro-batches over the in-flight rollout's attempts (the GP-L PPO config's shape:
+mini-batches of 32, micro-batches of 16, 2 epochs of shuffles), drawn in shuffled order and grouped by length.
 
-The ceiling row bounds what ANY batched engine can reach with this model forward on this machine: the
-one-at-a-time time per attempt over the batched rollout's time per attempt in one-token decoding steps alone
-(as if prefill, sampling and environments cost nothing). On the project's 2-core CPU it is barely above 8x
-(8.4x), so with sampling, the first prompts' prefill and the environments on top, 8x is out of reach there: a
-decoding step at batch 16 costs ~3x one at batch 1, because the tiny model's matrix products are compute-bound
-on a CPU core. On a GPU a decoding step is latency-bound and batch 16 costs about as much as batch 1.
+The ceiling bounds what ANY batched engine can reach with this model forward on this machine: the
+one-at-a-time time per attempt over the in-flight rollout's time per attempt in one-token decoding steps alone
+(as if prefill, sampling and environments cost nothing). The time outside the model is everything outside the
+engine's model calls, plus the processor's prompt encoding and the decoding of answers inside them.
 
 Threads: the default is one intra-op thread. On a shared 2-core machine two threads make OpenMP spin-wait and
-batched matrix products 5-10x slower; ``--threads 0`` keeps torch's own choice.
-
-:func:`rollout_rows` returns rows of the shared bench table (``bench/common.py``); :func:`main` prints them with
-the breakdown.
+batched matrix products 5-10x slower; ``--threads 0`` keeps torch's own choice. ``--device cuda --dtype
+bfloat16`` runs on a GPU (``bench/device.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import random
+import shlex
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,10 +49,13 @@ from typing import Any
 import torch
 from common import Row, format_table
 
+from lit_sftrl.micro_batches import PaddingMeter
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.seeding import stream_seed
 from lit_sftrl.tasks import TaskConfig
+
+MODES = ("one at a time", "lockstep", "in-flight")
 
 
 @dataclass
@@ -64,14 +65,17 @@ class Timers:
     seconds: dict[str, float] = field(
         default_factory=lambda: {"backbone": 0.0, "prefill": 0.0, "steps": 0.0, "encode": 0.0, "decode": 0.0}
     )
+    synchronize: Callable[[], None] = lambda: None  # a GPU runs asynchronously: wait before reading the clock
 
     def wrap(self, key: str, function: Callable) -> Callable:
         @functools.wraps(function)  # generate reads the model forward's signature (position_ids) through it
         def timed(*args: Any, **kwargs: Any) -> Any:
+            self.synchronize()
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
+                self.synchronize()
                 self.seconds[key] += time.perf_counter() - start
 
         return timed
@@ -82,10 +86,12 @@ class Timers:
 
 
 def instrument(backbone: Backbone) -> Timers:
-    """Time everything inside the backbone wrapper (generation with its cache bookkeeping, value bootstrapping,
-    scoring); inside it, the forwards over whole prompts (prefill, value, scoring) and the one-token decoding
-    steps, and the parts that are not the model: the processor's prompt encoding and the decoding of answers."""
+    """Time the backbone's own entry points (one at a time), the forwards over whole prompts (prefill, value) and
+    the one-token decoding steps, and the parts that are not the model: the processor's prompt encoding and the
+    decoding of answers."""
     timers = Timers()
+    if backbone.device.type == "cuda":
+        timers.synchronize = torch.cuda.synchronize
     for name in ("generate", "prompt_values", "score"):
         setattr(backbone, name, timers.wrap("backbone", getattr(backbone, name)))
     forward = backbone.model.forward
@@ -108,8 +114,9 @@ class Run:
     attempts: int
     episodes: int  # episodes played
     seconds: float
-    parts: dict[str, float]  # Timers.seconds
-    seeds: list[int]
+    parts: dict[str, float]  # Timers.seconds; "backbone": all time inside the model calls
+    answers: dict[tuple[int, int], list[int]]  # (episode seed, attempt) -> answer token ids
+    lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, answer) tokens per attempt
 
     @property
     def model_seconds(self) -> float:
@@ -128,104 +135,84 @@ def episode_seeds(count: int, seed: int = 0) -> list[int]:
     return [stream_seed("ppo_episodes", seed, 0, 0, n) for n in range(count)]
 
 
+class RecordingEngine(RolloutEngine):
+    """The engine, recording each answer (by episode seed and attempt) and its prompt and answer lengths."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answers: dict[tuple[int, int], list[int]] = {}
+        self.lengths: list[tuple[int, int]] = []
+
+    def _advance(self, envs, running, decoder):
+        for i, generation, step in super()._advance(envs, running, decoder):
+            self.answers[(running[i].episode[0], running[i].result.attempts - 1)] = generation.answer_ids.tolist()
+            self.lengths.append((len(generation.prompt_ids), len(generation.answer_ids)))
+            yield i, generation, step
+
+
 def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
-            num_envs: int, attempts: int, cache_conversations: bool = True) -> Run:
-    backbone.config.cache_conversations = cache_conversations
+            num_envs: int, decoding: str) -> Run:
+    """The engine's evaluation loop (the decoder PPO's collect uses) over the episodes of ``seeds``."""
     envs = [task.make_env("id") for _ in range(num_envs)]
-    drawn: list[int] = []
-
-    def episode_for(env_index: int, number: int) -> tuple[int, dict]:  # the next seed, in the order of play
-        drawn.append(seeds[len(drawn)])
-        return drawn[-1], {}
-
-    engine = RolloutEngine(backbone, sampling)
+    engine = RecordingEngine(backbone, sampling, decoding=decoding)
     timers.reset()
     start = time.perf_counter()
-    pool = EnvironmentPool(envs, episode_for)
-    collected = engine.collect(pool, attempts, lambda env_index, k: 1000 * env_index + k).attempts
+    results = engine.evaluate(envs, [(seed, {}) for seed in seeds])
+    timers.synchronize()
     seconds = time.perf_counter() - start
-    # Every episode played ends with a flagged attempt (its end, or the rollout's cut); environments reset
-    # during the last step drew a seed they never played.
-    played = sum(a.terminated or a.truncated for a in collected)
-    mode = "batched" if cache_conversations else "batched, whole prompts"
-    return Run(mode, len(collected), played, seconds, dict(timers.seconds), drawn[:played])
+    parts = {**timers.seconds, "backbone": engine.seconds["model"]}
+    mode = "in-flight" if decoding == "inflight" else decoding
+    return Run(mode, sum(r.attempts for r in results), len(results), seconds, parts, engine.answers, engine.lengths)
 
 
-def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
-                  attempts: int, rescore: bool = False) -> Run:
-    """One environment, one answer per generate call, value bootstrapped at truncations. ``rescore``: also the
-    original code's second forward per answer (RL4VLM-style ``evaluate`` over prompt + answer for the value and
-    log-prob; here they come out of ``generate`` itself)."""
+def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig,
+                  seeds: list[int]) -> Run:
+    """One environment, one answer per generate call, each episode to its end, sampled with the seeds the
+    engine's evaluation uses (so every mode gives the same answers)."""
     env = task.make_env("id")
-    drawn: list[int] = []
-    done, count = True, 0
+    answers: dict[tuple[int, int], list[int]] = {}
     timers.reset()
     start = time.perf_counter()
-    while count < attempts:
-        if done:
-            drawn.append(seeds[len(drawn)])
-            obs, _ = env.reset(seed=drawn[-1])
-        prompt = (obs["messages"], obs.get("image"))
-        (generation,) = backbone.generate([prompt], sampling, seeds=[count])
-        if rescore:
-            with torch.no_grad():
-                backbone.score([prompt], [generation.answer_ids], sampling.temperature)
-        obs, _, terminated, truncated, _ = env.step(generation.text)
-        count += 1
-        done = terminated or truncated
-        if (truncated and not terminated) or (count == attempts and not done):
-            backbone.prompt_values([(obs["messages"], obs.get("image"))])
+    for seed in seeds:
+        obs, _ = env.reset(seed=seed)
+        done, attempt = False, 0
+        while not done:
+            prompt = (obs["messages"], obs.get("image"))
+            sample_seed = stream_seed("eval_sampling", seed, attempt)
+            (generation,) = backbone.generate([prompt], sampling, seeds=[sample_seed])
+            answers[(seed, attempt)] = generation.answer_ids.tolist()
+            obs, _, terminated, truncated, _ = env.step(generation.text)
+            done, attempt = terminated or truncated, attempt + 1
     seconds = time.perf_counter() - start
-    mode = "one at a time + rescoring" if rescore else "one at a time"
-    return Run(mode, count, len(drawn), seconds, dict(timers.seconds), drawn)
+    return Run("one at a time", len(answers), len(seeds), seconds, dict(timers.seconds), answers)
 
 
-def measure(path: str | Path, num_envs: int = 16, attempts: int = 80, max_new_tokens: int = 64, repeats: int = 1,
-            task_name: str = "gp_l",
-            seed: int = 0, rescore: bool = True) -> dict[str, Run]:
-    """Best of ``repeats`` runs of each mode (interleaved, so a slow spell of a shared machine hits both)."""
-    backbone = Backbone(BackboneConfig(path=str(path), value_head=True)).eval()
+def load(path: str | Path, device: str = "cpu", dtype: str = "float32") -> Backbone:
+    return Backbone(BackboneConfig(path=str(path), value_head=True, dtype=dtype)).to(device).eval()
+
+
+def measure(path: str | Path, num_envs: int = 16, episodes: int = 32, max_new_tokens: int = 64, repeats: int = 1,
+            task_name: str = "gp_l", seed: int = 0, device: str = "cpu", dtype: str = "float32") -> dict[str, Run]:
+    """Best of ``repeats`` runs of each mode (interleaved, so a slow spell of a shared machine hits all)."""
+    backbone = load(path, device, dtype)
     timers = instrument(backbone)
     task = TaskConfig(name=task_name, verify_iter=5)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens)
-    seeds = episode_seeds(attempts + num_envs, seed)
+    seeds = episode_seeds(episodes, seed)
     warm = task.make_env("id")  # a process's first generate calls are slower (lazy set-up)
     obs, _ = warm.reset(seed=0)
     for size in (1, num_envs):
-        backbone.generate([(obs["messages"], None)] * size, SamplingConfig(max_new_tokens=4))
+        backbone.generate([(obs["messages"], obs.get("image"))] * size, SamplingConfig(max_new_tokens=4))
     best: dict[str, Run] = {}
     for repeat in range(repeats):
         torch.manual_seed(seed + repeat)
-        runs = [batched(backbone, timers, task, sampling, seeds, num_envs, attempts),
-                batched(backbone, timers, task, sampling, seeds, num_envs, attempts, cache_conversations=False),
-                one_at_a_time(backbone, timers, task, sampling, seeds, attempts)]
-        if rescore:
-            runs.append(one_at_a_time(backbone, timers, task, sampling, seeds, attempts, rescore=True))
+        runs = [one_at_a_time(backbone, timers, task, sampling, seeds),
+                batched(backbone, timers, task, sampling, seeds, num_envs, "lockstep"),
+                batched(backbone, timers, task, sampling, seeds, num_envs, "inflight")]
         for run in runs:
             if run.mode not in best or run.seconds < best[run.mode].seconds:
                 best[run.mode] = run
     return best
-
-
-def rows_of(runs: dict[str, Run], label: str = "GP-L") -> list[Row]:
-    fast, slow, whole = runs["batched"], runs["one at a time"], runs["batched, whole prompts"]
-    rows = [
-        Row(f"rollout {label}, one at a time", slow.attempts_per_second, "attempts/s", None),
-        Row(f"rollout {label}, batched (16 envs)", fast.attempts_per_second, "attempts/s", None),
-        Row(f"rollout {label}, batched / one at a time", fast.attempts_per_second / slow.attempts_per_second, "x", 8.0),
-        Row(f"rollout {label}, batched / batched whole prompts", fast.attempts_per_second / whole.attempts_per_second,
-            "x", None),
-    ]
-    if "one at a time + rescoring" in runs:
-        original = runs["one at a time + rescoring"]
-        rows.append(Row(f"rollout {label}, batched / one at a time + rescoring",
-                        fast.attempts_per_second / original.attempts_per_second, "x", None))
-    return rows + [
-        Row(f"rollout {label}, ceiling: one at a time / batched decoding steps", ceiling(fast, slow), "x", None),
-        # The shared table's targets are lower bounds: the outside-model share (target <= 15 %) is shown as
-        # the model's share of the rollout time (target >= 85 %).
-        Row(f"rollout {label}, batched: model share of time", 100.0 * (1.0 - fast.outside_share), "%", 85.0),
-    ]
 
 
 def ceiling(fast: Run, slow: Run) -> float:
@@ -234,25 +221,80 @@ def ceiling(fast: Run, slow: Run) -> float:
     return (slow.seconds / slow.attempts) / (fast.parts["steps"] / fast.attempts)
 
 
-def rollout_rows(path: str | Path | None = None, attempts: int = 80, repeats: int = 1, threads: int = 1) -> list[Row]:
-    """Attempts/s one at a time and batched, the speed-up (target 8x) and the model's share of the batched
-    rollout's time (target >= 85 %, i.e. <= 15 % outside the model), on ``path`` or a freshly built tiny Mllama,
-    with ``threads`` intra-op threads (0: torch's default)."""
+def padding_shares(lengths: list[tuple[int, int]], minibatch: int = 32, micro: int = 16, epochs: int = 2,
+                   seed: int = 0) -> dict[str, float]:
+    """Padding of PPO's micro-batches over these attempts, shuffled into mini-batches as PPO shuffles them."""
+    meter, rng = PaddingMeter(lengths), random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        for start in range(0, len(order), minibatch):
+            meter.split(order[start : start + minibatch], micro)
+    return meter.shares()
+
+
+def rows_of(runs: dict[str, Run], label: str = "GP-L") -> list[Row]:
+    slow, lockstep, inflight = (runs[mode] for mode in MODES)
+    bound = ceiling(inflight, slow)
+    speedup = inflight.attempts_per_second / slow.attempts_per_second
+    padding = padding_shares(inflight.lengths)
+    return [
+        Row(f"rollout {label}, one at a time", slow.attempts_per_second, "attempts/s", None),
+        Row(f"rollout {label}, lockstep batch", lockstep.attempts_per_second, "attempts/s", None),
+        Row(f"rollout {label}, in-flight batch", inflight.attempts_per_second, "attempts/s", None),
+        Row(f"rollout {label}, lockstep / one at a time", lockstep.attempts_per_second / slow.attempts_per_second,
+            "x", None),
+        Row(f"rollout {label}, in-flight / one at a time", speedup, "x", None),
+        Row(f"rollout {label}, ceiling: one at a time / in-flight decoding steps", bound, "x", None),
+        Row(f"rollout {label}, in-flight: fraction of the ceiling", 100.0 * speedup / bound, "%", 90.0),
+        # The shared table's targets are lower bounds: the outside-model share (target <= 15 %) is shown as
+        # the model's share of the rollout time (target >= 85 %).
+        Row(f"rollout {label}, in-flight: model share of time", 100.0 * (1.0 - inflight.outside_share), "%", 85.0),
+        Row(f"rollout {label}, PPO micro-batches: padded tokens as drawn", 100.0 * padding["padding_share_as_drawn"],
+            "%", None),
+        Row(f"rollout {label}, PPO micro-batches: padded tokens grouped by length", 100.0 * padding["padding_share"],
+            "%", None),
+    ]
+
+
+def rollout_rows(path: str | Path | None = None, episodes: int = 32, repeats: int = 1, threads: int = 1) -> list[Row]:
+    """The rows of :func:`rows_of` on ``path`` or a freshly built tiny Mllama, with ``threads`` intra-op threads
+    (0: torch's default)."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            runs = measure(path or _build_tiny(tmp), attempts=attempts, repeats=repeats)
+            runs = measure(path or _build_tiny(tmp), episodes=episodes, repeats=repeats)
     finally:
         torch.set_num_threads(previous)
     return rows_of(runs)
 
 
-def _build_tiny(tmp: str) -> Path:
+def _build_tiny(tmp: str, size: str = "tiny") -> Path:
     from lit_sftrl.corpus import build_tiny
 
-    return build_tiny(Path(tmp) / "tiny-mllama", family="mllama")
+    return build_tiny(Path(tmp) / f"tiny-mllama{'-small' if size == 'small' else ''}", family="mllama", size=size)
+
+
+def sft_model(directory: Path, steps: int, task: str = "gp_l") -> Path:
+    """An exported SFT model of the main job's recipe (``configs/<task>_sft.yaml``, evaluations off, ``steps``
+    optimizer steps); trained on first use, reused after. Every command is printed so the README can quote it."""
+    exported = directory / "exported"
+    if (exported / "config.json").exists():
+        return exported
+    binary = str(Path(sys.executable).with_name("lit-sftrl"))
+    run = directory / "run"
+    commands = [
+        ["fit", "--config", f"configs/{task}_sft.yaml", "--trainer.max_steps", str(steps),
+         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+         "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run)],
+        ["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", str(exported)],
+    ]
+    for command in commands:
+        print("$ " + shlex.join(["lit-sftrl", *command]), flush=True)
+        subprocess.run([binary, *command], check=True)
+    return exported
 
 
 def breakdown(run: Run) -> str:
@@ -262,8 +304,8 @@ def breakdown(run: Run) -> str:
     return (
         f"{run.mode}: {run.attempts} attempts of {run.episodes} episodes in {run.seconds:.2f} s "
         f"({run.attempts_per_second:.2f}/s)\n"
-        f"    model {run.model_seconds:.2f} s = whole-prompt forwards (prefill, values, scoring) {p['prefill']:.2f} s "
-        f"+ one-token decoding steps {p['steps']:.2f} s + generate's loop and cache bookkeeping {rest:.2f} s\n"
+        f"    model {run.model_seconds:.2f} s = whole-prompt forwards (prefill, values) {p['prefill']:.2f} s "
+        f"+ one-token decoding steps {p['steps']:.2f} s + sampling, batch and cache bookkeeping {rest:.2f} s\n"
         f"    outside the model {outside:.2f} s ({100 * run.outside_share:.1f} %) = processor/prompt encoding "
         f"{p['encode']:.2f} s + decoding {p['decode']:.2f} s + environments, parsing, engine "
         f"{outside - p['encode'] - p['decode']:.2f} s"
@@ -272,13 +314,17 @@ def breakdown(run: Run) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--path", help="model directory (default: a tiny Mllama built in a temporary directory)")
+    parser.add_argument("--models", default="tiny,sft",
+                        help="comma-separated: tiny, small (untrained tiny Mllamas), sft (see --sft-steps), or paths")
     parser.add_argument("--task", default="gp_l", choices=["gp_l", "gp_vl"], help="GP-L (the target's) or GP-VL")
     parser.add_argument("--num-envs", type=int, default=16)
-    parser.add_argument("--attempts", type=int, default=80, help="attempts each mode collects")
+    parser.add_argument("--episodes", type=int, default=32, help="episodes each mode plays to their end")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs of each mode")
-    parser.add_argument("--no-rescore", action="store_true", help="skip the one-at-a-time run with rescoring")
+    parser.add_argument("--sft-steps", type=int, default=600, help="optimizer steps of the SFT model (recipe: 600)")
+    parser.add_argument("--sft-dir", type=Path, default=Path("checkpoints/bench_rollout/sft"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads (default 1: on a shared 2-core machine more threads make OpenMP spin; "
@@ -288,19 +334,29 @@ def main(argv: list[str] | None = None) -> None:
     label = {"gp_l": "GP-L", "gp_vl": "GP-VL"}[args.task]
     if args.threads:
         torch.set_num_threads(args.threads)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.path or _build_tiny(tmp)
-        runs = measure(path, args.num_envs, args.attempts, args.max_new_tokens, args.repeats, args.task,
-                       rescore=not args.no_rescore)
-    same = all(sorted(run.seeds) == sorted(runs["batched"].seeds) for run in runs.values())
-    print(
-        f"{label} rollouts, {Path(path).name}, {torch.get_num_threads()} CPU thread(s), "
-        f"{args.max_new_tokens} new tokens, temperature 1, {args.num_envs} environments batched; all modes played "
-        f"{'the same' if same else 'NOT the same'} episodes (seeds)"
-    )
-    for run in runs.values():
-        print(breakdown(run))
-    print(format_table(rows_of(runs, label)))
+        for name in args.models.split(","):
+            if name in ("tiny", "small"):
+                path = _build_tiny(tmp, name)
+            elif name == "sft":
+                path = sft_model(args.sft_dir / f"{args.task}-{args.sft_steps}", args.sft_steps, args.task)
+            else:
+                path = Path(name)
+            start = time.perf_counter()
+            runs = measure(path, args.num_envs, args.episodes, args.max_new_tokens, args.repeats, args.task,
+                           device=args.device, dtype=args.dtype)
+            same = all(run.answers == runs["in-flight"].answers for run in runs.values())
+            print(
+                f"\n{label} rollouts, {name} ({path}), {args.device} {args.dtype}, {torch.get_num_threads()} CPU "
+                f"thread(s), {args.max_new_tokens} new tokens, temperature 1, {args.num_envs} environments; all modes "
+                f"played the same episodes and gave {'the same' if same else 'NOT the same'} answers; "
+                f"{time.perf_counter() - start:.0f} s"
+            )
+            for run in runs.values():
+                print(breakdown(run))
+            rows += rows_of(runs, f"{label} {name if name in ('tiny', 'small', 'sft') else Path(name).name}")
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

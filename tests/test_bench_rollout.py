@@ -20,16 +20,18 @@ _spec.loader.exec_module(bench)
 
 
 def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_factory):
-    # Five attempts per hand and a model that never solves one: each environment plays one whole episode.
-    runs = bench.measure(tiny_dir_factory("mllama"), num_envs=2, attempts=10, max_new_tokens=3)
-    assert set(runs) == {"batched", "batched, whole prompts", "one at a time", "one at a time + rescoring"}
+    # Per-row seeded sampling: one at a time, lockstep and in-flight give the very same answers.
+    runs = bench.measure(tiny_dir_factory("mllama"), num_envs=2, episodes=3, max_new_tokens=3)
+    assert set(runs) == set(bench.MODES)
     for run in runs.values():
-        assert run.attempts == 10 and run.episodes == 2 and sorted(run.seeds) == sorted(runs["batched"].seeds)
+        assert run.episodes == 3 and run.attempts == len(run.answers) and run.answers == runs["in-flight"].answers
         assert 0 < run.model_seconds < run.seconds and run.parts["steps"] > 0
+    assert len(runs["in-flight"].lengths) == runs["in-flight"].attempts
     rows = {row.name: row for row in bench.rows_of(runs)}
-    assert rows["rollout GP-L, batched / one at a time"].target == 8.0
-    assert rows["rollout GP-L, batched: model share of time"].target == 85.0
-    assert rows["rollout GP-L, ceiling: one at a time / batched decoding steps"].value > 0
+    assert rows["rollout GP-L, in-flight: fraction of the ceiling"].target == 90.0
+    assert rows["rollout GP-L, in-flight: model share of time"].target == 85.0
+    assert rows["rollout GP-L, ceiling: one at a time / in-flight decoding steps"].value > 0
+    assert 0 <= rows["rollout GP-L, PPO micro-batches: padded tokens grouped by length"].value <= 100
 
 
 def test_instrumented_backbone_generates_what_a_plain_one_does(tiny_dir_factory, chats):

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The rollout table on a lent GPU machine, in bf16, for the untrained tiny and small Mllamas (under 8 minutes):
+#     bash bench/device.sh            # on the GPU machine, from the repository root
+#     bash bench/device.sh --device cpu --dtype float32 --episodes 4 --num-envs 2   # smoke test, here
+# Extra arguments go to bench/rollout.py. Output: the printed table, and $OUT/rollout_<device>.txt when $OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+device=cuda
+for ((i = 1; i <= $#; i++)); do
+    if [[ "${!i}" == "--device" ]]; then j=$((i + 1)); device="${!j}"; fi
+done
+if [[ "$device" == cuda ]]; then
+    # What the issue pins; the machine has no network beyond its package mirror, so a failed install stops here.
+    pip install -q torch==2.13.0
+    pip install -q -e .
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+fi
+python - "$device" <<'PY'
+import sys, torch
+device = sys.argv[1]
+print(f"torch {torch.__version__}, device {device}", "available" if device == "cpu" or torch.cuda.is_available() else "MISSING")
+if device == "cuda" and not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch")
+PY
+log="${OUT:-/tmp}/rollout_${device}.txt"
+# 0 threads: torch's own choice (the machine's cores are not shared there); each model well under 4 minutes.
+timeout 420 python bench/rollout.py --models tiny,small --device "$device" --dtype bfloat16 --threads 0 "$@" \
+    2>&1 | tee "$log"
