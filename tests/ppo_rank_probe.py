@@ -31,19 +31,20 @@ class PPORankProbe(L.Callback):
         self._first_prompts: list[str] | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        backbone = pl_module.backbone
-        generate = type(backbone).generate
+        encoder = pl_module.backbone.encoder
+        encode_prompts = type(encoder).encode_prompts
         self._first_prompts = None
 
-        def recording_generate(prompts, sampling=None, caches=None, seeds=None):
+        # The rollout's first model input holds every environment's prompt (lockstep or in-flight alike).
+        def recording_encode_prompts(prompts):
             if self._first_prompts is None:
                 self._first_prompts = [messages[0]["content"] for messages, _ in prompts]
-            return generate(backbone, prompts, sampling, caches, seeds)
+            return encode_prompts(encoder, prompts)
 
-        backbone.generate = recording_generate  # an instance attribute shadows the method for this update
+        encoder.encode_prompts = recording_encode_prompts  # an instance attribute shadows the method for this update
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        del pl_module.backbone.generate
+        del pl_module.backbone.encoder.encode_prompts
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
