@@ -223,6 +223,21 @@ def test_panorama_files_stay_in_their_folder(city, tmp_path):
         folder.panorama(pano, "route 0")
 
 
+def test_a_fifo_named_as_a_panorama_is_refused_without_hanging(city, tmp_path, alarm):
+    import shutil
+
+    from lit_sftrl.envs.routes import RouteDataError, RouteFolder
+
+    copy = tmp_path / "city"
+    shutil.copytree(city, copy)
+    folder = RouteFolder(copy)
+    pano = folder._load_mapping()[0][0]
+    (copy / "street_views" / f"{pano}.jpg").unlink()
+    os.mkfifo(copy / "street_views" / f"{pano}.jpg")  # opening it would block for ever
+    with pytest.raises(RouteDataError, match="not a regular file"):
+        folder.panorama(pano, "route 0")
+
+
 def test_route_limits_are_the_task_configs(city):
     """task.max_milestones and task.max_image_pixels reach the V-IRL environment: the generated city passes with
     the defaults, a route folder over either limit is refused naming the key (pixels before decoding)."""

@@ -205,6 +205,30 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, model_dir):
         pass
 
 
+def test_a_running_fit_holds_its_run_directory(tmp_path, model_dir, monkeypatch):
+    """What the test above stands in for: while a fit trains, a second writer's lock on its run directory is
+    refused, naming the fit's process."""
+    import os
+
+    from lit_sftrl.run_dir import RunDirectoryBusy, RunDirectoryLock
+    from lit_sftrl.sft import SFTModule
+
+    run_dir, config = _config(tmp_path, model_dir, max_steps=1, every=1)
+    original, seen = SFTModule.training_step, []
+
+    def probing(self, batch, batch_idx):
+        try:
+            RunDirectoryLock(run_dir).acquire("a second fit")
+            seen.append("acquired")
+        except RunDirectoryBusy as error:
+            seen.append(str(error))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SFTModule, "training_step", probing)
+    _fit(config)
+    assert len(seen) == 1 and f"in use by process {os.getpid()}" in seen[0], seen
+
+
 def test_evaluation_keeps_the_fit_config_and_orphans_are_cleaned(tmp_path, model_dir):
     from lit_sftrl.cli import run
 
