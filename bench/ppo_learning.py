@@ -5,11 +5,16 @@
 
 1. ``lit-sftrl fit --config configs/<task>_sft.yaml`` without its evaluations (skipped when ``--sft`` names an
    existing checkpoint).
-2. ``lit-sftrl fit --config configs/<task>_ppo.yaml --model.init_from <SFT checkpoint>`` with evaluation off
-   (the curve is PPO's own training signal, over the episodes it plays).
+2. ``lit-sftrl fit --config configs/<task>_ppo.yaml --model.init_from <SFT checkpoint>``, evaluated before the
+   first update and every ``--eval-every`` updates on ``--eval-episodes`` validation episodes per variant drawn
+   from ``--eval-seed`` (a tuning seed: never the test episodes' seed, 1234 in every config).
 3. From the PPO run's ``metrics.csv``: per update, the training metric with its binomial standard error,
-   approx_kl and the clip fraction; the start (first 3 updates) against the end (last 3); a PNG and a JSON
-   record under ``--out``.
+   approx_kl and the clip fraction; the start (first 3 updates) against the end (last 3); the validation metric
+   at each evaluation; a PNG and a JSON record under ``--out``.
+
+The training metric is measured over the episodes PPO plays, whose mix shifts as episodes carry across updates
+(later V-IRL rail points, later GeneralPoints attempts); the validation metric is measured on fixed episodes, so
+it is the one that says whether the policy improved.
 
 Every command is printed before it runs, so the README can quote it.
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 
 BIN = str(Path(sys.executable).with_name("lit-sftrl"))
 NO_EVALUATION = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
+TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes, never tuned on
 # The training signal per task, and what its standard error counts (finished episodes or attempts).
 METRIC = {"gp_l": ("train/success", "train/episodes_finished"), "gp_vl": ("train/success", "train/episodes_finished"),
           "virl_l": ("train/per_step_accuracy", None), "virl_vl": ("train/per_step_accuracy", None)}
@@ -62,6 +68,20 @@ def read_updates(metrics_csv: Path, task: str) -> list[dict[str, float]]:
     return rows
 
 
+def read_validation(run_dir: Path, task: str) -> list[dict[str, float]]:
+    """Each evaluation record of the run (the pre-training pass included): the update it followed, and per
+    variant the validation metric with its standard error."""
+    name = METRIC[task][0].split("/")[1]
+    rows = []
+    for path in sorted((run_dir / "eval").glob("*.json"), key=lambda p: json.loads(p.read_text())["step"]):
+        record = json.loads(path.read_text())
+        row: dict[str, float] = {"update": 0 if record["stage"] == "sanity" else record["epoch"] + 1}
+        for variant, metrics in record["metrics"].items():
+            row[variant], row[f"{variant}_stderr"] = metrics[name], metrics[f"{name}_stderr"]
+        rows.append(row)
+    return rows
+
+
 def pooled(rows: list[dict[str, float]]) -> dict[str, float]:
     """The metric over several updates together (weighted by their counts), with its standard error."""
     n = sum(r["n"] for r in rows)
@@ -69,7 +89,7 @@ def pooled(rows: list[dict[str, float]]) -> dict[str, float]:
     return {"value": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n}
 
 
-def plot(rows: list[dict[str, float]], task: str, out: Path) -> None:
+def plot(rows: list[dict[str, float]], validated: list[dict[str, float]], task: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,8 +97,14 @@ def plot(rows: list[dict[str, float]], task: str, out: Path) -> None:
 
     updates = [r["update"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
-    top.errorbar(updates, [r["value"] for r in rows], yerr=[r["stderr"] for r in rows], marker="o", capsize=3)
-    top.set_ylabel(METRIC[task][0].split("/")[1].replace("_", " ") + " (training)")
+    top.errorbar(updates, [r["value"] for r in rows], yerr=[r["stderr"] for r in rows], marker="o", capsize=3,
+                 label="training episodes")
+    for variant in [v for v in (validated[0] if validated else {}) if v != "update" and not v.endswith("_stderr")]:
+        top.errorbar([r["update"] for r in validated], [r[variant] for r in validated],
+                     yerr=[r[f"{variant}_stderr"] for r in validated], marker="s", capsize=3,
+                     label=f"validation, {variant}")
+    top.legend()
+    top.set_ylabel(METRIC[task][0].split("/")[1].replace("_", " "))
     top.set_title(f"PPO from the SFT checkpoint, {task}")
     bottom.plot(updates, [r["approx_kl"] for r in rows], marker="o", label="approx KL")
     bottom.plot(updates, [r["clip_fraction"] for r in rows], marker="s", label="clip fraction")
@@ -96,9 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--updates", type=int, default=None, help="PPO updates (default: the config's)")
     parser.add_argument("--runs", type=Path, default=Path("checkpoints/ppo_learning"))
     parser.add_argument("--out", type=Path, default=Path("docs/ppo_learning"))
+    parser.add_argument("--name", default=None, help="the run's name and record stem (default: the task)")
+    parser.add_argument("--eval-every", type=int, default=5, help="PPO updates between validation passes")
+    parser.add_argument("--eval-episodes", type=int, default=64, help="validation episodes per variant")
+    parser.add_argument("--eval-seed", type=int, default=4321, help="seed of the validation episodes")
     parser.add_argument("overrides", nargs="*", help="further lit-sftrl overrides for the PPO run")
     args = parser.parse_args(argv)
+    if args.eval_seed == TEST_SEED:
+        parser.error(f"--eval-seed {TEST_SEED} draws the test episodes: choose another seed for validation")
     runs = args.runs / args.task
+    name = args.name or args.task
     seconds = {}
     sft = args.sft
     if sft is None or not sft.exists():
@@ -108,23 +141,33 @@ def main(argv: list[str] | None = None) -> None:
                                    "--trainer.default_root_dir", str(sft_dir),
                                    "--trainer.logger.init_args.save_dir", str(sft_dir))
         sft = sft_dir / "checkpoints" / "last.ckpt"
-    ppo_dir = runs / "ppo"
+    ppo_dir = runs / ("ppo" if name == args.task else f"ppo_{name}")
     updates = ["--trainer.max_epochs", str(args.updates)] if args.updates else []
+    validation = [
+        "--trainer.check_val_every_n_epoch", str(args.eval_every), "--trainer.num_sanity_val_steps", "-1",
+        "--data.init_args.evaluation.val_episodes", str(args.eval_episodes),
+        "--data.init_args.evaluation.seed", str(args.eval_seed),
+    ]
     seconds["ppo"] = lit_sftrl(
-        "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates,
-        *NO_EVALUATION, "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir),
-        *args.overrides,
+        "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates, *validation,
+        "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir),
+        "--overwrite", "true", *args.overrides,
     )
     rows = read_updates(ppo_dir / "metrics.csv", args.task)
+    validated = read_validation(ppo_dir, args.task)
     start, end = pooled(rows[:3]), pooled(rows[-3:])
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(rows, args.task, args.out / f"{args.task}.png")
+    plot(rows, validated, args.task, args.out / f"{name}.png")
     record = {"task": args.task, "metric": METRIC[args.task][0], "sft_checkpoint": str(sft), "updates": rows,
-              "start_first_3": start, "end_last_3": end, "seconds": seconds, "overrides": args.overrides}
-    (args.out / f"{args.task}.json").write_text(json.dumps(record, indent=2))
-    print(f"{args.task}: {METRIC[args.task][0]} {start['value']:.3f}±{start['stderr']:.3f} (first 3 updates) -> "
-          f"{end['value']:.3f}±{end['stderr']:.3f} (last 3); max approx_kl {max(r['approx_kl'] for r in rows):.3f}; "
-          f"wrote {args.out / args.task}.png")
+              "start_first_3": start, "end_last_3": end, "validation": validated,
+              "validation_seed": args.eval_seed, "seconds": seconds, "overrides": args.overrides}
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(f"{name}: {METRIC[args.task][0]} {start['value']:.3f}±{start['stderr']:.3f} (first 3 updates) -> "
+          f"{end['value']:.3f}±{end['stderr']:.3f} (last 3); max approx_kl {max(r['approx_kl'] for r in rows):.3f}")
+    for row in validated:
+        print(f"  validation after update {row['update']}: " + ", ".join(
+            f"{v} {row[v]:.3f}±{row[v + '_stderr']:.3f}" for v in row if v != "update" and not v.endswith("_stderr")))
+    print(f"wrote {args.out / name}.png")
 
 
 if __name__ == "__main__":

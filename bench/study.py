@@ -1,21 +1,29 @@
 """The paper's protocol at tiny scale, end to end, with the documented commands (docs/spec.md §6-§8).
 
-    python bench/study.py --task gp_l --out checkpoints/study_gp_l
+    python bench/study.py --task gp_l                                # from the untrained tiny default
+    python bench/study.py --task gp_l --base checkpoints/tiny-mllama-base --docs docs/study_base_gp_l
 
-1. SFT from the tiny default to an Init checkpoint (the paper's shared SFT initialisation).
+0. With ``--base``: ``lit-sftrl test`` of the base itself (its own score before any post-training).
+1. SFT from the base to an Init checkpoint (the paper's shared SFT initialisation).
 2. From Init, PPO for ``--updates`` updates; then continued SFT for as many steps as match PPO's FLOPs.
 3. ``lit-sftrl test`` of Init, SFT and RL on every variant (234 GeneralPoints hands each by default).
 4. ``lit-sftrl report`` of the three.
+5. With ``--docs``: each run's ``metrics.csv``, evaluation records and the report copied there, with the
+   commands and the CPU time of each stage (``study.json``), so the table and curves can be recomputed.
 
 Every command is printed before it runs, so the README can quote them. Nothing is tuned on the test episodes:
-they are drawn from their own seed and only ever evaluated.
+they are drawn from their own seed (1234) and only ever evaluated; the validation passes during fits draw
+theirs from ``--val-seed``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -26,21 +34,50 @@ import torch
 BIN = str(Path(sys.executable).with_name("lit-sftrl"))
 
 
+TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes
+STAGES: list[dict] = []  # each command with its wall and CPU seconds, for study.json
+
+
 def lit_sftrl(*args: str) -> None:
     command = ["lit-sftrl", *args]
     print("$ " + shlex.join(command), flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([BIN, *args], check=True)
-    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
+    STAGES.append({"command": shlex.join(command), "wall_s": round(wall), "cpu_s": round(cpu)})
+    print(f"  ({wall:.0f} s, {cpu:.0f} s of CPU)", flush=True)
 
 
-def run_dir(out: Path, name: str, val_episodes: int | None = None) -> list[str]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_dir(out: Path, name: str, validation: list[str] | None = None) -> list[str]:
     """Overrides that put a run's checkpoints, logs and evaluation records in ``out/name``."""
     path = str(out / name)
-    overrides = ["--trainer.default_root_dir", path, "--trainer.logger.init_args.save_dir", path]
-    if val_episodes is not None:
-        overrides += ["--data.init_args.evaluation.val_episodes", str(val_episodes)]
-    return overrides
+    return ["--trainer.default_root_dir", path, "--trainer.logger.init_args.save_dir", path, "--overwrite", "true",
+            *(validation or [])]
+
+
+def test_dir(out: Path, name: str) -> list[str]:
+    """A test into its own run directory, or (SFT, RL) beside the fit whose checkpoint it evaluates."""
+    path = str(out / name)
+    return ["--trainer.default_root_dir", path, "--trainer.logger.init_args.save_dir", path]
+
+
+def keep_records(out: Path, docs: Path, names: list[str]) -> None:
+    """Copy what the table and curves are computed from (metrics, evaluation records, report) into ``docs``."""
+    for name in names:
+        source, target = out / name, docs / name
+        target.mkdir(parents=True, exist_ok=True)
+        for path in [source / "metrics.csv", source / "config.yaml"]:
+            if path.exists():
+                shutil.copy2(path, target / path.name)
+        if (source / "eval").exists():
+            shutil.copytree(source / "eval", target / "eval", dirs_exist_ok=True)
+    if (out / "report").exists():
+        shutil.copytree(out / "report", docs / "report", dirs_exist_ok=True)
 
 
 def flops_of(checkpoint: Path) -> tuple[float, int]:
@@ -61,18 +98,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--updates", type=int, default=10, help="PPO updates from Init")
     parser.add_argument("--test-episodes", type=int, default=None, help="per variant (default: the paper's)")
     parser.add_argument("--val-episodes", type=int, default=None, help="per variant during fit (default: config's)")
+    parser.add_argument("--val-seed", type=int, default=4321, help="seed of the validation episodes during fits")
+    parser.add_argument("--base", type=Path, default=None, help="the model to start from (default: tiny default)")
+    parser.add_argument("--docs", type=Path, default=None, help="copy metrics and evaluation records here")
     args = parser.parse_args(argv)
+    if args.val_seed == TEST_SEED:
+        parser.error(f"--val-seed {TEST_SEED} draws the test episodes: choose another seed for validation")
     out = args.out or Path("checkpoints") / f"study_{args.task}"
     sft_config, ppo_config = f"configs/{args.task}_sft.yaml", f"configs/{args.task}_ppo.yaml"
+    base = [] if args.base is None else ["--model.init_args.backbone.path", str(args.base)]
+    validation = [*base, "--data.init_args.evaluation.seed", str(args.val_seed)]
+    if args.val_episodes is not None:
+        validation += ["--data.init_args.evaluation.val_episodes", str(args.val_episodes)]
+    episodes = (
+        [] if args.test_episodes is None else ["--data.init_args.evaluation.test_episodes", str(args.test_episodes)]
+    )
     start = time.perf_counter()
 
+    if args.base is not None:  # the base's own score, before any post-training
+        lit_sftrl("test", "--config", sft_config, *base, *episodes, *run_dir(out, "base_test"))
     lit_sftrl("fit", "--config", sft_config, "--trainer.max_steps", str(args.init_steps),
-              *run_dir(out, "init", args.val_episodes))
+              *run_dir(out, "init", validation))
     init = out / "init" / "checkpoints" / "last.ckpt"
     init_flops, _ = flops_of(init)
 
     lit_sftrl("fit", "--config", ppo_config, "--model.init_from", str(init),
-              "--trainer.max_epochs", str(args.updates), *run_dir(out, "rl", args.val_episodes))
+              "--trainer.max_epochs", str(args.updates), *run_dir(out, "rl", validation))
     rl_flops, _ = flops_of(out / "rl" / "checkpoints" / "last.ckpt")
 
     # Continued SFT: as many steps as PPO's extra compute buys at the Init run's FLOPs per step.
@@ -80,21 +131,25 @@ def main(argv: list[str] | None = None) -> None:
     sft_steps = max(1, math.floor((rl_flops - init_flops) / per_step))
     lit_sftrl("fit", "--config", sft_config, "--model.init_from", str(init),
               "--trainer.max_steps", str(sft_steps), "--trainer.val_check_interval", str(max(1, sft_steps // 2)),
-              *run_dir(out, "sft", args.val_episodes))
+              *run_dir(out, "sft", validation))
 
-    episodes = (
-        [] if args.test_episodes is None else ["--data.init_args.evaluation.test_episodes", str(args.test_episodes)]
-    )
     for name, config, checkpoint in (
         ("init_test", sft_config, init),
         ("sft", sft_config, out / "sft" / "checkpoints" / "last.ckpt"),
         ("rl", ppo_config, out / "rl" / "checkpoints" / "last.ckpt"),
     ):
-        lit_sftrl("test", "--config", config, "--ckpt_path", str(checkpoint), *episodes, *run_dir(out, name))
+        lit_sftrl("test", "--config", config, "--ckpt_path", str(checkpoint), *base, *episodes, *test_dir(out, name))
 
     lit_sftrl("report", str(out / "init_test"), str(out / "sft"), str(out / "rl"), "--out", str(out / "report"))
     print(f"study done in {(time.perf_counter() - start) / 60:.1f} min; "
           f"Init {init_flops / 1e9:.0f} GFLOPs, RL {rl_flops / 1e9:.0f} GFLOPs, SFT {sft_steps} more steps")
+    if args.docs is not None:
+        names = ["base_test"] * (args.base is not None) + ["init", "init_test", "rl", "sft"]
+        keep_records(out, args.docs, names)
+        record = {"task": args.task, "base": str(args.base or "tiny default"), "init_steps": args.init_steps,
+                  "updates": args.updates, "sft_steps": sft_steps, "val_seed": args.val_seed,
+                  "flops": {"init": init_flops, "rl": rl_flops}, "stages": STAGES}
+        (args.docs / "study.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
