@@ -30,6 +30,7 @@ from lit_sftrl.finite import (
 )
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
+from lit_sftrl.progress import eval_attempts
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.tasks import VARIANTS, make_env_from_spec
 from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
@@ -236,7 +237,7 @@ class PolicyModule(L.LightningModule):
         self._eval_task = chunk.task
         engine = RolloutEngine(self.backbone, self.eval_sampling, keep_transcripts=self.save_transcripts)
         before = dict(self.backbone.cap_counts)
-        results = engine.evaluate(envs, chunk.episodes)
+        results = engine.evaluate(envs, chunk.episodes, on_attempts=eval_attempts(self._trainer))
         for key in self._eval_cap:
             self._eval_cap[key] += self.backbone.cap_counts[key] - before[key]
         self.eval_metrics[chunk.variant].update(results)

@@ -27,6 +27,7 @@ from lit_sftrl.evaluation import EpisodeMetrics
 from lit_sftrl.micro_batches import PaddingMeter
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
+from lit_sftrl.progress import phase
 from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
 from lit_sftrl.seeding import stream_seed
 from lit_sftrl.tasks import make_env_from_spec, paper_buffer_ratio
@@ -192,10 +193,10 @@ class PPOModule(PolicyModule):
         rollout = self._rollout(spec)
         advantages, returns = self._advantages(rollout.attempts)
         start = time.perf_counter()
-        stats, trained_tokens = self._optimize(spec, rollout.attempts, advantages, returns)
-        update_seconds = time.perf_counter() - start
+        with phase(self._trainer, "update", self.ppo.ppo_epochs * len(rollout.attempts), "attempts") as bar:
+            stats, trained_tokens = self._optimize(spec, rollout.attempts, advantages, returns, bar.advance)
         self._count_compute(spec, rollout, trained_tokens)
-        self._log_update(rollout, stats, update_seconds)
+        self._log_update(rollout, stats, time.perf_counter() - start, trained_tokens / self.trainer.world_size)
         self.lr_schedulers().step()
 
     def _rollout(self, spec: RolloutSpec) -> Rollout:
@@ -214,8 +215,8 @@ class PPOModule(PolicyModule):
         def seed_for(env_index: int, k: int) -> int:
             return stream_seed("ppo_sampling", spec.seed, spec.rank, update, env_index * 2**20 + k)
 
-        with torch.no_grad():
-            rollout = engine.collect(self._pool, spec.rollout_steps, seed_for)
+        with torch.no_grad(), phase(self._trainer, "rollout", spec.rollout_steps, "attempts") as bar:
+            rollout = engine.collect(self._pool, spec.rollout_steps, seed_for, on_attempts=bar.advance)
             if self.ppo.kl_coef:
                 self._reference_logprobs(rollout.attempts)
         return rollout
@@ -231,8 +232,7 @@ class PPOModule(PolicyModule):
                 attempt.reference_token_logprobs = token_logprobs.detach()
 
     def _advantages(self, attempts: Sequence[Attempt]) -> tuple[torch.Tensor, torch.Tensor]:
-        advantages = torch.zeros(len(attempts))
-        returns = torch.zeros(len(attempts))
+        advantages, returns = torch.zeros(len(attempts)), torch.zeros(len(attempts))
         by_env: dict[int, list[int]] = {}
         for index, attempt in enumerate(attempts):
             by_env.setdefault(attempt.env_index, []).append(index)
@@ -262,7 +262,7 @@ class PPOModule(PolicyModule):
         std = max(squares / n - mean**2, 0.0) ** 0.5
         return (advantages - mean) / (std + 1e-8)
 
-    def _optimize(self, spec: RolloutSpec, attempts, advantages, returns) -> tuple[dict[str, float], int]:
+    def _optimize(self, spec: RolloutSpec, attempts, advantages, returns, advance) -> tuple[dict[str, float], int]:
         optimizer = self.optimizers()
         per_rank = self.ppo.minibatch_size // self.trainer.world_size
         if per_rank < 1 or per_rank * self.trainer.world_size != self.ppo.minibatch_size:
@@ -284,6 +284,7 @@ class PPOModule(PolicyModule):
                         advantages=advantages[micro], returns=returns[micro],
                     )
                     tokens += n
+                    advance(len(micro))
                     finite = self.loss_is_finite(loss)
                     if not finite:
                         break
@@ -329,7 +330,7 @@ class PPOModule(PolicyModule):
         else:
             self.flops.add_inference(self._sum_over_ranks(rollout.inference_tokens))
 
-    def _log_update(self, rollout: Rollout, stats: dict[str, float], update_seconds: float) -> None:
+    def _log_update(self, rollout: Rollout, stats: dict[str, float], seconds: float, tokens_per_rank: float) -> None:
         totals = torch.tensor(rollout.totals(), dtype=torch.float64, device=self.device)
         n, reward, correct, finished_attempts, tokens = self.trainer.strategy.reduce(totals, reduce_op="sum").tolist()
         furthest = self.all_gather(torch.tensor(rollout.furthest(), device=self.device)).reshape(-1, 2).amax(0).tolist()
@@ -349,9 +350,8 @@ class PPOModule(PolicyModule):
                 "train/env_steps": float(self.env_steps), "train/rollout_tokens": tokens,
                 "train/flops": self.flops.total, "train/update": float(self.current_epoch + 1),
                 "train/lr": self.lr_schedulers().get_last_lr()[0],
-                **rollout.timing(), "time/update_s": update_seconds,
-            },
-            prog_bar=False,
+                **rollout.timing(), "time/update_s": seconds, "time/update_tokens_per_s": tokens_per_rank / seconds,
+            }
         )
         self.log("reward", reward / n, prog_bar=True, logger=False)
 

@@ -19,6 +19,7 @@ from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_c
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.policy import PolicyModule
+from lit_sftrl.progress import use_run_callbacks
 from lit_sftrl.quiet import quiet_console
 from lit_sftrl.run_dir import (
     RunConfigCallback,
@@ -61,6 +62,7 @@ class SftRlCLI(LightningCLI):
         ``Unable to serialize instance`` and could not be fed back (``fit --config <run>/config.yaml``).
         Strategies with their own writer (DeepSpeed, sharded FSDP) and a user's own plugin are left alone."""
         trainer = super().instantiate_trainer(**kwargs)
+        use_run_callbacks(trainer)  # progress per rollout and evaluation; no `Total FLOPs: 0`
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         for callback in trainer.checkpoint_callbacks:  # whatever the logger, checkpoints live in the run directory
