@@ -39,6 +39,11 @@ class LastFiniteState:
         self._on_host: bool | None = None
 
     def capture(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            # DeepSpeed's ZeRO optimizers keep fp32 master weights of their own, which copying the module's
+            # parameters would not put back: nothing is captured, and the stop names the last checkpoint.
+            self._params, self._states = [], []
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if self._on_host is None:
             trainable = sum(p.numel() for p in params)

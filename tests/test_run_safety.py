@@ -136,6 +136,8 @@ def test_the_last_finite_state_is_copied_where_it_is_cheap():
     snapshot.restore(optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model[0].parameters(), weights))
     assert all(torch.equal(optimizer.state[model[0].weight][k], v) for k, v in moments.items())
+    snapshot.capture(object(), model)  # not a torch optimizer (DeepSpeed's ZeRO): nothing captured
+    assert not snapshot.captured
     first = LastFiniteState()
     fresh = torch.optim.AdamW(list(model[0].parameters()))
     first.capture(fresh, model)
