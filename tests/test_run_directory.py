@@ -61,3 +61,22 @@ def test_logger_false_and_tensorboard_keep_the_run_in_its_directory(config, tmp_
          "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", "ignored")
     _everything_in(root, config.parent / "configured")
     assert list(root.glob("events.out.tfevents.*")) and not Path("ignored").exists()
+
+
+def test_wandb_offline_keeps_the_run_in_its_directory(config, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb is in the test extra; without it this logger is untested")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working directory would show up here
+    root = tmp_path / "wandb_run"
+    try:
+        _fit(config, "--trainer.default_root_dir", str(root), "--trainer.logger",
+             "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.save_dir", "ignored",
+             "--trainer.logger.offline", "true")
+    finally:
+        wandb.finish()
+    _everything_in(root, config.parent / "configured")
+    runs = list((root / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`
+    # (wandb's background service still keeps its own debug log under ~/.cache/wandb/logs: no run data there)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wandb_run"]
