@@ -53,16 +53,18 @@ class Phase:
         if self._task is not None:
             label = f"{self.label} ({self.note})" if self.note else self.label
             self._progress.update(self._task, completed=done, description=label)
-        elif self._write is not None and self._line_due():
-            self._line()
+        elif self._write is not None:
+            now = time.monotonic()
+            if self._line_due(now):
+                self._line(now)
 
-    def _line_due(self) -> bool:
-        since = time.monotonic() - self._last_line
+    def _line_due(self, now: float) -> bool:
+        since = now - self._last_line
         tenth = self.total / 10 if math.isfinite(self.total) and self.total > 0 else math.inf
         return (self.done - self._last_done >= tenth and since >= 5.0) or since >= self._every_s
 
-    def _line(self) -> None:
-        elapsed = time.monotonic() - self._start
+    def _line(self, now: float) -> None:
+        elapsed = now - self._start
         total = f"/{self.total:.0f}" if math.isfinite(self.total) else ""
         line = f"{self.label} {self.done}{total} {self.unit}"
         line += f", {self.note}" if self.note else ""
@@ -70,14 +72,14 @@ class Phase:
         if math.isfinite(self.total) and 0 < self.done < self.total:
             line += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
         self._write(line)
-        self._last_line, self._last_done = time.monotonic(), self.done
+        self._last_line, self._last_done = now, self.done
 
     def close(self) -> None:
         if self._task is not None:
             self._progress.remove_task(self._task)
             self._task = None
         elif self._write is not None and self.done != self._last_done:
-            self._line()
+            self._line(time.monotonic())
         self._write = None
 
     def __enter__(self) -> Phase:
