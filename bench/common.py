@@ -5,9 +5,16 @@ Each benchmark is a function returning rows; ``bench/all.py`` runs them all and 
 
 from __future__ import annotations
 
+import resource
+import shlex
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
+
+LIT_SFTRL = str(Path(sys.executable).with_name("lit-sftrl"))
 
 
 class Row(NamedTuple):
@@ -38,3 +45,20 @@ def format_table(rows: list[Row]) -> str:
         verdict = "" if row.target is None else ("ok" if row.value >= row.target else "MISSED")
         lines.append(f"{row.name:<{width}}  {row.value:>12,.3f}  {row.unit:<9} {target:>10}  {verdict}")
     return "\n".join(lines)
+
+
+def run_cli(*args: str) -> dict[str, object]:
+    """Run ``lit-sftrl *args`` (printed first, so a README can quote it); return the command with its wall and
+    CPU seconds (the CPU time of the command's own process tree, whatever else shares the machine)."""
+    command = shlex.join(["lit-sftrl", *args])
+    print("$ " + command, flush=True)
+    start, cpu = time.perf_counter(), _children_cpu()
+    subprocess.run([LIT_SFTRL, *args], check=True)
+    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
+    print(f"  ({wall:.0f} s, {cpu:.0f} s of CPU)", flush=True)
+    return {"command": command, "wall_s": round(wall), "cpu_s": round(cpu)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime

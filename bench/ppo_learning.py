@@ -25,27 +25,15 @@ import argparse
 import csv
 import json
 import math
-import shlex
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-BIN = str(Path(sys.executable).with_name("lit-sftrl"))
+from common import run_cli
+
 NO_EVALUATION = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes, never tuned on
 # The training signal per task, and what its standard error counts (finished episodes or attempts).
 METRIC = {"gp_l": ("train/success", "train/episodes_finished"), "gp_vl": ("train/success", "train/episodes_finished"),
           "virl_l": ("train/per_step_accuracy", None), "virl_vl": ("train/per_step_accuracy", None)}
-
-
-def lit_sftrl(*args: str) -> float:
-    print("$ " + shlex.join(["lit-sftrl", *args]), flush=True)
-    start = time.perf_counter()
-    subprocess.run([BIN, *args], check=True)
-    seconds = time.perf_counter() - start
-    print(f"  ({seconds:.0f} s)", flush=True)
-    return seconds
 
 
 def read_updates(metrics_csv: Path, task: str) -> list[dict[str, float]]:
@@ -132,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--eval-seed {TEST_SEED} draws the test episodes: choose another seed for validation")
     runs = args.runs / args.task
     name = args.name or args.task
-    seconds = {}
+    stages = {}
     sft = args.sft
     if sft is None or not sft.exists():
         sft_dir = runs / "sft"
         # The main job's recipe without its evaluations (they do not change the weights: sampling is seeded per row).
-        seconds["sft"] = lit_sftrl("fit", "--config", f"configs/{args.task}_sft.yaml", *NO_EVALUATION,
+        stages["sft"] = run_cli("fit", "--config", f"configs/{args.task}_sft.yaml", *NO_EVALUATION,
                                    "--trainer.default_root_dir", str(sft_dir),
                                    "--trainer.logger.init_args.save_dir", str(sft_dir))
         sft = sft_dir / "checkpoints" / "last.ckpt"
@@ -148,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "--data.init_args.evaluation.val_episodes", str(args.eval_episodes),
         "--data.init_args.evaluation.seed", str(args.eval_seed),
     ]
-    seconds["ppo"] = lit_sftrl(
+    stages["ppo"] = run_cli(
         "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates, *validation,
         "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir),
         "--overwrite", "true", *args.overrides,
@@ -160,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(rows, validated, args.task, args.out / f"{name}.png")
     record = {"task": args.task, "metric": METRIC[args.task][0], "sft_checkpoint": str(sft), "updates": rows,
               "start_first_3": start, "end_last_3": end, "validation": validated,
-              "validation_seed": args.eval_seed, "seconds": seconds, "overrides": args.overrides}
+              "validation_seed": args.eval_seed, "stages": stages, "overrides": args.overrides}
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
     print(f"{name}: {METRIC[args.task][0]} {start['value']:.3f}±{start['stderr']:.3f} (first 3 updates) -> "
           f"{end['value']:.3f}±{end['stderr']:.3f} (last 3); max approx_kl {max(r['approx_kl'] for r in rows):.3f}")

@@ -21,36 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
-import shlex
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-BIN = str(Path(sys.executable).with_name("lit-sftrl"))
-
+from common import run_cli
 
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes
 STAGES: list[dict] = []  # each command with its wall and CPU seconds, for study.json
 
 
 def lit_sftrl(*args: str) -> None:
-    command = ["lit-sftrl", *args]
-    print("$ " + shlex.join(command), flush=True)
-    start, cpu = time.perf_counter(), _children_cpu()
-    subprocess.run([BIN, *args], check=True)
-    wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
-    STAGES.append({"command": shlex.join(command), "wall_s": round(wall), "cpu_s": round(cpu)})
-    print(f"  ({wall:.0f} s, {cpu:.0f} s of CPU)", flush=True)
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    STAGES.append(run_cli(*args))
 
 
 def run_dir(out: Path, name: str, validation: list[str] | None = None) -> list[str]:

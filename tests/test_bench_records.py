@@ -1,0 +1,57 @@
+"""The learning-curve and study benches read back what the README quotes, and never evaluate on the test seed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(_BENCH))  # the bench scripts import their shared helpers as `common`
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ppo_learning = _load("ppo_learning")
+study = _load("study")
+
+
+def _record(run: Path, stage: str, step: int, epoch: int, per_step: float) -> None:
+    metrics = {"id": {"per_step_accuracy": per_step, "per_step_accuracy_stderr": 0.01},
+               "rule_ood": {"per_step_accuracy": 0.0, "per_step_accuracy_stderr": 0.0}}
+    (run / "eval").mkdir(parents=True, exist_ok=True)
+    (run / "eval" / f"{stage}-step{step:07d}.json").write_text(
+        json.dumps({"stage": stage, "step": step, "epoch": epoch, "metrics": metrics})
+    )
+
+
+def test_validation_passes_are_read_in_order_with_the_update_they_followed(tmp_path):
+    # Written out of order on purpose: the pre-training pass (sanity) is update 0, epoch e ends update e + 1.
+    _record(tmp_path, "validate", 80, 9, 0.30)
+    _record(tmp_path, "sanity", 0, 0, 0.20)
+    _record(tmp_path, "validate", 40, 4, 0.25)
+    rows = ppo_learning.read_validation(tmp_path, "virl_l")
+    assert [row["update"] for row in rows] == [0, 5, 10]
+    assert [row["id"] for row in rows] == [0.20, 0.25, 0.30]
+    assert rows[1]["id_stderr"] == 0.01 and rows[1]["rule_ood"] == 0.0
+
+
+def test_pooled_start_and_end_weigh_updates_by_their_counts():
+    pooled = ppo_learning.pooled([{"value": 0.0, "n": 10.0}, {"value": 1.0, "n": 30.0}])
+    assert pooled["value"] == pytest.approx(0.75) and pooled["n"] == 40.0
+    assert pooled["stderr"] == pytest.approx((0.75 * 0.25 / 40) ** 0.5)
+
+
+@pytest.mark.parametrize("main, flag", [(ppo_learning.main, "--eval-seed"), (study.main, "--val-seed")])
+def test_the_benches_refuse_to_validate_on_the_test_episodes(main, flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "gp_l", flag, "1234"])
+    assert "test episodes" in capsys.readouterr().err
