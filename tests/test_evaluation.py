@@ -248,8 +248,8 @@ def test_validating_a_checkpoint_twice_gives_identical_episodes_and_records(one_
     played: list[list] = []
     evaluate = policy.RolloutEngine.evaluate
 
-    def recording(self, envs, episodes):
-        results = evaluate(self, envs, episodes)
+    def recording(self, envs, episodes, **kwargs):
+        results = evaluate(self, envs, episodes, **kwargs)
         played[-1].append((list(episodes), results))
         return results
 

@@ -14,6 +14,7 @@ from family_dirs import LAYOUTS, QWEN_FAMILIES, make_qwen_dir
 from lit_sftrl.cli import run
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
 from lit_sftrl.models.export import export_checkpoint, load_weights_for_init, save_backbone
+from lit_sftrl.models.inflight import supports_inflight
 from lit_sftrl.sft import sft_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def test_qwen_loads_image_only_trains_and_exports_for_plain_transformers(
     from lit_sftrl.models.processors import PLAIN_IMAGE_ONLY_PROCESSOR
 
     backbone = Backbone(BackboneConfig(path=str(qwen_factory(family, layout)), lora=LORA, value_head=True)).eval()
+    assert not supports_inflight(backbone)  # 3-D rotary positions: the rollout engine decodes Qwen in lockstep
     prompts = [(chats[0], images[0]), (chats[1], images[3])]
     generations = backbone.generate(prompts, SamplingConfig(temperature=0.7, max_new_tokens=5))
     scores = backbone.score(prompts, [g.answer_ids for g in generations], temperature=0.7)

@@ -60,13 +60,20 @@ class _Row:
 
 def supports_inflight(backbone: Any) -> bool:
     """Whether :class:`InflightDecoder` can drive this backbone: a real :class:`Backbone` whose model takes
-    position ids (positions must follow each row's mask) and whose layers are all full attention."""
+    plain ``[batch, tokens]`` position ids (positions must follow each row's mask) and whose layers are all full
+    attention. Models with their own position rule (Qwen-VL's 3-D rotary positions) decode in lockstep."""
+    from transformers import GenerationMixin
+
     from lit_sftrl.models.backbone import Backbone
 
-    return (
-        isinstance(backbone, Backbone) and backbone._accepts_position_ids
-        and new_cache(backbone._text_config, 1) is not None
+    if not isinstance(backbone, Backbone) or not backbone._accepts_position_ids:
+        return False
+    model = backbone.model.get_base_model() if hasattr(backbone.model, "get_base_model") else backbone.model
+    plain_positions = (
+        getattr(type(model), "_prepare_position_ids_for_generation", None)
+        is GenerationMixin._prepare_position_ids_for_generation
     )
+    return plain_positions and new_cache(backbone._text_config, 1) is not None
 
 
 class LockstepDecoder:
