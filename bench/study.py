@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import shutil
 import time
 from pathlib import Path
 
-import torch
 from common import run_cli
+
+from lit_sftrl.models.export import inherited_flops
 
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes
 STAGES: list[dict] = []  # each command with its wall and CPU seconds, for study.json
@@ -63,16 +65,6 @@ def keep_records(out: Path, docs: Path, names: list[str]) -> None:
         shutil.copytree(out / "report", docs / "report", dirs_exist_ok=True)
 
 
-def flops_of(checkpoint: Path) -> tuple[float, int]:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # never run a pickle's code
-    counter = state["flops"]
-    total = (
-        counter["initial"]
-        + counter["num_parameters"] * (6 * counter["train_tokens"] + 2 * counter["inference_tokens"])
-    )
-    return total, int(state["global_step"])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="gp_l", choices=["gp_l", "gp_vl", "virl_l", "virl_vl"])
@@ -84,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-seed", type=int, default=4321, help="seed of the validation episodes during fits")
     parser.add_argument("--base", type=Path, default=None, help="the model to start from (default: tiny default)")
     parser.add_argument("--docs", type=Path, default=None, help="copy metrics and evaluation records here")
+    parser.add_argument("--rl-args", default="",
+                        help="extra overrides for the RL fit, e.g. '--model.init_args.ppo.kl_coef 0.05'")
     args = parser.parse_args(argv)
     if args.val_seed == TEST_SEED:
         parser.error(f"--val-seed {TEST_SEED} draws the test episodes: choose another seed for validation")
@@ -103,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     lit_sftrl("fit", "--config", sft_config, "--trainer.max_steps", str(args.init_steps),
               *run_dir(out, "init", validation))
     init = out / "init" / "checkpoints" / "last.ckpt"
-    init_flops, _ = flops_of(init)
+    init_flops = inherited_flops(init)
 
     lit_sftrl("fit", "--config", ppo_config, "--model.init_from", str(init),
-              "--trainer.max_epochs", str(args.updates), *run_dir(out, "rl", validation))
-    rl_flops, _ = flops_of(out / "rl" / "checkpoints" / "last.ckpt")
+              "--trainer.max_epochs", str(args.updates), *run_dir(out, "rl", validation), *shlex.split(args.rl_args))
+    rl_flops = inherited_flops(out / "rl" / "checkpoints" / "last.ckpt")
 
     # Continued SFT: as many steps as PPO's extra compute buys at the Init run's FLOPs per step.
     per_step = init_flops / args.init_steps
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         names = ["base_test"] * (args.base is not None) + ["init", "init_test", "rl", "sft"]
         keep_records(out, args.docs, names)
         record = {"task": args.task, "base": str(args.base or "tiny default"), "init_steps": args.init_steps,
-                  "updates": args.updates, "sft_steps": sft_steps, "val_seed": args.val_seed,
+                  "updates": args.updates, "rl_args": args.rl_args, "sft_steps": sft_steps, "val_seed": args.val_seed,
                   "flops": {"init": init_flops, "rl": rl_flops}, "stages": STAGES}
         (args.docs / "study.json").write_text(json.dumps(record, indent=2))
 

@@ -55,3 +55,18 @@ def test_the_benches_refuse_to_validate_on_the_test_episodes(main, flag, capsys)
     with pytest.raises(SystemExit):
         main(["--task", "gp_l", flag, "1234"])
     assert "test episodes" in capsys.readouterr().err
+
+
+def test_the_study_passes_rl_overrides_to_the_rl_fit_alone_and_matches_sft_to_its_flops(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(study, "run_cli", lambda *args: commands.append(args) or {"command": " ".join(args)})
+    flops = {"init": 300e9, "rl": 450e9}  # 1 GFLOP per Init step, so RL's extra 150 GFLOPs buy 150 SFT steps
+    monkeypatch.setattr(study, "inherited_flops", lambda path: flops[Path(path).parts[-3]])
+    study.main(["--task", "virl_l", "--init-steps", "300", "--out", str(tmp_path / "out"),
+                "--rl-args", "--model.init_args.ppo.kl_coef 0.05", "--docs", str(tmp_path / "docs")])
+    rl_fit, sft_fit = commands[1], commands[2]
+    assert "configs/virl_l_ppo.yaml" in rl_fit and rl_fit[-2:] == ("--model.init_args.ppo.kl_coef", "0.05")
+    assert not any("kl_coef" in arg for command in commands if command is not rl_fit for arg in command)
+    assert sft_fit[sft_fit.index("--trainer.max_steps") + 1] == "150"
+    record = json.loads((tmp_path / "docs" / "study.json").read_text())
+    assert record["rl_args"] == "--model.init_args.ppo.kl_coef 0.05" and record["sft_steps"] == 150
