@@ -118,6 +118,7 @@ def pretrain_base(config: PretrainConfig) -> Path:
     from lit_sftrl.corpus import build_tiny
     from lit_sftrl.models.config import BackboneConfig
     from lit_sftrl.policy import OptimConfig
+    from lit_sftrl.progress import RunProgressBar
     from lit_sftrl.sft import SFTModule
 
     out = Path(config.out)
@@ -141,7 +142,8 @@ def pretrain_base(config: PretrainConfig) -> Path:
             accelerator="cpu", devices=1, precision="32-true", max_steps=config.max_steps,
             max_time={"minutes": config.max_minutes} if config.max_minutes else None, gradient_clip_val=1.0,
             logger=CSVLogger(tmp, name="", version="log"), log_every_n_steps=config.log_every,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, enable_model_summary=False,
+            callbacks=[RunProgressBar()],  # the CLI's progress: a bar on a terminal, periodic lines in a log
             limit_val_batches=0, num_sanity_val_steps=0,
         )
         wall, cpu = time.time(), time.process_time()

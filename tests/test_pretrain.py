@@ -24,7 +24,7 @@ def small_tokenizer_corpus(monkeypatch, corpus):
                         lambda seed=0: corpus + corpus_texts(SkillsConfig(size=100, seed=seed)))
 
 
-def test_smoke_through_the_cli_and_deterministic(tmp_path):
+def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     import json
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -41,6 +41,7 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path):
     record = json.loads((first / RECORD).read_text())
     assert record["steps"] == STEPS and not record["stopped_by_time"] and record["tokens"] > 0
     assert (first / "pretrain_metrics.csv").read_text().count("\n") >= 2
+    assert f"train {STEPS}/{STEPS} steps" in capsys.readouterr().err  # progress shows in a non-terminal log
     model = AutoModelForImageTextToText.from_pretrained(first)  # a plain Hugging Face directory
     assert AutoProcessor.from_pretrained(first).tokenizer.padding_side == "left"
     assert model.config.model_type == "mllama"
