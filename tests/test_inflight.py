@@ -38,13 +38,13 @@ def _prompts(chats, images, with_images: bool):
     return prompts + [(chat, image if with_images else None) for chat, image in extra]
 
 
-def _assert_alone_equals_inflight(backbone, prompts, sampling, slots):
+def _assert_alone_equals_inflight(backbone, prompts, sampling, slots, min_join=None):
     seeds = [11 * n + 1 for n in range(len(prompts))]
-    decoder = InflightDecoder(backbone, sampling, slots=slots)
+    decoder = InflightDecoder(backbone, sampling, slots=slots, min_join=min_join)
     joined_mid_batch = []
 
     def record(tag, generation):
-        joined_mid_batch.append(len(decoder.rows))
+        joined_mid_batch.append(decoder.running)
 
     inflight = decode_all(decoder, [Request(p, None, s) for p, s in zip(prompts, seeds)], on_done=record)
     lengths = {len(g.answer_ids) for g in inflight}
@@ -77,6 +77,32 @@ def test_inflight_seeded_sampling_equals_one_at_a_time(tiny_dir, chats, images, 
     prompts = _prompts(chats, images, with_images)
     _uneven_ends(backbone, prompts, sampling)
     _assert_alone_equals_inflight(backbone, prompts, sampling, slots=3)
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_rows_join_in_groups_while_ended_rows_ride_along_masked(tiny_dir, chats, images, with_images, monkeypatch):
+    """min_join 2: a lone waiting prompt waits while two or more rows decode; the ended rows stay in the batch
+    until the next join, and no answer changes."""
+    backbone = _backbone(tiny_dir)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=12)
+    prompts = _prompts(chats, images, with_images) * 2
+    _uneven_ends(backbone, prompts, sampling)
+    groups, riding = [], []
+    prefill, decode = InflightDecoder._prefill, InflightDecoder._decode
+
+    def record_prefill(self, requests):
+        groups.append((len(requests), self.running))
+        return prefill(self, requests)
+
+    def record_decode(self):
+        riding.append(len(self.rows) - self.running)
+        return decode(self)
+
+    monkeypatch.setattr(InflightDecoder, "_prefill", record_prefill)
+    monkeypatch.setattr(InflightDecoder, "_decode", record_decode)
+    _assert_alone_equals_inflight(backbone, prompts, sampling, slots=4, min_join=2)
+    assert len(groups) > 2 and all(size >= 2 or live < 2 for size, live in groups)
+    assert any(riding), "an ended row rides along until the next join"
 
 
 def _next_turn(prompt, generation, feedback="Wrong. Try again."):

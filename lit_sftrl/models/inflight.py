@@ -103,17 +103,23 @@ class LockstepDecoder:
 
 
 class InflightDecoder:
-    """Decodes up to ``slots`` answers at once; :meth:`step` admits waiting prompts into free slots (one batched
-    prefill), decodes one token for every running row, and returns the rows whose answer ended.
+    """Decodes up to ``slots`` answers at once; :meth:`step` lets the rows that ended leave and admits waiting
+    prompts into the free slots (one batched prefill, one re-assembly of the batch), decodes one token for every
+    running row, and returns the rows whose answer ended.
 
-    A batch holds image prompts or text prompts, never both (the families' forwards take one or the other);
-    prompts of the other kind wait until the running batch has drained.
+    Prompts join in groups of at least ``min_join`` (default a quarter of the slots) while enough rows keep
+    decoding: each join costs a prefill forward and a copy of every row's keys and values, so joining one row per
+    step cost more than the slot it filled (``bench/rollout.py``). A batch holds image prompts or text prompts,
+    never both (the families' forwards take one or the other); prompts of the other kind wait until the running
+    batch has drained.
     """
 
-    def __init__(self, backbone: Any, sampling: SamplingConfig, slots: int) -> None:
+    def __init__(self, backbone: Any, sampling: SamplingConfig, slots: int, min_join: int | None = None) -> None:
         self.backbone, self.sampling, self.slots = backbone, sampling, slots
+        self.min_join = max(1, slots // 4) if min_join is None else max(1, min_join)
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
+        self.leaving: list[int] = []  # rows whose answer ended: they leave at the next re-assembly
         self.cache: DynamicCache | None = None
         self.mask = self.positions = self.last = self.cross_mask = None  # per-row batch tensors
         self.with_images: bool | None = None
@@ -121,7 +127,12 @@ class InflightDecoder:
         self.forward_seconds = {"prefill": 0.0, "steps": 0.0}
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.rows)
+        return len(self.waiting) + self.running
+
+    @property
+    def running(self) -> int:
+        """Rows still decoding."""
+        return len(self.rows) - len(self.leaving)
 
     def submit(self, request: Request) -> None:
         self.waiting.append(request)
@@ -130,29 +141,35 @@ class InflightDecoder:
     @torch.no_grad()
     def step(self) -> list[tuple[Any, Generation]]:
         with self.backbone._eval_mode():
-            self._admit()
+            self._refill()
             done = self._retire()
-            if self.rows:
+            if self.running:
                 self._decode()
                 done += self._retire()
+            if self.rows and not self.running and not self.waiting:
+                self._assemble(keep=self._staying(), joining=None)  # all answered: release the batch
         return done
 
-    def _admit(self) -> None:
-        free = self.slots - len(self.rows)
-        if free <= 0 or not self.waiting:
-            return
-        kind = self.with_images if self.rows else self.waiting[0].prompt[1] is not None
-        joining = [r for r in self.waiting if (r.prompt[1] is not None) == kind][:free]
-        if not joining:
-            return
+    def _staying(self) -> list[int]:
+        leaving, self.leaving = set(self.leaving), []
+        return [i for i in range(len(self.rows)) if i not in leaving]
+
+    def _refill(self) -> None:
+        """Waiting prompts join, and the rows that ended leave, in one re-assembly of the batch. Until then the
+        ended rows ride along masked out: the batch never holds more than ``slots`` rows, and a decoding step
+        costs about the same with them as without."""
+        live = self.running
+        kind = self.with_images if live else (self.waiting[0].prompt[1] is not None if self.waiting else None)
+        joining = [r for r in self.waiting if (r.prompt[1] is not None) == kind][: self.slots - live]
+        if not joining or (len(joining) < self.min_join and live >= self.min_join):
+            return  # nothing to admit, or wait for more company while the batch is still busy
         self.waiting = [r for r in self.waiting if all(r is not j for j in joining)]
         self.with_images = kind
         rows, cache, inputs, logits = self._prefill(joining)
         tokens = self._choose(logits, rows)
         cross = inputs["cross_attention_mask"][:, -1:] if "cross_attention_mask" in inputs else None
         positions = inputs["position_ids"][:, -1] + 1
-        self._assemble(keep=list(range(len(self.rows))), joining=(rows, cache, inputs["attention_mask"],
-                       positions, tokens, cross))
+        self._assemble(keep=self._staying(), joining=(rows, cache, inputs["attention_mask"], positions, tokens, cross))
 
     def _prefill(self, requests: list[Request]):
         """One forward over the joining prompts, continued from their conversation caches where they hold some."""
@@ -217,13 +234,15 @@ class InflightDecoder:
         return tokens
 
     def _retire(self) -> list[tuple[Any, Generation]]:
-        eos, cap = set(self.backbone.eos_ids), self.sampling.max_new_tokens
-        ended = [i for i, row in enumerate(self.rows) if row.tokens[-1] in eos or len(row.tokens) >= cap]
-        if not ended:
-            return []
-        done = [(self.rows[i].request.tag, self._generation(i)) for i in ended]
-        self._assemble(keep=[i for i in range(len(self.rows)) if i not in set(ended)], joining=None)
-        return done
+        """The rows whose answer ended this step; they stay in the batch (masked from results) until it is
+        re-assembled, so that leaving and joining cost one re-assembly."""
+        eos, cap, leaving = set(self.backbone.eos_ids), self.sampling.max_new_tokens, set(self.leaving)
+        ended = [
+            i for i, row in enumerate(self.rows)
+            if i not in leaving and (row.tokens[-1] in eos or len(row.tokens) >= cap)
+        ]
+        self.leaving += ended
+        return [(self.rows[i].request.tag, self._generation(i)) for i in ended]
 
     # -- batch bookkeeping ---------------------------------------------------------------------------------------
     def _generation(self, i: int) -> Generation:
