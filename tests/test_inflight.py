@@ -80,7 +80,7 @@ def test_inflight_seeded_sampling_equals_one_at_a_time(tiny_dir, chats, images, 
 
 
 @pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
-def test_rows_join_in_groups_while_ended_rows_ride_along_masked(tiny_dir, chats, images, with_images, monkeypatch):
+def test_rows_join_in_groups_while_ended_rows_ride_along(tiny_dir, chats, images, with_images, monkeypatch):
     """min_join 2: a lone waiting prompt waits while two or more rows decode; the ended rows stay in the batch
     until the next join, and no answer changes."""
     backbone = _backbone(tiny_dir)

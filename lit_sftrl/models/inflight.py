@@ -156,8 +156,8 @@ class InflightDecoder:
 
     def _refill(self) -> None:
         """Waiting prompts join, and the rows that ended leave, in one re-assembly of the batch. Until then the
-        ended rows ride along masked out: the batch never holds more than ``slots`` rows, and a decoding step
-        costs about the same with them as without."""
+        ended rows ride along, their tokens ignored: the batch never holds more than ``slots`` rows, and a decoding
+        step costs about the same with them as without."""
         live = self.running
         kind = self.with_images if live else (self.waiting[0].prompt[1] is not None if self.waiting else None)
         joining = [r for r in self.waiting if (r.prompt[1] is not None) == kind][: self.slots - live]
@@ -234,7 +234,7 @@ class InflightDecoder:
         return tokens
 
     def _retire(self) -> list[tuple[Any, Generation]]:
-        """The rows whose answer ended this step; they stay in the batch (masked from results) until it is
+        """The rows whose answer ended this step; they stay in the batch (their further tokens ignored) until it is
         re-assembled, so that leaving and joining cost one re-assembly."""
         eos, cap, leaving = set(self.backbone.eos_ids), self.sampling.max_new_tokens, set(self.leaving)
         ended = [
