@@ -52,17 +52,20 @@ def test_dir(out: Path, name: str) -> list[str]:
 
 
 def keep_records(out: Path, docs: Path, names: list[str]) -> None:
-    """Copy what the table and curves are computed from (metrics, evaluation records, report) into ``docs``."""
+    """Copy what the table and curves are computed from (metrics, evaluation records, report) into ``docs``,
+    replacing what an earlier study left there: records of two runs must never mix."""
+    for name in [*names, "report"]:
+        shutil.rmtree(docs / name, ignore_errors=True)
     for name in names:
         source, target = out / name, docs / name
-        target.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True)
         for path in [source / "metrics.csv", source / "config.yaml"]:
             if path.exists():
                 shutil.copy2(path, target / path.name)
         if (source / "eval").exists():
-            shutil.copytree(source / "eval", target / "eval", dirs_exist_ok=True)
+            shutil.copytree(source / "eval", target / "eval")
     if (out / "report").exists():
-        shutil.copytree(out / "report", docs / "report", dirs_exist_ok=True)
+        shutil.copytree(out / "report", docs / "report")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,3 +70,16 @@ def test_the_study_passes_rl_overrides_to_the_rl_fit_alone_and_matches_sft_to_it
     assert sft_fit[sft_fit.index("--trainer.max_steps") + 1] == "150"
     record = json.loads((tmp_path / "docs" / "study.json").read_text())
     assert record["rl_args"] == "--model.init_args.ppo.kl_coef 0.05" and record["sft_steps"] == 150
+
+
+def test_the_study_replaces_an_earlier_studys_records_instead_of_mixing_them(tmp_path):
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    _record(out / "sft", "test", 172, 0, 0.7)
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "report.md").write_text("new")
+    _record(docs / "sft", "test", 170, 0, 0.5)  # an earlier study's SFT stopped at another step
+    (docs / "report").mkdir()
+    (docs / "report" / "stale.png").write_text("old")
+    study.keep_records(out, docs, ["sft"])
+    assert [p.name for p in (docs / "sft" / "eval").iterdir()] == ["test-step0000172.json"]
+    assert sorted(p.name for p in (docs / "report").iterdir()) == ["report.md"]
