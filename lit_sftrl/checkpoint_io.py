@@ -42,7 +42,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(file.fileno())
             os.replace(temporary, path)
         except (OSError, RuntimeError) as error:
-            if _out_of_space(error, path.parent):
+            if out_of_space(error, path.parent):
                 free = shutil.disk_usage(path.parent).free
                 raise DiskFull(
                     f"no space left on device writing checkpoint {path} ({free / 2**20:.0f} MiB free on its "
@@ -80,7 +80,7 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def _out_of_space(error: BaseException, folder: Path) -> bool:
+def out_of_space(error: BaseException, folder: Path) -> bool:
     """Whether a failed write failed for want of space. torch's zip writer turns ENOSPC into a RuntimeError
     ("file write failed") that carries no errno: then the filesystem's free space (with the partial file still on
     it) decides."""

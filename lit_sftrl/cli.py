@@ -77,6 +77,12 @@ def _run_tool(name: str, argv: list[str]) -> Any:
         path = command(args)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         sys.exit(f"lit-sftrl {name}: {error}")
+    except OSError as error:
+        from lit_sftrl.checkpoint_io import DiskFull  # Lightning's import cost only on this path
+
+        if not isinstance(error, DiskFull):
+            raise
+        sys.exit(f"lit-sftrl {name}: {error}")
     print(f"wrote {path}")
     return path
 

@@ -102,3 +102,21 @@ def test_an_export_carries_a_model_card(checkpoint, tmp_path):
     for expected in ("Base model", "SFT", "Task**: gp_l", "FLOPs", "| val | 1 | id | success | 0.250 | 0.100 |",
                      f"lit-sftrl fit --config {run_dir / 'config.yaml'}", "lit-sftrl export --ckpt"):
         assert expected in card, (expected, card)
+
+
+def test_a_full_disk_during_export_is_one_line_naming_it(checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lit_sftrl.cli import run
+    from lit_sftrl.models import export
+
+    def full(backbone, out, merge_lora=True):
+        (Path(out) / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "save_backbone", full)
+    out = tmp_path / "exported"
+    with pytest.raises(SystemExit) as stop:
+        run(["export", "--ckpt", str(checkpoint), "--out", str(out)])
+    assert "no space left on device exporting to" in str(stop.value.code) and "export again" in str(stop.value.code)
+    assert not out.exists() and not list(tmp_path.glob(".exported.tmp-*"))

@@ -183,6 +183,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(staging, out)
+    except (OSError, RuntimeError) as error:
+        from lit_sftrl.checkpoint_io import DiskFull, out_of_space
+
+        if out_of_space(error, out.parent):
+            free = shutil.disk_usage(out.parent).free
+            raise DiskFull(f"no space left on device exporting to {str(out)!r} ({free / 2**20:.0f} MiB free on its "
+                           "filesystem): free some space and export again (nothing was written to it)") from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
