@@ -73,6 +73,8 @@ class PolicyModule(L.LightningModule):
     """Base LightningModule: one backbone, cumulative FLOPs, trainable-only checkpoints, evaluation steps. Its
     arguments are documented on the modules the CLI builds (:class:`~lit_sftrl.sft.SFTModule`, PPOModule)."""
 
+    uses_reference = False  # whether training needs the reference policy's log-probs (PPO's KL term)
+
     def __init__(
         self,
         backbone: BackboneConfig | None = None,
@@ -125,6 +127,8 @@ class PolicyModule(L.LightningModule):
         if self.init_from:
             load_weights_for_init(self.backbone, self.init_from)
             self.flops.initial = inherited_flops(self.init_from)
+            if self.uses_reference:  # the KL anchors at the run it starts from, not at the base model
+                self.backbone.anchor_reference()
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(

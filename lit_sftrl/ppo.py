@@ -46,8 +46,7 @@ class PPOConfig:
             at 0.1, which lets V move at most 0.1 per update against returns of several units).
         value_coef: weight of the value loss (paper 0.5).
         entropy_coef: entropy bonus (paper 0, i.e. off).
-        kl_coef: KL penalty to the reference policy (paper 0, i.e. off); under LoRA the reference is the
-            adapter-disabled base model, so it costs no memory.
+        kl_coef: KL penalty to the reference policy: the ``init_from`` run, else the base model (paper 0: off).
         ppo_epochs: passes over each rollout (paper 4).
         minibatch_size: attempts per optimizer step, summed over all ranks (paper 1,024: 8 optimizer steps per
             update of 8 GPUs x 256 attempts x 4 epochs). Each rank takes ``minibatch_size / world_size``.
@@ -171,6 +170,7 @@ class PPOModule(PolicyModule):
         )
         self.automatic_optimization = False
         self.ppo = ppo or PPOConfig()
+        self.uses_reference = bool(self.ppo.kl_coef)  # a frozen copy of the init_from run's weights, if any
         self.sampling = sampling or SamplingConfig(temperature=1.0)
         self.train_metrics = EpisodeMetrics()
         self.env_steps = 0

@@ -215,6 +215,26 @@ def test_init_from_an_sft_checkpoint_reproduces_its_logits_at_update_zero(tiny, 
     assert all(torch.equal(got, want) for got, want in zip(start.logits, expected))
     assert torch.equal(start.values, torch.zeros(len(prompts)))
 
+    # With a KL term the reference is the SFT run it starts from (KL 0 at update 0), not the base model, and it
+    # stays there while the policy moves.
+    anchored = PPOModule(backbone=BackboneConfig(path=tiny), ppo=PPOConfig(kl_coef=0.1), init_from=str(checkpoint))
+    anchored.configure_model()
+    answer = anchored.backbone.tokenizer.encode('{"cards": ["A", "K"], "formula": "1+2"}', add_special_tokens=False)
+    answers = [torch.tensor(answer)] * len(prompts)
+
+    def scores(module, reference):
+        with torch.no_grad():
+            return module.backbone.score(prompts, answers, 1.0, reference=reference).logprob_sum
+
+    torch.testing.assert_close(scores(anchored, True), scores(anchored, False), atol=1e-5, rtol=0)
+    assert not torch.allclose(scores(anchored, True), scores(fresh, False), atol=1e-3)  # not the base model
+    sft_scores = scores(anchored, False)
+    with torch.no_grad():
+        for param in anchored.backbone.model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    torch.testing.assert_close(scores(anchored, True), sft_scores, atol=1e-5, rtol=0)
+    assert not torch.allclose(scores(anchored, False), sft_scores, atol=1e-3)
+
 
 def test_init_from_a_checkpoint_with_a_value_head_still_starts_the_value_head_fresh(tiny, tmp_path):
     torch.manual_seed(5)

@@ -5,15 +5,15 @@ Log-prob convention (generation and scoring agree on it to ~1e-6 in fp32): the d
 special tokens; never end-of-sequence) removed. ``T`` is the sampling temperature (1 for greedy); top-p only
 truncates what is sampled, not the reported distribution.
 
-Reference policy (KL term): under LoRA the same weights with the adapter disabled (no copy); under full
-fine-tuning a frozen copy of the weights at ``config.path``, loaded on the first reference request
-(``reference="auto"``) or at construction (``"eager"``). Either way the reference is the model at
-``config.path``, so it survives resuming and does not move with training.
+Reference policy (KL term): the model at ``config.path`` (under LoRA the adapter disabled, no copy; under full
+fine-tuning a frozen copy, loaded on first use or at construction with ``reference="eager"``), or, for a run
+initialised from another one (PPO from SFT), a frozen copy of that run's weights (:meth:`anchor_reference`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -336,27 +336,25 @@ class Backbone(nn.Module):
         if self.config.lora is None and not self._reference_holder:
             self._reference_holder.append(load_plain_model(self.path, self.config.dtype).to(self.device))
 
+    def anchor_reference(self) -> None:
+        """The reference becomes a frozen copy of the weights now (before a resume restores trained ones)."""
+        self._reference_holder[:] = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
         self.prepare_reference()
         with torch.no_grad():
-            if self.config.lora is not None:
+            if self._reference_holder:
+                yield self._reference_holder[0].to(self.device)  # no copy when already there
+            else:  # LoRA: the base weights are the adapter-disabled model
                 with self.model.disable_adapter():
                     yield self.model
-            else:
-                reference = self._reference_holder[0]
-                if reference.device != self.device:
-                    reference.to(self.device)
-                yield reference
 
     # -- SFT ---------------------------------------------------------------------------------------------------
     def sft_batch(self, conversations: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Model inputs + ``labels`` for full conversations ending with an assistant turn (CPU tensors).
-
-        Layout: left-padded first prompt, then the rest of the conversation, right padding. Labels are IGNORE
-        (-100) everywhere except the final assistant turn's tokens through its end-of-turn token (earlier
-        assistant turns are context: see ``ChatEncoder.sft_row``). All conversations of a batch must have an
-        image, or none.
+        """Model inputs + ``labels`` for conversations ending with an assistant turn (CPU tensors): left-padded
+        first prompt, the rest, right padding; labels IGNORE except the final assistant turn through its end-of-turn
+        token (earlier turns are context: ``ChatEncoder.sft_row``). A batch's conversations all have an image, or none.
         """
         rows = [self.encoder.sft_row(conversation) for conversation in conversations]
         inputs = self.encoder.encode_prompts([row.prompt for row in rows])
