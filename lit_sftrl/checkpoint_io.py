@@ -42,12 +42,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(file.fileno())
             os.replace(temporary, path)
         except (OSError, RuntimeError) as error:
-            if out_of_space(error, path.parent):
-                free = shutil.disk_usage(path.parent).free
-                raise DiskFull(
-                    f"no space left on device writing checkpoint {path} ({free / 2**20:.0f} MiB free on its "
-                    "filesystem): free some space, then resume with --ckpt_path last (earlier checkpoints are whole)"
-                ) from error
+            full = disk_full(error, path.parent, f"writing checkpoint {path}",
+                             "free some space, then resume with --ckpt_path last (earlier checkpoints are whole)")
+            if full is not None:
+                raise full from error
             raise
         finally:
             temporary.unlink(missing_ok=True)
@@ -80,7 +78,16 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def out_of_space(error: BaseException, folder: Path) -> bool:
+def disk_full(error: BaseException, folder: Path, doing: str, advice: str) -> DiskFull | None:
+    """The one-line error for a write into ``folder`` that failed for want of space (None if it failed otherwise):
+    what was being written, the space left, and what to do."""
+    if not _out_of_space(error, folder):
+        return None
+    free = shutil.disk_usage(folder).free
+    return DiskFull(f"no space left on device {doing} ({free / 2**20:.0f} MiB free on its filesystem): {advice}")
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
     """Whether a failed write failed for want of space. torch's zip writer turns ENOSPC into a RuntimeError
     ("file write failed") that carries no errno: then the filesystem's free space (with the partial file still on
     it) decides."""

@@ -184,12 +184,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
             out.rmdir()  # empty, checked above
         os.rename(staging, out)
     except (OSError, RuntimeError) as error:
-        from lit_sftrl.checkpoint_io import DiskFull, out_of_space
+        from lit_sftrl.checkpoint_io import disk_full
 
-        if out_of_space(error, out.parent):
-            free = shutil.disk_usage(out.parent).free
-            raise DiskFull(f"no space left on device exporting to {str(out)!r} ({free / 2**20:.0f} MiB free on its "
-                           "filesystem): free some space and export again (nothing was written to it)") from error
+        full = disk_full(error, out.parent, f"exporting to {str(out)!r}",
+                         "free some space and export again (nothing was written to it)")
+        if full is not None:
+            raise full from error
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
