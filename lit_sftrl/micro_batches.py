@@ -1,9 +1,9 @@
 """PPO micro-batches grouped by length, and how much of them is padding.
 
-A scoring forward lays a micro-batch out as ``[left padding][prompt][answer][right padding]``
-(:mod:`lit_sftrl.models.encoding`), so every row costs the longest prompt plus the longest answer of its
-micro-batch. Rollouts mix first turns with revision turns hundreds of tokens longer, and short answers with ones
-cut at the cap: micro-batches drawn in shuffled order were mostly padding. Grouping happens inside each
+A scoring forward packs a micro-batch as ``[left padding][prompt][answer]`` (:mod:`lit_sftrl.models.encoding`),
+so every row costs the longest prompt + answer of its micro-batch. Rollouts mix first turns with revision turns
+hundreds of tokens longer, and short answers with ones cut at the cap, so micro-batches drawn in shuffled order
+are partly padding; sorted by total length, neighbours have similar totals. Grouping happens inside each
 mini-batch, which keeps each optimizer step's attempts (and so its gradient) what the shuffle drew.
 """
 
@@ -29,7 +29,7 @@ def padding(micro_batches: Sequence[Sequence[int]], lengths: Lengths) -> tuple[i
     """Padded token slots and all token slots of these micro-batches' scoring forwards."""
     padded = slots = 0
     for micro in micro_batches:
-        width = max(lengths[i][0] for i in micro) + max(lengths[i][1] for i in micro)
+        width = max(lengths[i][0] + lengths[i][1] for i in micro)
         slots += len(micro) * width
         padded += len(micro) * width - sum(lengths[i][0] + lengths[i][1] for i in micro)
     return padded, slots

@@ -225,23 +225,24 @@ class RolloutEngine:
 
         for i in range(min(len(pool.envs), num_attempts)):
             submit(i)
-        while len(decoder):
-            done = 0
-            for i, generation, (obs, reward, terminated, truncated, info) in self._advance(pool.envs, pool.running,
-                                                                                           decoder):
-                done += 1
-                attempts.append(self._attempt(pool.running[i], i, generation, reward, terminated, truncated, info))
-                if terminated or truncated:
-                    if truncated and not terminated:  # the environment cut it (a time limit): bootstrap from there
-                        cuts.append((attempts[-1], _Running(pool.running[i].episode, -1, obs)))
-                    finished.append(pool.running[i].result)
-                    pool.next_episode(i)
-                else:
-                    pool.running[i].continue_with(obs, generation.cache)
-                if sum(counts) < num_attempts:  # the next prompt joins the running batch at once
-                    submit(i)
-            if done and on_attempts is not None:
-                on_attempts(done)
+        with decoder:  # one model mode for the whole loop (see InflightDecoder.__enter__)
+            while len(decoder):
+                done = 0
+                advanced = self._advance(pool.envs, pool.running, decoder)
+                for i, generation, (obs, reward, terminated, truncated, info) in advanced:
+                    done += 1
+                    attempts.append(self._attempt(pool.running[i], i, generation, reward, terminated, truncated, info))
+                    if terminated or truncated:
+                        if truncated and not terminated:  # the environment cut it (a time limit): bootstrap from there
+                            cuts.append((attempts[-1], _Running(pool.running[i].episode, -1, obs)))
+                        finished.append(pool.running[i].result)
+                        pool.next_episode(i)
+                    else:
+                        pool.running[i].continue_with(obs, generation.cache)
+                    if sum(counts) < num_attempts:  # the next prompt joins the running batch at once
+                        submit(i)
+                if done and on_attempts is not None:
+                    on_attempts(done)
         cuts += self._cut_at_end(attempts, pool)
         self._bootstrap(cuts)
         self.seconds["rollout"] = time.perf_counter() - start
@@ -315,24 +316,25 @@ class RolloutEngine:
             running[i] = (index, self._start(env, episode))
             submit(i)
         states = {i: state for i, (_, state) in running.items()}
-        while len(decoder):
-            done = 0
-            for i, generation, (obs, _, terminated, truncated, _) in self._advance(envs, states, decoder):
-                done += 1
-                index, state = running[i]
-                if terminated or truncated:
-                    results[index] = state.result
-                    del running[i]
-                    if not queue:
-                        continue
-                    next_index, episode = queue.pop(0)
-                    running[i] = (next_index, self._start(envs[i], episode))
-                    states[i] = running[i][1]
-                else:
-                    state.continue_with(obs, generation.cache)
-                submit(i)
-            if done and on_attempts is not None:
-                on_attempts(done)
+        with decoder:  # one model mode for the whole loop (see InflightDecoder.__enter__)
+            while len(decoder):
+                done = 0
+                for i, generation, (obs, _, terminated, truncated, _) in self._advance(envs, states, decoder):
+                    done += 1
+                    index, state = running[i]
+                    if terminated or truncated:
+                        results[index] = state.result
+                        del running[i]
+                        if not queue:
+                            continue
+                        next_index, episode = queue.pop(0)
+                        running[i] = (next_index, self._start(envs[i], episode))
+                        states[i] = running[i][1]
+                    else:
+                        state.continue_with(obs, generation.cache)
+                    submit(i)
+                if done and on_attempts is not None:
+                    on_attempts(done)
         return [results[i] for i in range(len(episodes))]
 
     # --------------------------------------------------------------------------------------- shared

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from lit_sftrl.micro_batches import padding
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
+from lit_sftrl.models.encoding import per_token_keys
 from lit_sftrl.models.export import (
     export_checkpoint,
     load_backbone_from_lightning_checkpoint,
@@ -196,6 +198,24 @@ def test_generation_and_scoring_log_probs_agree(tiny_dir, chats, images):
     vision = len(prompts) * 50 if backbone.model.config.model_type == "mllama" else 0
     text = sum(len(g.prompt_ids) + len(g.answer_ids) for g in generations)
     assert scores.num_tokens == sum(g.num_tokens for g in generations) == text + vision
+
+
+def test_scoring_batches_are_packed_and_padding_is_counted_as_laid_out(tiny_dir, chats, images):
+    """Each row ends in the last column, so a scoring batch is as wide as its longest prompt + answer (not the
+    longest prompt plus the longest answer), and PPO's padding meter counts exactly that layout's padded slots."""
+    backbone = make(tiny_dir)
+    for prompts in (prompts_of(chats, images), prompts_of(chats, images, with_images=False)):
+        answers = [[5] * n for n in (12, 1, 7, 3)]
+        prompt_mask = backbone.encoder.encode_prompts(prompts)["attention_mask"]
+        batch = backbone.encoder.append(backbone.encoder.encode_prompts(prompts), answers)
+        mask = batch["attention_mask"]
+        lengths = [(int(m.sum()), len(a)) for m, a in zip(prompt_mask, answers)]
+        assert mask.shape[1] == max(p + a for p, a in lengths) < prompt_mask.shape[1] + 12
+        for row, (p, a) in enumerate(lengths):
+            assert batch["input_ids"][row, -a:].tolist() == answers[row]
+            assert mask[row, -(p + a) :].all() and int(mask[row].sum()) == p + a
+        assert all(value.shape[1] == mask.shape[1] for key, value in batch.items() if key in per_token_keys(batch))
+        assert padding([list(range(len(lengths)))], lengths) == (int((mask == 0).sum()), mask.numel())
 
 
 def test_special_and_image_tokens_are_never_sampled(tiny_dir, chats, images):

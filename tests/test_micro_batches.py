@@ -24,7 +24,9 @@ def test_grouping_keeps_the_minibatch_and_cuts_padding():
 
 
 def test_padding_counts_the_scoring_layout():
-    # prompts left-padded to the longest, answers right-padded to the longest: 2 x (5 + 3) slots, 8 + 4 real
+    # packed rows ([left padding][prompt][answer]): as wide as the longest prompt + answer, 2 x 8 slots, 8 + 4 real
     assert padding([[0, 1]], [(5, 3), (2, 2)]) == (4, 16)
+    # a long prompt with a short answer beside a short prompt with a long answer: no padding at all
+    assert padding([[0, 1]], [(5, 1), (2, 4)]) == (0, 12)
     assert by_length([0, 1, 2, 3], [(9, 9), (1, 1), (8, 9), (1, 2)], 2) == [[1, 3], [2, 0]]
     assert as_drawn([3, 1, 2], 2) == [[3, 1], [2]]

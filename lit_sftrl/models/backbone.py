@@ -50,6 +50,7 @@ from lit_sftrl.models.sampling import (
     SeededSampler,
     answer_length,
     eos_token_ids,
+    eval_mode,
     generation_config,
     masked_log_probs,
     only_generation_config,
@@ -111,14 +112,8 @@ class Backbone(nn.Module):
     def base_model(self) -> nn.Module:
         return self._base()
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()  # no dropout while sampling: the log-probs must be those of the policy scored later
-        try:
-            yield
-        finally:
-            self.model.train(was_training)
+    def _eval_mode(self) -> contextlib.AbstractContextManager:
+        return eval_mode(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -305,10 +300,11 @@ class Backbone(nn.Module):
         targets = batch["input_ids"][:, batch["input_ids"].shape[1] - width :].to(logp.device)
         chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = -(logp.exp() * logp).sum(-1)
-        lengths = [len(a) for a in answers]
-        token_lp = [chosen[row, :n] for row, n in enumerate(lengths)]
-        mean_entropy = [entropy[row, :n].sum() / max(n, 1) for row, n in enumerate(lengths)]
-        values = self.value_head(hidden[:, 0]) if capture else None
+        starts = [width - len(a) for a in answers]  # packed layout: each answer ends in the last column
+        token_lp = [chosen[row, start:] for row, start in enumerate(starts)]
+        mean_entropy = [entropy[row, start:].sum() / max(width - start, 1) for row, start in enumerate(starts)]
+        # the value is read where the prompt ends (the position that predicts the answer's first token)
+        values = self.value_head(hidden[torch.arange(len(starts)), starts]) if capture else None
         return token_lp, mean_entropy, values, self.count_tokens(batch)
 
     @torch.no_grad()
@@ -352,15 +348,14 @@ class Backbone(nn.Module):
 
     # -- SFT ---------------------------------------------------------------------------------------------------
     def sft_batch(self, conversations: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        """Model inputs + ``labels`` for conversations ending with an assistant turn (CPU tensors): left-padded
-        first prompt, the rest, right padding; labels IGNORE except the final assistant turn through its end-of-turn
-        token (earlier turns are context: ``ChatEncoder.sft_row``). A batch's conversations all have an image, or none.
-        """
+        """Model inputs + ``labels`` for conversations ending with an assistant turn (CPU tensors): the first
+        prompt and the rest, packed (``ChatEncoder.append``); labels IGNORE except the final assistant turn through
+        its end-of-turn token (earlier turns are context: ``ChatEncoder.sft_row``). A batch's conversations all have
+        an image, or none."""
         rows = [self.encoder.sft_row(conversation) for conversation in conversations]
-        inputs = self.encoder.encode_prompts([row.prompt for row in rows])
-        prompt_length = inputs["input_ids"].shape[1]
-        batch = self.encoder.append(inputs, [row.ids for row in rows])
-        batch["labels"] = sft_labels(rows, batch, prompt_length)
+        prompts = self.encoder.encode_prompts([row.prompt for row in rows])
+        batch = self.encoder.append(prompts, [row.ids for row in rows])
+        batch["labels"] = sft_labels(rows, batch)
         return batch
 
     def label_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,8 +1,11 @@
 """Turning chats (+ an optional image) into model inputs, with the processor of any family.
 
-One layout serves scoring and SFT: ``[left padding][prompt][continuation][right padding]``. Prompts go
-through the processor exactly as at generation time (left-padded, so every prompt ends in the same column);
-continuation token ids (sampled answers, or the rest of an SFT conversation) are appended after it. Per-token
+One layout serves scoring and SFT, packed: ``[left padding][prompt][continuation]``, every row ending in the
+last column, so a batch is as wide as its longest prompt + continuation (not its longest prompt plus its longest
+continuation: PPO batches mix short first-turn prompts with long revision turns, and short answers with ones
+cut at the cap). Prompts go through the processor exactly as at generation time (left-padded); continuation
+token ids (sampled answers, or the rest of an SFT conversation) are appended after each row's prompt. Positions
+follow the attention mask (as ``generate`` derives them), so the padding in front does not shift them. Per-token
 side inputs the processor made for the prompt are extended over the appended tokens as ``generate`` does:
 Mllama's ``cross_attention_mask`` repeats its last row, token-type ids are padded with 0.
 """
@@ -99,7 +102,8 @@ class ChatEncoder:
     def append(
         self, inputs: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]]
     ) -> dict[str, torch.Tensor]:
-        """Append per-row token ids after left-padded prompt inputs, right-padding the result."""
+        """Append per-row token ids after left-padded prompt inputs, packed (see the module's docstring): row
+        ``r``'s continuation fills its last ``len(continuations[r])`` columns."""
         input_ids = inputs["input_ids"]
         batch, length = input_ids.shape
         width = max((len(c) for c in continuations), default=0)
@@ -122,7 +126,7 @@ class ChatEncoder:
             else:
                 raise NotImplementedError(f"do not know how to extend the per-token input {key!r} over appended tokens")
             out[key] = torch.cat([value, extra], dim=1)
-        return out
+        return _packed(out, [width - len(c) for c in continuations])
 
     # -- SFT -------------------------------------------------------------------------------------------------
     def sft_row(self, conversation: Prompt) -> SftRow:
@@ -167,6 +171,23 @@ class ChatEncoder:
         return [i < stop for i in range(len(segment))]
 
 
+def _packed(inputs: dict[str, torch.Tensor], right_padding: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Each row's right padding moved to its front (a per-row rotation of every per-token input), then the front
+    columns that are padding in every row dropped."""
+    mask = inputs["attention_mask"]
+    batch, length = mask.shape
+    shift = torch.as_tensor(list(right_padding), dtype=torch.long)
+    source = (torch.arange(length)[None, :] - shift[:, None]) % length  # [B, T]: the column each one comes from
+    present = mask.gather(1, source).bool().any(0)
+    drop = int(present.long().argmax()) if present.any() else 0  # leading columns where no row has a token
+    out = dict(inputs)
+    for key in per_token_keys(inputs):
+        value = inputs[key]
+        index = source.view(batch, length, *[1] * (value.dim() - 2)).expand_as(value)
+        out[key] = value.gather(1, index)[:, drop:]
+    return out
+
+
 def _to_pil(image):
     from PIL import Image
 
@@ -178,11 +199,12 @@ def _to_pil(image):
     return Image.fromarray(array).convert("RGB")
 
 
-def sft_labels(rows: Sequence[SftRow], batch: dict[str, torch.Tensor], prompt_length: int) -> torch.Tensor:
-    """Labels aligned with ``batch["input_ids"]``: the token where labelled, IGNORE elsewhere (padding too)."""
+def sft_labels(rows: Sequence[SftRow], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labels aligned with a packed ``batch["input_ids"]`` (each row's ids in its last columns): the token where
+    labelled, IGNORE elsewhere (padding too)."""
     labels = torch.full_like(batch["input_ids"], IGNORE)
     for row, sample in enumerate(rows):
         flags = torch.tensor(sample.labelled, dtype=torch.bool)
-        span = batch["input_ids"][row, prompt_length : prompt_length + len(sample.ids)]
-        labels[row, prompt_length : prompt_length + len(sample.ids)] = torch.where(flags, span, IGNORE)
+        start = labels.shape[1] - len(sample.ids)
+        labels[row, start:] = torch.where(flags, batch["input_ids"][row, start:], IGNORE)
     return labels

@@ -21,6 +21,7 @@ the narrower side.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,12 @@ class LockstepDecoder:
     def __len__(self) -> int:
         return len(self.pending)
 
+    def __enter__(self) -> LockstepDecoder:
+        return self  # each generate call sets the model's mode itself
+
+    def __exit__(self, *exc_info: Any) -> None:
+        pass
+
     def submit(self, request: Request) -> None:
         self.pending.append(request)
 
@@ -128,6 +135,15 @@ class InflightDecoder:
 
     def __len__(self) -> int:
         return len(self.waiting) + self.running
+
+    def __enter__(self) -> InflightDecoder:
+        """Hold the model in eval mode while decoding: otherwise every step switches it there and back."""
+        self._held = contextlib.ExitStack()
+        self._held.enter_context(self.backbone._eval_mode())
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._held.close()
 
     @property
     def running(self) -> int:
