@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from common import Row, format_table
 
-from lit_sftrl.micro_batches import PaddingMeter
+from lit_sftrl.micro_batches import PaddingMeter, as_drawn
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.seeding import stream_seed
@@ -225,17 +225,25 @@ def padding_shares(lengths: list[tuple[int, int]], minibatch: int = 32, micro: i
                    seed: int = 0) -> dict[str, float]:
     """Padding of PPO's micro-batches over these attempts, shuffled into mini-batches as PPO shuffles them."""
     meter, rng = PaddingMeter(lengths), random.Random(seed)
+    unpacked = [0, 0]  # the layout before packing: a row cost the longest prompt plus the longest answer
     for _ in range(epochs):
         order = list(range(len(lengths)))
         rng.shuffle(order)
         for start in range(0, len(order), minibatch):
             meter.split(order[start : start + minibatch], micro)
-    return meter.shares()
+            for drawn in as_drawn(order[start : start + minibatch], micro):
+                width = max(lengths[i][0] for i in drawn) + max(lengths[i][1] for i in drawn)
+                unpacked[0] += len(drawn) * width - sum(sum(lengths[i]) for i in drawn)
+                unpacked[1] += len(drawn) * width
+    return {**meter.shares(), "padding_share_unpacked_as_drawn": unpacked[0] / max(unpacked[1], 1)}
 
 
 def rows_of(runs: dict[str, Run], label: str = "GP-L") -> list[Row]:
     slow, lockstep, inflight = (runs[mode] for mode in MODES)
     bound = ceiling(inflight, slow)
+    # what the engine would reach if only its model forwards cost time (prefill is work any engine must do)
+    forward_bound = (slow.seconds / slow.attempts) / ((inflight.parts["steps"] + inflight.parts["prefill"])
+                                                       / inflight.attempts)
     speedup = inflight.attempts_per_second / slow.attempts_per_second
     padding = padding_shares(inflight.lengths)
     return [
@@ -250,6 +258,10 @@ def rows_of(runs: dict[str, Run], label: str = "GP-L") -> list[Row]:
         # The shared table's targets are lower bounds: the outside-model share (target <= 15 %) is shown as
         # the model's share of the rollout time (target >= 85 %).
         Row(f"rollout {label}, in-flight: model share of time", 100.0 * (1.0 - inflight.outside_share), "%", 85.0),
+        Row(f"rollout {label}, in-flight: fraction of the forward-time bound (steps + prefill)",
+            100.0 * speedup / forward_bound, "%", None),
+        Row(f"rollout {label}, PPO micro-batches: padded tokens as drawn, unpacked layout (before)",
+            100.0 * padding["padding_share_unpacked_as_drawn"], "%", None),
         Row(f"rollout {label}, PPO micro-batches: padded tokens as drawn", 100.0 * padding["padding_share_as_drawn"],
             "%", None),
         Row(f"rollout {label}, PPO micro-batches: padded tokens grouped by length", 100.0 * padding["padding_share"],

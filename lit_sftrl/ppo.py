@@ -4,8 +4,8 @@ One action is one whole answer: its log-probability is the (optionally weighted,
 tokens (fp32, at the sampling temperature) and its state value comes from the value head on the prompt's last
 token. Each update rolls the rank's environments on with the batched engine (episodes carry over from update to
 update, as in the original trainer), computes GAE over attempts, then takes ``ppo_epochs`` passes of shuffled
-mini-batches (manual optimisation, gradient accumulation over micro-batches). Because an update is an epoch,
-``--ckpt_path`` resumes at an update boundary (with the same running episodes) and ``max_epochs`` counts updates.
+mini-batches (gradients accumulate over micro-batches grouped by length). An update is an epoch: ``--ckpt_path``
+resumes at an update boundary (with the same running episodes) and ``max_epochs`` counts updates.
 
 The paper's MDP: an attempt that solves the task or uses up the attempt budget ends the episode (terminal: no
 bootstrap after it; the budget's end carries the environment's budget penalty); only the rollout's end cuts an
@@ -24,7 +24,7 @@ import torch
 from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.evaluation import EpisodeMetrics
-from lit_sftrl.micro_batches import PaddingMeter
+from lit_sftrl.micro_batches import PaddingMeter, by_length
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
 from lit_sftrl.progress import phase
@@ -222,7 +222,8 @@ class PPOModule(PolicyModule):
         return rollout
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
-        for batch in _chunks(list(attempts), self.ppo.micro_batch_size):
+        for micro in by_length(range(len(attempts)), PaddingMeter.of(attempts).lengths, self.ppo.micro_batch_size):
+            batch = [attempts[i] for i in micro]
             scores = self.backbone.score(
                 [a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature, reference=True
             )
@@ -273,7 +274,7 @@ class PPOModule(PolicyModule):
         old_logprob = torch.stack([answer_logprob(a.token_logprobs, a.token_weights) for a in attempts])
         old_values = torch.tensor([a.value for a in attempts])
         generator = torch.Generator().manual_seed(stream_seed("ppo_shuffle", spec.seed, spec.rank, self.current_epoch))
-        totals, batches, tokens, padding = {}, 0, 0, PaddingMeter.of(attempts)  # totals: stat -> sum
+        totals, weight, tokens, padding = {}, 0, 0, PaddingMeter.of(attempts)  # totals: stat -> sum
         for _ in range(self.ppo.ppo_epochs):
             order = torch.randperm(len(attempts), generator=generator).tolist()
             for minibatch in _chunks(order, per_rank):
@@ -289,21 +290,20 @@ class PPOModule(PolicyModule):
                     if not finite:
                         break
                     self.manual_backward(loss * len(micro) / len(minibatch))
-                    for key, value in stats.items():
-                        totals[key] = totals.get(key, 0.0) + float(value)
-                    batches += 1
+                    for key, value in stats.items():  # micro-batches differ in size: weigh by attempts
+                        totals[key] = totals.get(key, 0.0) + float(value) * len(micro)
+                    weight += len(micro)
                 if finite:
                     self.clip_gradients(
                         optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
                     )
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return {k: v / max(batches, 1) for k, v in totals.items()} | padding.shares(), self._sum_over_ranks(tokens)
+        return {k: v / max(weight, 1) for k, v in totals.items()} | padding.shares(), self._sum_over_ranks(tokens)
 
     def _micro_batch_loss(self, batch: list[Attempt], *, old_logprob, old_values, advantages, returns):
-        scores = self.backbone.score(
-            [a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature
-        )
+        prompts, answers = [a.prompt for a in batch], [a.answer_ids for a in batch]
+        scores = self.backbone.score(prompts, answers, self.sampling.temperature)
         device = scores.entropy.device
         logprob = torch.stack([answer_logprob(lp, a.token_weights) for lp, a in zip(scores.token_logprobs, batch)])
         kl = torch.zeros(len(batch), device=device)

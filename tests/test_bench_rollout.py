@@ -32,6 +32,12 @@ def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_f
     assert rows["rollout GP-L, in-flight: model share of time"].target == 85.0
     assert rows["rollout GP-L, ceiling: one at a time / in-flight decoding steps"].value > 0
     assert 0 <= rows["rollout GP-L, PPO micro-batches: padded tokens grouped by length"].value <= 100
+    # the same micro-batches packed never pad more than in the layout before packing
+    before = rows["rollout GP-L, PPO micro-batches: padded tokens as drawn, unpacked layout (before)"].value
+    assert before >= rows["rollout GP-L, PPO micro-batches: padded tokens as drawn"].value
+    bounds = [rows[f"rollout GP-L, in-flight: fraction of the {name}"].value
+              for name in ("ceiling", "forward-time bound (steps + prefill)")]
+    assert 0 < bounds[0] <= bounds[1]
 
 
 def test_instrumented_backbone_generates_what_a_plain_one_does(tiny_dir_factory, chats):

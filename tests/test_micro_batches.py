@@ -18,7 +18,11 @@ def test_grouping_keeps_the_minibatch_and_cuts_padding():
         minibatch = order[start : start + 32]
         micro_batches = meter.split(minibatch, 8)
         assert sorted(i for micro in micro_batches for i in micro) == sorted(minibatch)
-        assert all(len(micro) == 8 for micro in micro_batches)
+        assert all(len(micro) <= 8 for micro in micro_batches)
+        # token slots (rows x longest row) within 8 rows of the mini-batch's mean length, unless one row alone
+        total = {i: sum(lengths[i]) for i in minibatch}
+        mean = sum(total.values()) / len(total)
+        assert all(len(micro) == 1 or len(micro) * max(total[i] for i in micro) <= 8 * mean for micro in micro_batches)
     shares = meter.shares()
     assert shares["padding_share"] < 0.6 * shares["padding_share_as_drawn"]
 
@@ -28,5 +32,7 @@ def test_padding_counts_the_scoring_layout():
     assert padding([[0, 1]], [(5, 3), (2, 2)]) == (4, 16)
     # a long prompt with a short answer beside a short prompt with a long answer: no padding at all
     assert padding([[0, 1]], [(5, 1), (2, 4)]) == (0, 12)
-    assert by_length([0, 1, 2, 3], [(9, 9), (1, 1), (8, 9), (1, 2)], 2) == [[1, 3], [2, 0]]
+    # longest first; at most 2 rows and 2 x the mean total (10) = 20 token slots per micro-batch
+    assert by_length([0, 1, 2, 3], [(9, 9), (1, 1), (8, 9), (1, 2)], 2) == [[0], [2], [3, 1]]
+    assert by_length([0, 1, 2, 3], [(4, 1)] * 4, 2) == [[0, 1], [2, 3]]  # equal lengths: full micro-batches
     assert as_drawn([3, 1, 2], 2) == [[3, 1], [2]]
