@@ -50,7 +50,8 @@ class PPOConfig:
         ppo_epochs: passes over each rollout (paper 4).
         minibatch_size: attempts per optimizer step, summed over all ranks (paper 1,024: 8 optimizer steps per
             update of 8 GPUs x 256 attempts x 4 epochs). Each rank takes ``minibatch_size / world_size``.
-        micro_batch_size: attempts per forward/backward and rank (gradients accumulate up to the mini-batch).
+        micro_batch_size: most attempts per forward/backward and rank; long ones go fewer at a time (see
+            :func:`lit_sftrl.micro_batches.by_length`). Gradients accumulate up to the mini-batch.
         max_grad_norm: gradient-norm clipping. The paper's config says 0.01, but under its DeepSpeed set-up the
             clipping was never applied.
         normalize_advantages: normalise advantages over the whole batch across ranks.
@@ -224,9 +225,8 @@ class PPOModule(PolicyModule):
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
         for micro in by_length(range(len(attempts)), PaddingMeter.of(attempts).lengths, self.ppo.micro_batch_size):
             batch = [attempts[i] for i in micro]
-            scores = self.backbone.score(
-                [a.prompt for a in batch], [a.answer_ids for a in batch], self.sampling.temperature, reference=True
-            )
+            prompts, answers = [a.prompt for a in batch], [a.answer_ids for a in batch]
+            scores = self.backbone.score(prompts, answers, self.sampling.temperature, reference=True)
             if self.compute.mode == "tokens":
                 self.flops.add_inference(scores.num_tokens)
             for attempt, token_logprobs in zip(batch, scores.token_logprobs):
