@@ -11,8 +11,10 @@ question/answer chats:
 - ``compass``: compass words and degrees, and relative turns both ways (where a turn leads; which turn leads
   from one heading to another);
 - ``json``: any of the facts above asked for as a JSON object whose keys the question names;
+- ``allowed_words``: directions naming both a turn and a heading, answered with the kind of word the question
+  lists as allowed (turn words or compass words): which rule applies is stated in the question, not fixed;
 - ``card_image`` / ``street_image``: rendered card tables (every suit and colour) and street-view panels of
-  every city style, described in text.
+  every city style, described in text (:mod:`lit_sftrl.skill_images`).
 
 What it must never contain is the tasks' own prompt wording or answer layout (the JSON keys of the answers):
 the base would then already be an SFT model of the task. ``TASK_ANSWER_KEYS`` is excluded from the JSON key
@@ -28,14 +30,12 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from lit_sftrl.envs.cards import RANKS, RED_SUITS, SUITS, Card, render_table
-from lit_sftrl.envs.city_render import STYLES, Landmark, render_panorama
-from lit_sftrl.envs.routes import COMPASS, perspective_view, wrap_degrees
+from lit_sftrl.envs.cards import RANKS
+from lit_sftrl.envs.routes import COMPASS, wrap_degrees
 from lit_sftrl.envs.solver import solutions
 from lit_sftrl.envs.virl import relative_word
 
@@ -43,15 +43,9 @@ Conversation = dict[str, Any]  # {"messages": [user, assistant], "image": ndarra
 
 # The answer keys of the tasks (GeneralPoints, V-IRL): never used as keys here.
 TASK_ANSWER_KEYS = frozenset({"cards", "number", "formula", "current observation", "current instruction", "action"})
-TEXT_SKILLS = ("arithmetic", "cards", "compass", "json")
+TEXT_SKILLS = ("arithmetic", "cards", "compass", "json", "allowed_words")
 IMAGE_SKILLS = ("card_image", "street_image")
 RANK_NAMES = {"A": "ace", "J": "jack", "Q": "queen", "K": "king"}
-STYLE_WORDS = {  # what a caption says about each city style (styles without an entry get their name only)
-    "metro": "a big-city avenue with tall brick and stone blocks",
-    "harbor": "a harbour-town lane with low pastel houses and pitched roofs",
-}
-PANELS = ("upper left", "upper right", "lower left", "lower right")  # the 2x2 panel order: ahead, right, back, left
-SIDES = ("ahead of you", "to your right", "behind you", "to your left")
 
 
 @dataclass
@@ -64,7 +58,8 @@ class SkillsConfig:
         image_share: share of items carrying an image (cards or street panels); 0 = text only.
         image_size: side of the rendered images in pixels (the tasks' default is 224).
         street_scenes: distinct street renderings per city style (each costs ~0.1 s once, then is cached).
-        weights: relative frequency of the text skills, in the order of ``TEXT_SKILLS``.
+        weights: relative frequency of the text skills, in the order of ``TEXT_SKILLS``. A skill appended with
+            weight 0 leaves every draw of the others as it was (the default base predates ``allowed_words``).
     """
 
     size: int = 20000
@@ -72,9 +67,11 @@ class SkillsConfig:
     image_share: float = 0.1
     image_size: int = 224
     street_scenes: int = 48
-    weights: tuple[float, ...] = (0.35, 0.25, 0.25, 0.15)
+    weights: tuple[float, ...] = (0.35, 0.25, 0.25, 0.15, 0.0)
 
     def __post_init__(self) -> None:
+        # a config written before a skill was appended names fewer weights: the new ones are 0 (no draw changes)
+        self.weights = tuple(self.weights) + (0.0,) * (len(TEXT_SKILLS) - len(self.weights))
         if self.size < 1 or not 0.0 <= self.image_share <= 1.0 or len(self.weights) != len(TEXT_SKILLS):
             raise ValueError(f"invalid skills config {self}: size >= 1, image_share in [0, 1], "
                              f"one weight per skill of {TEXT_SKILLS}")
@@ -86,10 +83,13 @@ def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Co
     drawn = _draw_skill(config, rng)  # drawn even when ``skill`` is forced, so the rest of the stream is the same
     skill = skill or drawn
     image, meta = None, {}
-    if skill == "card_image":
-        question, answer, image = _card_image(rng, config.image_size)
-    elif skill == "street_image":
-        question, answer, image, meta = _street_image(rng, config)
+    if skill in IMAGE_SKILLS:  # rendering imports the card and city renderers: only when an image is drawn
+        from lit_sftrl.skill_images import card_image, street_image
+
+        if skill == "card_image":
+            question, answer, image = card_image(rng, config.image_size)
+        else:
+            question, answer, image, meta = street_image(rng, config.street_scenes, config.image_size, config.seed)
     else:
         question, answer, meta = _TEXT[skill](rng)
     user = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
@@ -328,62 +328,20 @@ def _json(rng: np.random.Generator) -> tuple[str, str, dict]:
     return f"{question} {ask}", json.dumps(answer), meta
 
 
+def _allowed_words(rng: np.random.Generator) -> tuple[str, str, dict]:
+    """A real model reads which answers a question allows; the navigation rules state theirs in the same way (an
+    action space of compass words, or of turn words), so the base learns to take the rule from the question."""
+    fact = _compass_fact(rng)
+    turn_words = bool(rng.random() < 0.5)
+    allowed = [str(word) for word in rng.permutation(list(TURNS) if turn_words else list(COMPASS))]
+    directions = _pick(rng, (f"turn {fact['turn']}, so that you end up facing {fact['end']}",
+                             f"make a {fact['turn']} turn; your new heading is {fact['end']}",
+                             f"from {fact['start']}, turn {fact['turn']} towards {fact['end']}"))
+    ask = _pick(rng, ("Reply with one word from this list: {}.", "Allowed answers: {}.", "Choose among: {}."))
+    question = f"Directions: {directions}. Which way? {ask.format(', '.join(allowed))}"
+    return question, fact["turn"] if turn_words else fact["end"], {}
+
+
 _TEXT: dict[str, Callable[[np.random.Generator], tuple[str, str, dict]]] = {
-    "arithmetic": _arithmetic, "cards": _cards, "compass": _compass, "json": _json,
+    "arithmetic": _arithmetic, "cards": _cards, "compass": _compass, "json": _json, "allowed_words": _allowed_words,
 }
-
-# -------------------------------------------------------------------------------------------- images
-
-
-def _card_image(rng: np.random.Generator, size: int) -> tuple[str, str, np.ndarray]:
-    cards = [Card(_pick(rng, RANKS), _pick(rng, SUITS)) for _ in range(int(rng.integers(1, 6)))]
-    names = [f"{card.rank} of {card.suit}" for card in cards]
-    colours = ["red" if card.suit in RED_SUITS else "black" for card in cards]
-    kind = int(rng.integers(3))
-    if kind == 0:
-        question, answer = "Which cards lie on the table, from left to right?", ", ".join(names)
-    elif kind == 1:
-        question, answer = "List the ranks you see, left to right.", ", ".join(card.rank for card in cards)
-    else:
-        question = "Name each card and its colour."
-        answer = "; ".join(f"{name} ({colour})" for name, colour in zip(names, colours))
-    return question, answer, render_table(cards, size)
-
-
-def _street_image(rng: np.random.Generator, config: SkillsConfig) -> tuple[str, str, np.ndarray, dict]:
-    style = _pick(rng, sorted(STYLES))
-    image, name, panel = _street_scene(style, int(rng.integers(config.street_scenes)), config.image_size, config.seed)
-    where = f"{SIDES[panel]}, in the {PANELS[panel]} panel"
-    described = STYLE_WORDS.get(style, f"a street in the {style} style")
-    kind, meta = int(rng.integers(3)), {"style": described}
-    if kind == 0:
-        return "Describe this street.", f"This is {described}. A {name} sign stands {where}.", image, meta
-    if kind == 1:
-        return "What sign can you read, and where is it?", f"{name}, {where}.", image, {}
-    return "What kind of place is shown?", f"{described[0].upper()}{described[1:]}.", image, meta
-
-
-@lru_cache(maxsize=256)
-def _street_scene(style_name: str, scene: int, size: int, seed: int) -> tuple[np.ndarray, str, int]:
-    """Four views (ahead, right, back, left) around a street corner with one landmark sign, as a 2x2 grid."""
-    rng = np.random.default_rng([seed, scene, len(style_name)])
-    style = STYLES[style_name]
-    name = _pick(rng, style.landmark_names)
-    edge, along = style.road_half_m + style.sidewalk_m - 1.0, style.block_m * 0.34  # as the city generator does
-    sx, sy = _pick(rng, (-1, 1)), _pick(rng, (-1, 1))
-    x, y = (sx * along, sy * edge) if rng.random() < 0.5 else (sx * edge, sy * along)
-    heading = style.grid_angle + 90.0 * int(rng.integers(4))
-    rotation = float(rng.uniform(0, 360))
-    width = max(256, 2 * size)
-    pano = np.asarray(render_panorama(style, style.grid_angle, (0.0, 0.0), rotation,
-                                      [Landmark(name, x, y, int(rng.integers(len(style.sign_colors))))], width, scene))
-    bearing = style.grid_angle + float(np.degrees(np.arctan2(x, y)))
-    panel = int(((bearing - heading + 45.0) % 360.0) // 90.0)
-    tile = size // 2
-    grid = np.zeros((size, size, 3), np.uint8)
-    for k in range(4):
-        row, col = divmod(k, 2)
-        view = perspective_view(pano, rotation, heading + 90 * k, tile)
-        grid[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile] = view
-    return grid, name, panel
-

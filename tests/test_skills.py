@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
 import pytest
 
-from lit_sftrl import skills
+from lit_sftrl import skill_images, skills
 from lit_sftrl.envs import general_points, virl
 from lit_sftrl.pretrain import answer_is_correct
 from lit_sftrl.skills import IMAGE_SKILLS, TASK_ANSWER_KEYS, SkillsConfig, message_text, skill_item
 
-# The tokenizer's sample of the corpus plus image items (two street scenes per style keep rendering cheap).
-CONFIG = SkillsConfig(size=3000, seed=0, image_share=0.05, image_size=64, street_scenes=2)
+# A corpus with every skill (the default mix leaves allowed_words out) and image items (two street scenes per
+# style keep rendering cheap).
+CONFIG = SkillsConfig(size=3000, seed=0, image_share=0.05, image_size=64, street_scenes=2,
+                      weights=(0.35, 0.25, 0.25, 0.15, 0.1))
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +46,31 @@ def test_items_are_a_function_of_seed_and_index():
     assert first["messages"] == again["messages"] and first["skill"] == again["skill"]
     other = [skill_item(SkillsConfig(size=50, seed=1), i)["messages"] for i in range(50)]
     assert other != [skill_item(SkillsConfig(size=50, seed=0), i)["messages"] for i in range(50)]
+
+
+def test_the_default_corpus_is_the_one_the_base_was_built_on():
+    """Appending a skill with weight 0 (allowed_words) changed no item of the default mix: the same fingerprint
+    as before it existed, images' captions included, and old configs with four weights still load."""
+    config = SkillsConfig(size=400, seed=0, image_share=0.1, image_size=32, street_scenes=1)
+    items = [skill_item(config, i) for i in range(400)]
+    text = json.dumps([[item["skill"], item["messages"][-1]["content"] if item["image"] is not None
+                        else item["messages"]] for item in items])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == "cb2e303f27ab4110"
+    assert SkillsConfig(weights=(0.35, 0.25, 0.25, 0.15)).weights == config.weights
+
+
+def test_allowed_words_answers_take_the_kind_of_word_the_question_allows():
+    from lit_sftrl.envs.routes import COMPASS
+
+    kinds = set()
+    for i in range(200):
+        item = skill_item(CONFIG, i, skill="allowed_words")
+        question, answer = item["messages"][0]["content"], item["messages"][-1]["content"]
+        allowed = re.search(r"(?:list|answers|among): (.+)\.$", question).group(1).split(", ")
+        assert answer in allowed and answer in question.split("Which way?")[0]  # named in the directions too
+        kinds.add("turn" if answer in virl.RELATIVE_WORDS else "compass")
+        assert set(allowed) in (set(virl.RELATIVE_WORDS), set(COMPASS))
+    assert kinds == {"turn", "compass"}
 
 
 def test_every_skill_is_present_and_every_reference_answer_checks_out(items):
@@ -116,6 +144,6 @@ def test_image_items_show_cards_of_every_suit_and_both_city_styles():
     cards = " ".join(skill_item(config, i, skill="card_image")["messages"][-1]["content"] for i in range(60))
     assert all(suit in cards for suit in ("spades", "clubs", "hearts", "diamonds"))
     streets = " ".join(skill_item(config, i, skill="street_image")["messages"][-1]["content"] for i in range(40))
-    assert all(words.split()[-1] in streets or words[1:] in streets for words in skills.STYLE_WORDS.values())
+    assert all(words.split()[-1] in streets or words[1:] in streets for words in skill_images.STYLE_WORDS.values())
     image = skill_item(config, 0, skill="street_image")["image"]
     assert image.shape == (64, 64, 3) and image.std() > 10
