@@ -50,10 +50,15 @@ def format_table(rows: list[Row]) -> str:
 def run_cli(*args: str) -> dict[str, object]:
     """Run ``lit-sftrl *args`` (printed first, so a README can quote it); return the command with its wall and
     CPU seconds (the CPU time of the command's own process tree, whatever else shares the machine)."""
-    command = shlex.join(["lit-sftrl", *args])
+    return run_command([LIT_SFTRL, *args], shown=["lit-sftrl", *args])
+
+
+def run_command(argv: list[str], shown: list[str] | None = None) -> dict[str, object]:
+    """Run ``argv`` as :func:`run_cli` does (``shown``: how to print it, e.g. without the interpreter's path)."""
+    command = shlex.join(shown or argv)
     print("$ " + command, flush=True)
     start, cpu = time.perf_counter(), _children_cpu()
-    subprocess.run([LIT_SFTRL, *args], check=True)
+    subprocess.run(argv, check=True)
     wall, cpu = time.perf_counter() - start, _children_cpu() - cpu
     print(f"  ({wall:.0f} s, {cpu:.0f} s of CPU)", flush=True)
     return {"command": command, "wall_s": round(wall), "cpu_s": round(cpu)}

@@ -8,8 +8,10 @@
 2. From Init, PPO for ``--updates`` updates; then continued SFT for as many steps as match PPO's FLOPs.
 3. ``lit-sftrl test`` of Init, SFT and RL on every variant (234 GeneralPoints hands each by default).
 4. ``lit-sftrl report`` of the three.
-5. With ``--docs``: each run's ``metrics.csv``, evaluation records and the report copied there, with the
-   commands and the CPU time of each stage (``study.json``), so the table and curves can be recomputed.
+5. With ``--base``: the base's held-out skill questions put to the base, Init, SFT and RL
+   (``bench/probe_base.py --after``, ``probe/probe.json``): what each post-training kept of what the base knew.
+6. With ``--docs``: each run's ``metrics.csv``, evaluation records, the report and the probe copied there, with
+   the commands and the CPU time of each stage (``study.json``), so the table and curves can be recomputed.
 
 Every command is printed before it runs, so the README can quote them. Nothing is tuned on the test episodes:
 they are drawn from their own seed (1234) and only ever evaluated; the validation passes during fits draw
@@ -23,10 +25,11 @@ import json
 import math
 import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
-from common import run_cli
+from common import run_cli, run_command
 
 from lit_sftrl.models.export import inherited_flops
 
@@ -54,7 +57,7 @@ def test_dir(out: Path, name: str) -> list[str]:
 def keep_records(out: Path, docs: Path, names: list[str]) -> None:
     """Copy what the table and curves are computed from (metrics, evaluation records, report) into ``docs``,
     replacing what an earlier study left there: records of two runs must never mix."""
-    for name in [*names, "report"]:
+    for name in [*names, "report", "probe"]:
         shutil.rmtree(docs / name, ignore_errors=True)
     for name in names:
         source, target = out / name, docs / name
@@ -64,8 +67,9 @@ def keep_records(out: Path, docs: Path, names: list[str]) -> None:
                 shutil.copy2(path, target / path.name)
         if (source / "eval").exists():
             shutil.copytree(source / "eval", target / "eval")
-    if (out / "report").exists():
-        shutil.copytree(out / "report", docs / "report")
+    for folder in ("report", "probe"):
+        if (out / folder).exists():
+            shutil.copytree(out / folder, docs / folder)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         lit_sftrl("test", "--config", config, "--ckpt_path", str(checkpoint), *base, *episodes, *test_dir(out, name))
 
     lit_sftrl("report", str(out / "init_test"), str(out / "sft"), str(out / "rl"), "--out", str(out / "report"))
+    if args.base is not None:
+        probe = str(Path(__file__).with_name("probe_base.py"))
+        after = [f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
+        argv = [probe, str(args.base), "--items", "50", *after, "--out", str(out / "probe")]
+        STAGES.append(run_command([sys.executable, *argv], shown=["python", *argv]))
     print(f"study done in {(time.perf_counter() - start) / 60:.1f} min; "
           f"Init {init_flops / 1e9:.0f} GFLOPs, RL {rl_flops / 1e9:.0f} GFLOPs, SFT {sft_steps} more steps")
     if args.docs is not None:

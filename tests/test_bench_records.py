@@ -83,3 +83,26 @@ def test_the_study_replaces_an_earlier_studys_records_instead_of_mixing_them(tmp
     study.keep_records(out, docs, ["sft"])
     assert [p.name for p in (docs / "sft" / "eval").iterdir()] == ["test-step0000172.json"]
     assert sorted(p.name for p in (docs / "report").iterdir()) == ["report.md"]
+
+
+def test_a_study_from_a_base_probes_what_each_post_training_kept(tmp_path, monkeypatch):
+    commands, probes = [], []
+    monkeypatch.setattr(study, "run_cli", lambda *args: commands.append(args) or {"command": " ".join(args)})
+
+    def probe(argv, shown):
+        probes.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "probe.json").write_text("{}")
+        return {"command": " ".join(shown)}
+
+    monkeypatch.setattr(study, "run_command", probe)
+    monkeypatch.setattr(study, "inherited_flops", lambda path: {"init": 300e9, "rl": 450e9}[Path(path).parts[-3]])
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    study.main(["--task", "virl_l", "--base", "my-base", "--out", str(out), "--docs", str(docs)])
+    (argv,) = probes
+    assert argv[1:3] == [str(Path(study.__file__).with_name("probe_base.py")), "my-base"]
+    assert [a for a in argv if a.startswith("--after")] == [
+        f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
+    assert commands[0][0] == "test" and (docs / "probe" / "probe.json").exists()
+    assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith("python ")
