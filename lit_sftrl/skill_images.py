@@ -10,7 +10,7 @@ import numpy as np
 from lit_sftrl.envs.cards import RANKS, RED_SUITS, SUITS, Card, render_table
 from lit_sftrl.envs.city_render import STYLES, Landmark, render_panorama
 from lit_sftrl.envs.routes import perspective_view
-from lit_sftrl.skills import _pick
+from lit_sftrl.skills import pick
 
 STYLE_WORDS = {  # what a caption says about each city style (styles without an entry get their name only)
     "metro": "a big-city avenue with tall brick and stone blocks",
@@ -21,7 +21,7 @@ SIDES = ("ahead of you", "to your right", "behind you", "to your left")
 
 
 def card_image(rng: np.random.Generator, size: int) -> tuple[str, str, np.ndarray]:
-    cards = [Card(_pick(rng, RANKS), _pick(rng, SUITS)) for _ in range(int(rng.integers(1, 6)))]
+    cards = [Card(pick(rng, RANKS), pick(rng, SUITS)) for _ in range(int(rng.integers(1, 6)))]
     names = [f"{card.rank} of {card.suit}" for card in cards]
     colours = ["red" if card.suit in RED_SUITS else "black" for card in cards]
     kind = int(rng.integers(3))
@@ -36,7 +36,7 @@ def card_image(rng: np.random.Generator, size: int) -> tuple[str, str, np.ndarra
 
 
 def street_image(rng: np.random.Generator, scenes: int, size: int, seed: int) -> tuple[str, str, np.ndarray, dict]:
-    style = _pick(rng, sorted(STYLES))
+    style = pick(rng, sorted(STYLES))
     image, name, panel = _street_scene(style, int(rng.integers(scenes)), size, seed)
     where = f"{SIDES[panel]}, in the {PANELS[panel]} panel"
     described = STYLE_WORDS.get(style, f"a street in the {style} style")
@@ -53,9 +53,9 @@ def _street_scene(style_name: str, scene: int, size: int, seed: int) -> tuple[np
     """Four views (ahead, right, back, left) around a street corner with one landmark sign, as a 2x2 grid."""
     rng = np.random.default_rng([seed, scene, len(style_name)])
     style = STYLES[style_name]
-    name = _pick(rng, style.landmark_names)
+    name = pick(rng, style.landmark_names)
     edge, along = style.road_half_m + style.sidewalk_m - 1.0, style.block_m * 0.34  # as the city generator does
-    sx, sy = _pick(rng, (-1, 1)), _pick(rng, (-1, 1))
+    sx, sy = pick(rng, (-1, 1)), pick(rng, (-1, 1))
     x, y = (sx * along, sy * edge) if rng.random() < 0.5 else (sx * edge, sy * along)
     heading = style.grid_angle + 90.0 * int(rng.integers(4))
     rotation = float(rng.uniform(0, 360))
@@ -71,4 +71,3 @@ def _street_scene(style_name: str, scene: int, size: int, seed: int) -> tuple[np
         view = perspective_view(pano, rotation, heading + 90 * k, tile)
         grid[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile] = view
     return grid, name, panel
-

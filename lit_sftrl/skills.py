@@ -123,7 +123,8 @@ def message_text(message: dict[str, Any]) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
 
 
-def _pick(rng: np.random.Generator, options: tuple | list) -> Any:
+def pick(rng: np.random.Generator, options: tuple | list) -> Any:
+    """One of ``options``, drawn from ``rng`` (every draw of the corpus goes through its item's generator)."""
     return options[int(rng.integers(len(options)))]
 
 
@@ -150,7 +151,7 @@ def _random_expression(rng: np.random.Generator, numbers: list[int]) -> tuple[st
     while len(nodes) > 1:
         i, j = (int(k) for k in rng.choice(len(nodes), size=2, replace=False))
         (a, x, pa), (b, y, pb) = nodes[i], nodes[j]
-        op = _pick(rng, "+-*/")
+        op = pick(rng, "+-*/")
         if op == "/" and y == 0:
             return "", None
         p = _PRECEDENCE[op]
@@ -167,7 +168,7 @@ def _reach(rng: np.random.Generator, numbers: list[int]) -> tuple[int, str]:
     if len(numbers) <= 4 and rng.random() < 0.25:
         found = solutions(tuple(sorted(numbers)), 24)
         if found:
-            return 24, _pick(rng, found)
+            return 24, pick(rng, found)
     for _ in range(200):
         text, value = _random_expression(rng, numbers)
         if value is not None and value.denominator == 1 and 0 < value <= 100:
@@ -178,7 +179,7 @@ def _reach(rng: np.random.Generator, numbers: list[int]) -> tuple[int, str]:
 def _arithmetic_fact(rng: np.random.Generator, values: list[int] | None = None) -> dict[str, Any]:
     """Numbers in 1..13 (or the given card values), a target they make, and one expression making it."""
     if values is None:
-        values = [int(v) for v in rng.integers(1, 14, size=int(_pick(rng, (2, 3, 3, 4, 4, 4, 4, 5))))]
+        values = [int(v) for v in rng.integers(1, 14, size=int(pick(rng, (2, 3, 3, 4, 4, 4, 4, 5))))]
     target, formula = _reach(rng, values)
     return {"numbers": values, "target": target, "expression": _spaced(formula, rng)}
 
@@ -187,14 +188,14 @@ def _arithmetic(rng: np.random.Generator) -> tuple[str, str, dict]:
     fact = _arithmetic_fact(rng)
     numbers = ", ".join(map(str, fact["numbers"]))
     target, expression = fact["target"], fact["expression"]
-    question = _pick(rng, (
+    question = pick(rng, (
         f"Make {target} from {numbers}, using every number once and any of + - * / with brackets.",
         f"How can {numbers} be combined with addition, subtraction, multiplication and division to give {target}?",
         f"Numbers: {numbers}. Target: {target}. Use each number exactly one time.",
         f"Write an expression equal to {target} that uses each of {numbers} once.",
         f"Puzzle: reach {target} with {numbers} (each once; + - * / and parentheses allowed).",
     ))
-    answer = _pick(rng, (f"{expression} = {target}",) * 2 + (f"One way is {expression} = {target}.",))
+    answer = pick(rng, (f"{expression} = {target}",) * 2 + (f"One way is {expression} = {target}.",))
     return question, answer, {"numbers": fact["numbers"], "target": target}
 
 
@@ -212,14 +213,14 @@ def card_value(rank: str, faces_are_ten: bool) -> int:
 def _convention(rng: np.random.Generator, faces_are_ten: bool) -> str:
     """One of many ways of stating a face-card convention (the tasks' own wording is not among them)."""
     if faces_are_ten:
-        return _pick(rng, (
+        return pick(rng, (
             "Jacks, queens and kings are each worth 10, and an ace is worth 1.",
             "In this scoring every picture card (J, Q, K) is 10 points and A is 1 point.",
             "Face cards all score ten; aces score one.",
             "Here J = 10, Q = 10, K = 10 and A = 1.",
             "Court cards are valued at 10 and the ace at 1.",
         ))
-    return _pick(rng, (
+    return pick(rng, (
         "A jack is worth 11, a queen 12 and a king 13, and an ace is worth 1.",
         "In this scoring J is 11 points, Q is 12 points, K is 13 points and A is 1 point.",
         "Face cards follow their rank order: jack eleven, queen twelve, king thirteen; ace one.",
@@ -231,7 +232,7 @@ def _convention(rng: np.random.Generator, faces_are_ten: bool) -> str:
 def _draw_ranks(rng: np.random.Generator, count: int) -> list[str]:
     ranks = [RANKS[int(i)] for i in rng.integers(len(RANKS), size=count)]
     if rng.random() < 0.6:  # face cards are where the conventions differ: make them common
-        ranks[int(rng.integers(count))] = _pick(rng, ("J", "Q", "K"))
+        ranks[int(rng.integers(count))] = pick(rng, ("J", "Q", "K"))
     return ranks
 
 
@@ -240,15 +241,15 @@ def _cards(rng: np.random.Generator) -> tuple[str, str, dict]:
     rule = _convention(rng, faces_are_ten)
     kind = int(rng.integers(3))
     if kind == 0:  # one card
-        rank = _pick(rng, ("J", "Q", "K", "A", *RANKS))
+        rank = pick(rng, ("J", "Q", "K", "A", *RANKS))
         name = RANK_NAMES.get(rank, rank)
         value = card_value(rank, faces_are_ten)
-        return f"{rule} What is a {name} worth?", _pick(rng, (f"{value}", f"A {name} is worth {value}.")), {}
-    ranks = _draw_ranks(rng, int(_pick(rng, (2, 3, 4, 4, 5))))
+        return f"{rule} What is a {name} worth?", pick(rng, (f"{value}", f"A {name} is worth {value}.")), {}
+    ranks = _draw_ranks(rng, int(pick(rng, (2, 3, 4, 4, 5))))
     values = [card_value(rank, faces_are_ten) for rank in ranks]
     shown = ", ".join(ranks)
     if kind == 1:  # the values of a hand
-        question = _pick(rng, (f"{rule} What are {shown} worth?", f"{rule} Give the values of the hand {shown}."))
+        question = pick(rng, (f"{rule} What are {shown} worth?", f"{rule} Give the values of the hand {shown}."))
         return question, ", ".join(map(str, values)), {}
     fact = _arithmetic_fact(rng, values)  # values, then arithmetic on them
     question = f"{rule} The hand is {shown}. Using each card's value once, reach {fact['target']}."
@@ -263,7 +264,7 @@ TURNS = {"left": -90, "right": 90, "slightly left": -45, "slightly right": 45}
 
 def _compass_fact(rng: np.random.Generator) -> dict[str, Any]:
     start = int(rng.integers(8))
-    turn = _pick(rng, tuple(TURNS))
+    turn = pick(rng, tuple(TURNS))
     end = (start + TURNS[turn] // 45) % 8
     assert relative_word(TURNS[turn]) == turn  # the same words, in the same sense, as the navigation task
     return {"start": COMPASS[start], "turn": turn, "end": COMPASS[end]}
@@ -274,13 +275,13 @@ def _compass(rng: np.random.Generator) -> tuple[str, str, dict]:
     start, turn, end = fact["start"], fact["turn"], fact["end"]
     kind = int(rng.integers(4))
     if kind == 0:  # where a turn leads
-        question = _pick(rng, (f"I am facing {start} and I turn {turn}. Which way am I facing now?",
+        question = pick(rng, (f"I am facing {start} and I turn {turn}. Which way am I facing now?",
                                f"Facing {start}, you make a turn {turn}. What is your new heading?"))
-        return question, _pick(rng, (end, f"Facing {start}, turning {turn} you face {end}.")), {}
+        return question, pick(rng, (end, f"Facing {start}, turning {turn} you face {end}.")), {}
     if kind == 1:  # which turn leads from one heading to another
-        question = _pick(rng, (f"Going from facing {start} to facing {end}: is that left, right, slightly left or "
+        question = pick(rng, (f"Going from facing {start} to facing {end}: is that left, right, slightly left or "
                                f"slightly right?", f"Which turn takes you from {start} to {end}?"))
-        return question, _pick(rng, (turn, f"From {start} to {end} is {turn}.")), {}
+        return question, pick(rng, (turn, f"From {start} to {end} is {turn}.")), {}
     if kind == 2:  # degrees and words
         degrees = COMPASS.index(start) * 45
         if rng.random() < 0.5:
@@ -304,17 +305,17 @@ _JSON_FACTS: dict[str, tuple[Callable, dict[str, tuple[str, ...]]]] = {
 
 
 def _json(rng: np.random.Generator) -> tuple[str, str, dict]:
-    kind, meta = _pick(rng, ("arithmetic", "compass", "hand")), {}
+    kind, meta = pick(rng, ("arithmetic", "compass", "hand")), {}
     if kind == "hand":
         faces_are_ten = bool(rng.random() < 0.5)
-        ranks = _draw_ranks(rng, int(_pick(rng, (2, 3, 4))))
-        keys = (_pick(rng, ("hand", "ranks", "labels")), _pick(rng, ("values", "points", "worth")))
+        ranks = _draw_ranks(rng, int(pick(rng, (2, 3, 4))))
+        keys = (pick(rng, ("hand", "ranks", "labels")), pick(rng, ("values", "points", "worth")))
         answer = {keys[0]: ranks, keys[1]: [card_value(rank, faces_are_ten) for rank in ranks]}
         question = f"{_convention(rng, faces_are_ten)} Hand: {', '.join(ranks)}."
     else:
         make, key_names = _JSON_FACTS[kind]
         fact = make(rng)
-        keys = tuple(_pick(rng, names) for names in key_names.values())
+        keys = tuple(pick(rng, names) for names in key_names.values())
         answer = dict(zip(keys, fact.values()))
         if kind == "arithmetic":
             question = f"Reach {fact['target']} from {', '.join(map(str, fact['numbers']))} (each once, + - * /)."
@@ -323,7 +324,7 @@ def _json(rng: np.random.Generator) -> tuple[str, str, dict]:
             question = f"You face {fact['start']} and turn {fact['turn']}."
     assert not TASK_ANSWER_KEYS & set(answer)
     named = ", ".join(f'"{key}"' for key in answer)
-    ask = _pick(rng, (f"Reply with a JSON object with the keys {named}.", f"Give a JSON object with keys {named}.",
+    ask = pick(rng, (f"Reply with a JSON object with the keys {named}.", f"Give a JSON object with keys {named}.",
                       f"Respond in JSON using the keys {named}."))
     return f"{question} {ask}", json.dumps(answer), meta
 
@@ -334,10 +335,10 @@ def _allowed_words(rng: np.random.Generator) -> tuple[str, str, dict]:
     fact = _compass_fact(rng)
     turn_words = bool(rng.random() < 0.5)
     allowed = [str(word) for word in rng.permutation(list(TURNS) if turn_words else list(COMPASS))]
-    directions = _pick(rng, (f"turn {fact['turn']}, so that you end up facing {fact['end']}",
+    directions = pick(rng, (f"turn {fact['turn']}, so that you end up facing {fact['end']}",
                              f"make a {fact['turn']} turn; your new heading is {fact['end']}",
                              f"from {fact['start']}, turn {fact['turn']} towards {fact['end']}"))
-    ask = _pick(rng, ("Reply with one word from this list: {}.", "Allowed answers: {}.", "Choose among: {}."))
+    ask = pick(rng, ("Reply with one word from this list: {}.", "Allowed answers: {}.", "Choose among: {}."))
     question = f"Directions: {directions}. Which way? {ask.format(', '.join(allowed))}"
     return question, fact["turn"] if turn_words else fact["end"], {}
 
