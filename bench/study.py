@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         probe = str(Path(__file__).with_name("probe_base.py"))
         after = [f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
         argv = [probe, str(args.base), "--items", "50", *after, "--out", str(out / "probe")]
-        STAGES.append(run_command([sys.executable, *argv], shown=["python", *argv]))
+        shown = ["python", "bench/probe_base.py", *argv[1:]]  # as the README quotes it, from the repository root
+        STAGES.append(run_command([sys.executable, *argv], shown=shown))
     print(f"study done in {(time.perf_counter() - start) / 60:.1f} min; "
           f"Init {init_flops / 1e9:.0f} GFLOPs, RL {rl_flops / 1e9:.0f} GFLOPs, SFT {sft_steps} more steps")
     if args.docs is not None:

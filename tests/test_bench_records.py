@@ -105,4 +105,5 @@ def test_a_study_from_a_base_probes_what_each_post_training_kept(tmp_path, monke
     assert [a for a in argv if a.startswith("--after")] == [
         f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
     assert commands[0][0] == "test" and (docs / "probe" / "probe.json").exists()
-    assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith("python ")
+    assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith(
+        "python bench/probe_base.py my-base --items 50 --after=init=")
