@@ -35,18 +35,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        advice = "free some space, then resume with --ckpt_path last (earlier checkpoints are whole)"
         try:
-            with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except (OSError, RuntimeError) as error:
-            full = disk_full(error, path.parent, f"writing checkpoint {path}",
-                             "free some space, then resume with --ckpt_path last (earlier checkpoints are whole)")
-            if full is not None:
-                raise full from error
-            raise
+            with space_checked(path.parent, f"writing checkpoint {path}", advice):
+                with open(temporary, "wb") as file:
+                    torch.save(checkpoint, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -78,13 +74,18 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def disk_full(error: BaseException, folder: Path, doing: str, advice: str) -> DiskFull | None:
-    """The one-line error for a write into ``folder`` that failed for want of space (None if it failed otherwise):
-    what was being written, the space left, and what to do."""
-    if not _out_of_space(error, folder):
-        return None
-    free = shutil.disk_usage(folder).free
-    return DiskFull(f"no space left on device {doing} ({free / 2**20:.0f} MiB free on its filesystem): {advice}")
+@contextmanager
+def space_checked(folder: Path, doing: str, advice: str) -> Iterator[None]:
+    """Run a write into ``folder``; if it fails for want of space, raise one line instead (:class:`DiskFull`):
+    what was being written, the space left, and what to do. Other failures pass through unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        if not _out_of_space(error, folder):
+            raise
+        free = shutil.disk_usage(folder).free
+        message = f"no space left on device {doing} ({free / 2**20:.0f} MiB free on its filesystem): {advice}"
+        raise DiskFull(message) from error
 
 
 def _out_of_space(error: BaseException, folder: Path) -> bool:

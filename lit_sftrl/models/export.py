@@ -171,26 +171,22 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
+    from lit_sftrl.checkpoint_io import space_checked
+
     try:
-        _write_record(staging, {"complete": False})
-        save_backbone(backbone, staging, merge_lora=merge_lora)
-        from lit_sftrl.model_card import model_card
+        with space_checked(out.parent, f"exporting to {str(out)!r}",
+                           "free some space and export again (nothing was written to it)"):
+            _write_record(staging, {"complete": False})
+            save_backbone(backbone, staging, merge_lora=merge_lora)
+            from lit_sftrl.model_card import model_card
 
-        (staging / "README.md").write_text(model_card(ckpt, checkpoint, _checkpoint_flops(checkpoint), merge_lora))
-        # Compute already spent travels with the weights: a run initialised from this directory starts from it.
-        _write_record(staging, {"complete": True, "source_checkpoint": str(Path(ckpt).resolve()),
-                                "flops": _checkpoint_flops(checkpoint)})
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(staging, out)
-    except (OSError, RuntimeError) as error:
-        from lit_sftrl.checkpoint_io import disk_full
-
-        full = disk_full(error, out.parent, f"exporting to {str(out)!r}",
-                         "free some space and export again (nothing was written to it)")
-        if full is not None:
-            raise full from error
-        raise
+            (staging / "README.md").write_text(model_card(ckpt, checkpoint, _checkpoint_flops(checkpoint), merge_lora))
+            # Compute already spent travels with the weights: a run initialised from this directory starts from it.
+            _write_record(staging, {"complete": True, "source_checkpoint": str(Path(ckpt).resolve()),
+                                    "flops": _checkpoint_flops(checkpoint)})
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
