@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from common import Row, format_table
 
-from lit_sftrl.micro_batches import as_drawn, by_length, padding
+from lit_sftrl.micro_batches import as_drawn, attempt_lengths, by_length, padding
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
 from lit_sftrl.tasks import TaskConfig
@@ -58,7 +58,7 @@ def measure(path: str, attempts: int = 160, micro: int = 16, repeats: int = 3) -
     with torch.no_grad():
         rollout = RolloutEngine(backbone, sampling).collect(pool, attempts, lambda env, k: 7919 * env + k)
     items = rollout.attempts
-    lengths = [(a.prompt_tokens, len(a.answer_ids)) for a in items]
+    lengths = attempt_lengths(items)
     plan = {way: [split(mb, lengths, micro) for mb in minibatches(len(items))] for way, split in WAYS.items()}
     best = dict.fromkeys(WAYS, float("inf"))
     backbone.train()

@@ -34,6 +34,11 @@ def by_length(indices: Sequence[int], lengths: Lengths, size: int) -> list[list[
     return micro_batches
 
 
+def attempt_lengths(attempts: Sequence) -> list[tuple[int, int]]:
+    """(prompt tokens as scoring lays them out, answer tokens) of each :class:`lit_sftrl.rollout.Attempt`."""
+    return [(attempt.prompt_tokens, len(attempt.answer_ids)) for attempt in attempts]
+
+
 def as_drawn(indices: Sequence[int], size: int) -> list[list[int]]:
     """``indices`` split into micro-batches in the order they were drawn (what PPO did before grouping)."""
     return [list(indices[start : start + size]) for start in range(0, len(indices), size)]
@@ -59,7 +64,7 @@ class PaddingMeter:
     @classmethod
     def of(cls, attempts: Sequence) -> PaddingMeter:
         """For a rollout's attempts (:class:`lit_sftrl.rollout.Attempt`)."""
-        return cls([(attempt.prompt_tokens, len(attempt.answer_ids)) for attempt in attempts])
+        return cls(attempt_lengths(attempts))
 
     def split(self, minibatch: Sequence[int], size: int) -> list[list[int]]:
         """The mini-batch's micro-batches grouped by length, counting padding both ways."""

@@ -24,7 +24,7 @@ import torch
 from lit_sftrl.compute import ComputeConfig
 from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.evaluation import EpisodeMetrics
-from lit_sftrl.micro_batches import PaddingMeter, by_length
+from lit_sftrl.micro_batches import PaddingMeter, attempt_lengths, by_length
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.policy import OptimConfig, PolicyModule
 from lit_sftrl.progress import phase
@@ -223,7 +223,7 @@ class PPOModule(PolicyModule):
         return rollout
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
-        for micro in by_length(range(len(attempts)), PaddingMeter.of(attempts).lengths, self.ppo.micro_batch_size):
+        for micro in by_length(range(len(attempts)), attempt_lengths(attempts), self.ppo.micro_batch_size):
             batch = [attempts[i] for i in micro]
             prompts, answers = [a.prompt for a in batch], [a.answer_ids for a in batch]
             scores = self.backbone.score(prompts, answers, self.sampling.temperature, reference=True)
