@@ -344,6 +344,33 @@ def test_reference_is_the_base_model_and_stays_put(tiny_dir, chats, images, lora
     assert all(not k.startswith("_reference") for k in backbone.state_dict())
 
 
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats, images, quantization):
+    # PPO from a LoRA SFT run anchors its KL at that run: a second adapter over the shared (possibly 4-bit) base.
+    prompts = prompts_of(chats, images)
+    backbone = make(tiny_dir, lora=LORA, quantization=quantization)
+    with torch.no_grad():  # an adapter that moved away from the base (an SFT run's)
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    answers = [g.answer_ids for g in backbone.generate(prompts, SamplingConfig(temperature=1.0, max_new_tokens=6))]
+    anchored = _answer_scores(backbone, prompts, answers)
+    assert (anchored - _answer_scores(backbone, prompts, answers, reference=True)).abs().max() > 1e-3  # not base
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    size = sum(p.numel() for p in backbone.parameters())
+    backbone.anchor_reference()
+    added = sum(p.numel() for p in backbone.parameters()) - size
+    assert added == sum(p.numel() for n, p in backbone.named_parameters() if n in trainable)  # the adapter's size
+    assert not backbone._reference_holder
+    torch.testing.assert_close(_answer_scores(backbone, prompts, answers, reference=True), anchored, atol=1e-5, rtol=0)
+    assert {n for n, p in backbone.named_parameters() if p.requires_grad} == trainable  # switching back restored it
+    train_step(backbone.train(), sft_conversations(chats, images))
+    backbone.eval()
+    assert (_answer_scores(backbone, prompts, answers) - anchored).abs().max() > 1e-3  # the policy moved
+    torch.testing.assert_close(_answer_scores(backbone, prompts, answers, reference=True), anchored, atol=1e-5, rtol=0)
+    assert set(backbone.trainable_state_dict()) == trainable  # checkpoints never hold the reference
+
+
 def test_reference_none_refuses(tiny_dir_factory, chats):
     backbone = make(tiny_dir_factory("mllama"), reference="none")
     with pytest.raises(RuntimeError, match="reference"):

@@ -7,7 +7,8 @@ truncates what is sampled, not the reported distribution.
 
 Reference policy (KL term): the model at ``config.path`` (under LoRA the adapter disabled, no copy; under full
 fine-tuning a frozen copy, loaded on first use or at construction with ``reference="eager"``), or, for a run
-initialised from another one (PPO from SFT), a frozen copy of that run's weights (:meth:`anchor_reference`).
+initialised from another one (PPO from SFT), a frozen copy of that run's weights (:meth:`anchor_reference`;
+under LoRA a second, frozen adapter over the same base weights).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from lit_sftrl.models.sampling import (
     suppressed_token_ids,
 )
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
-from lit_sftrl.models.weights import load_trainable
+from lit_sftrl.models.weights import add_frozen_adapter_copy, load_trainable, lora_reference
 
 __all__ = ["Backbone", "BackboneConfig", "Generation", "LoraSettings", "Message", "Prompt", "SamplingConfig", "Scores"]
 
@@ -333,8 +334,12 @@ class Backbone(nn.Module):
             self._reference_holder.append(load_plain_model(self.path, self.config.dtype).to(self.device))
 
     def anchor_reference(self) -> None:
-        """The reference becomes a frozen copy of the weights now (before a resume restores trained ones)."""
-        self._reference_holder[:] = [copy.deepcopy(self.model).eval().requires_grad_(False)]
+        """The reference becomes a frozen copy of the weights now (before a resume restores trained ones): under
+        (Q)LoRA a second adapter over the shared base weights, under full fine-tuning a copy of the model."""
+        if self.config.lora is not None:
+            add_frozen_adapter_copy(self.model)
+        else:
+            self._reference_holder[:] = [copy.deepcopy(self.model).eval().requires_grad_(False)]
 
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
@@ -342,8 +347,8 @@ class Backbone(nn.Module):
         with torch.no_grad():
             if self._reference_holder:
                 yield self._reference_holder[0].to(self.device)  # no copy when already there
-            else:  # LoRA: the base weights are the adapter-disabled model
-                with self.model.disable_adapter():
+            else:  # LoRA: the anchored adapter, or the base weights (the adapter disabled)
+                with lora_reference(self.model):
                     yield self.model
 
     # -- SFT ---------------------------------------------------------------------------------------------------

@@ -7,11 +7,15 @@ weights move between LoRA and full fine-tuning runs and exported directories.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 VALUE_HEAD_PREFIX = "value_head."
 _PEFT_PREFIX = "base_model.model."
+REFERENCE_ADAPTER = "reference"
 
 
 def canonical_name(name: str) -> str:
@@ -140,3 +144,49 @@ def load_trainable(
         for name, value in state.items():
             if name in params:
                 params[name].copy_(value)
+
+
+def add_frozen_adapter_copy(peft_model: nn.Module, name: str = REFERENCE_ADAPTER) -> None:
+    """A second adapter ``name`` holding a frozen copy of the active adapter's weights. It shares the base
+    weights (plain or quantised), so it costs the adapter's memory, not the model's."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    active = peft_model.active_adapter
+    if name in peft_model.peft_config:
+        peft_model.delete_adapter(name)
+    with adapters_kept_trainable(peft_model):  # add_adapter may change which adapter trains
+        peft_model.add_adapter(name, peft_model.peft_config[active])
+        weights = get_peft_model_state_dict(peft_model, adapter_name=active)
+        set_peft_model_state_dict(peft_model, weights, adapter_name=name)
+
+
+def lora_reference(peft_model: nn.Module) -> contextlib.AbstractContextManager:
+    """The reference policy of a LoRA run: the adapter :func:`add_frozen_adapter_copy` anchored, else the base
+    weights (the adapter disabled)."""
+    if REFERENCE_ADAPTER in peft_model.peft_config:
+        return adapter_active(peft_model, REFERENCE_ADAPTER)
+    return peft_model.disable_adapter()
+
+
+@contextlib.contextmanager
+def adapter_active(peft_model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Run the model with adapter ``name`` in place of the active one, then switch back."""
+    active = peft_model.active_adapter
+    with adapters_kept_trainable(peft_model):
+        peft_model.set_adapter(name, inference_mode=True)
+        try:
+            yield peft_model
+        finally:
+            peft_model.set_adapter(active, inference_mode=True)
+
+
+@contextlib.contextmanager
+def adapters_kept_trainable(model: nn.Module) -> Iterator[None]:
+    """Exactly the parameters that trained before train after (peft's adapter switches set ``requires_grad``
+    themselves); parameters added inside are frozen."""
+    trainable = {id(param) for param in model.parameters() if param.requires_grad}
+    try:
+        yield
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trainable)
