@@ -124,7 +124,13 @@ def test_row_joining_with_a_conversation_cache_equals_one_encoded_whole(tiny_dir
     # New conversations interleaved with continued ones, 2 slots: continued rows join mid-batch.
     requests = [r for pair in zip([Request(p, g.cache) for p, g in zip(second, first)], [Request(p) for p in prompts])
                 for r in pair]
-    together = decode_all(InflightDecoder(backbone, GREEDY, slots=2), requests)
+    decoder, prefilled = InflightDecoder(backbone, GREEDY, slots=2), []
+    prefill = decoder._prefill
+    decoder._prefill = lambda group: prefilled.append({r.cache is None for r in group}) or prefill(group)
+    together = decode_all(decoder, requests)
+    # New and continued prompts joining together are prefilled apart (a short continuation is not padded to a
+    # whole prompt's width)
+    assert len(prefilled) > 2 and all(len(kinds) == 1 for kinds in prefilled)
     for request, got in zip(requests, together):
         (whole,) = backbone.generate([request.prompt], GREEDY)
         assert torch.equal(whole.answer_ids, got.answer_ids) and torch.equal(whole.prompt_ids, got.prompt_ids)

@@ -59,6 +59,19 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
 
 
+@dataclass
+class _Joining:
+    """Prompts prefilled together, ready to join the batch: their rows, keys and values, attention mask, next
+    positions, first answer tokens and (Mllama images) cross-attention mask column."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    cross: torch.Tensor | None
+
+
 def supports_inflight(backbone: Any) -> bool:
     """Whether :class:`InflightDecoder` can drive this backbone: a real :class:`Backbone` whose model takes
     plain ``[batch, tokens]`` position ids (positions must follow each row's mask) and whose layers are all full
@@ -163,7 +176,7 @@ class InflightDecoder:
                 self._decode()
                 done += self._retire()
             if self.rows and not self.running and not self.waiting:
-                self._assemble(keep=self._staying(), joining=None)  # all answered: release the batch
+                self._assemble(keep=self._staying(), joining=[])  # all answered: release the batch
         return done
 
     def _staying(self) -> list[int]:
@@ -181,14 +194,14 @@ class InflightDecoder:
             return  # nothing to admit, or wait for more company while the batch is still busy
         self.waiting = [r for r in self.waiting if all(r is not j for j in joining)]
         self.with_images = kind
-        rows, cache, inputs, logits = self._prefill(joining)
-        tokens = self._choose(logits, rows)
-        cross = inputs["cross_attention_mask"][:, -1:] if "cross_attention_mask" in inputs else None
-        positions = inputs["position_ids"][:, -1] + 1
-        self._assemble(keep=self._staying(), joining=(rows, cache, inputs["attention_mask"], positions, tokens, cross))
+        # A prompt that continues its conversation prefills its new tokens only (tens), a new episode its whole
+        # prompt (hundreds): one forward each, so that the short ones are not padded to the long ones' width.
+        groups = ([r for r in joining if r.cache is None], [r for r in joining if r.cache is not None])
+        self._assemble(keep=self._staying(), joining=[self._prefill(group) for group in groups if group])
 
-    def _prefill(self, requests: list[Request]):
-        """One forward over the joining prompts, continued from their conversation caches where they hold some."""
+    def _prefill(self, requests: list[Request]) -> _Joining:
+        """One forward over the joining prompts, continued from their conversation caches where they hold some, and
+        their first answer tokens."""
         backbone, model = self.backbone, self.backbone.model
         prompts = [r.prompt for r in requests]
         caches = [r.cache for r in requests]
@@ -215,7 +228,9 @@ class InflightDecoder:
                 generator = torch.Generator(device=logits.device).manual_seed(int(seed))
             ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].cpu()
             rows.append(_Row(request, generator, ids, int(counts[i]), values[i], keep))
-        return rows, cache, inputs, logits
+        cross = inputs["cross_attention_mask"][:, -1:] if "cross_attention_mask" in inputs else None
+        positions = inputs["position_ids"][:, -1] + 1
+        return _Joining(rows, cache, inputs["attention_mask"], positions, self._choose(logits, rows), cross)
 
     def _decode(self) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
@@ -285,7 +300,7 @@ class InflightDecoder:
         ids = torch.cat([row.prompt_ids, torch.tensor(row.tokens[:-1], dtype=torch.long)])
         return ConversationCache(ids, layers, row.request.prompt[1])
 
-    def _assemble(self, keep: list[int], joining: tuple | None) -> None:
+    def _assemble(self, keep: list[int], joining: list[_Joining]) -> None:
         """Rebuild the batch from the kept rows and the joining ones: the text layers' columns right-aligned into
         the narrowest width that holds every row, with room to decode the rest of the answers."""
         parts = []  # (cache, rows index, mask, first column to keep)
@@ -293,19 +308,17 @@ class InflightDecoder:
             index = torch.tensor(keep, device=self.mask.device)
             first = int(self.mask[index].any(0).nonzero()[0, 0])
             parts.append((self.cache, index, self.mask[index, first:], first))
-        if joining is not None:
-            rows, cache, mask, positions, tokens, cross = joining
-            parts.append((cache, None, mask, 0))
-        self.rows = [self.rows[i] for i in keep] + (rows if joining is not None else [])
+        parts += [(join.cache, None, join.mask, 0) for join in joining]
+        self.rows = [self.rows[i] for i in keep] + [row for join in joining for row in join.rows]
         if not self.rows:
             self.cache = self.mask = self.positions = self.last = self.cross_mask = None
             return
         width = max(mask.shape[1] for _, _, mask, _ in parts)
         self.mask = torch.cat([_left_pad(mask, width) for _, _, mask, _ in parts])
-        self.positions = _cat([self.positions[index] if keep else None, positions if joining else None])
-        self.last = _cat([self.last[index] if keep else None, tokens if joining else None])
+        self.positions = _cat([self.positions[index] if keep else None, *(join.positions for join in joining)])
+        self.last = _cat([self.last[index] if keep else None, *(join.tokens for join in joining)])
         old_cross = self.cross_mask[index] if keep and self.cross_mask is not None else None
-        self.cross_mask = _cat([old_cross, cross if joining else None])
+        self.cross_mask = _cat([old_cross, *(join.cross for join in joining)])
         capacity = width + self.sampling.max_new_tokens
         layers = []
         for number in range(len(parts[0][0].layers)):
