@@ -38,6 +38,13 @@ def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_f
     bounds = [rows[f"rollout GP-L, in-flight: fraction of the {name}"].value
               for name in ("ceiling", "forward-time bound (steps + prefill)")]
     assert 0 < bounds[0] <= bounds[1]
+    # no engine beats its steps plus the prompt tokens at their cheapest: a bound at or above what this one reached
+    reachable = rows["rollout GP-L, any engine: highest fraction of the ceiling (prompt tokens at their cheapest)"]
+    assert bounds[0] <= reachable.value <= 100
+    inflight = runs["in-flight"]
+    prefilled = sum(tokens for tokens, _ in inflight.prefills)
+    assert 0 < prefilled <= sum(prompt for prompt, _ in inflight.lengths)  # continued turns prefill new tokens only
+    assert 0 < inflight.prefill_floor <= inflight.parts["prefill"]
 
 
 def test_instrumented_backbone_generates_what_a_plain_one_does(tiny_dir_factory, chats):

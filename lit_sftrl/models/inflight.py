@@ -124,8 +124,8 @@ class LockstepDecoder:
 
 class InflightDecoder:
     """Decodes up to ``slots`` answers at once; :meth:`step` lets the rows that ended leave and admits waiting
-    prompts into the free slots (one batched prefill, one re-assembly of the batch), decodes one token for every
-    running row, and returns the rows whose answer ended.
+    prompts into the free slots (one batched prefill for new conversations and one for continued ones, one
+    re-assembly of the batch), decodes one token for every running row, and returns the rows whose answer ended.
 
     Prompts join in groups of at least ``min_join`` (default a quarter of the slots) while enough rows keep
     decoding: each join costs a prefill forward and a copy of every row's keys and values, so joining one row per
