@@ -55,6 +55,7 @@ from common import Row, format_table
 
 from lit_sftrl.micro_batches import PaddingMeter, as_drawn
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
+from lit_sftrl.models.inflight import InflightDecoder
 from lit_sftrl.rollout import RolloutEngine
 from lit_sftrl.seeding import stream_seed
 from lit_sftrl.tasks import TaskConfig
@@ -112,8 +113,9 @@ def instrument(backbone: Backbone) -> Timers:
         try:
             return prefill(*args, **kwargs)
         finally:
-            if ids is not None and mask is not None:  # the prompt tokens this forward processed, padding left out
-                timers.prefills.append((int(mask[:, -ids.shape[1]:].sum()), timers.seconds["prefill"] - before))
+            if ids is not None:  # the prompt tokens this forward processed, padding left out
+                tokens = ids.numel() if mask is None else int(mask[:, -ids.shape[1] :].sum())
+                timers.prefills.append((tokens, timers.seconds["prefill"] - before))
 
     backbone.model.forward = classified_forward
     backbone.encoder.encode_prompts = timers.wrap("encode", backbone.encoder.encode_prompts)
@@ -157,12 +159,20 @@ def episode_seeds(count: int, seed: int = 0) -> list[int]:
 
 
 class RecordingEngine(RolloutEngine):
-    """The engine, recording each answer (by episode seed and attempt) and its prompt and answer lengths."""
+    """The engine, recording each answer (by episode seed and attempt) and its prompt and answer lengths;
+    ``min_join`` replaces the in-flight decoder's default."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, min_join: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.answers: dict[tuple[int, int], list[int]] = {}
         self.lengths: list[tuple[int, int]] = []
+        self.min_join = min_join
+
+    def _decoder(self, slots):
+        decoder = super()._decoder(slots)
+        if self.min_join is not None and isinstance(decoder, InflightDecoder):
+            decoder.min_join = self.min_join
+        return decoder
 
     def _advance(self, envs, running, decoder):
         for i, generation, step in super()._advance(envs, running, decoder):
@@ -172,10 +182,10 @@ class RecordingEngine(RolloutEngine):
 
 
 def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig, seeds: list[int],
-            num_envs: int, decoding: str) -> Run:
+            num_envs: int, decoding: str, min_join: int | None = None) -> Run:
     """The engine's evaluation loop (the decoder PPO's collect uses) over the episodes of ``seeds``."""
     envs = [task.make_env("id") for _ in range(num_envs)]
-    engine = RecordingEngine(backbone, sampling, decoding=decoding)
+    engine = RecordingEngine(backbone, sampling, decoding=decoding, min_join=min_join)
     timers.reset()
     start = time.perf_counter()
     results = engine.evaluate(envs, [(seed, {}) for seed in seeds])
@@ -215,7 +225,8 @@ def load(path: str | Path, device: str = "cpu", dtype: str = "float32") -> Backb
 
 
 def measure(path: str | Path, num_envs: int = 16, episodes: int = 32, max_new_tokens: int = 64, repeats: int = 1,
-            task_name: str = "gp_l", seed: int = 0, device: str = "cpu", dtype: str = "float32") -> dict[str, Run]:
+            task_name: str = "gp_l", seed: int = 0, device: str = "cpu", dtype: str = "float32",
+            min_join: int | None = None) -> dict[str, Run]:
     """Best of ``repeats`` runs of each mode (interleaved, so a slow spell of a shared machine hits all)."""
     backbone = load(path, device, dtype)
     timers = instrument(backbone)
@@ -231,7 +242,7 @@ def measure(path: str | Path, num_envs: int = 16, episodes: int = 32, max_new_to
         torch.manual_seed(seed + repeat)
         runs = [one_at_a_time(backbone, timers, task, sampling, seeds),
                 batched(backbone, timers, task, sampling, seeds, num_envs, "lockstep"),
-                batched(backbone, timers, task, sampling, seeds, num_envs, "inflight")]
+                batched(backbone, timers, task, sampling, seeds, num_envs, "inflight", min_join)]
         for run in runs:
             if run.mode not in best or run.seconds < best[run.mode].seconds:
                 best[run.mode] = run
@@ -360,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated: tiny, small (untrained tiny Mllamas), sft (see --sft-steps), or paths")
     parser.add_argument("--task", default="gp_l", choices=["gp_l", "gp_vl"], help="GP-L (the target's) or GP-VL")
     parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--min-join", type=int, default=None,
+                        help="in-flight: fewest prompts that join while rows decode (default: half the slots)")
     parser.add_argument("--episodes", type=int, default=32, help="episodes each mode plays to their end")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs of each mode")
@@ -387,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                 path = Path(name)
             start = time.perf_counter()
             runs = measure(path, args.num_envs, args.episodes, args.max_new_tokens, args.repeats, args.task,
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, min_join=args.min_join)
             same = all(run.answers == runs["in-flight"].answers for run in runs.values())
             print(
                 f"\n{label} rollouts, {name} ({path}), {args.device} {args.dtype}, {torch.get_num_threads()} CPU "

@@ -127,7 +127,7 @@ class InflightDecoder:
     prompts into the free slots (one batched prefill for new conversations and one for continued ones, one
     re-assembly of the batch), decodes one token for every running row, and returns the rows whose answer ended.
 
-    Prompts join in groups of at least ``min_join`` (default a quarter of the slots) while enough rows keep
+    Prompts join in groups of at least ``min_join`` (default half the slots) while enough rows keep
     decoding: each join costs a prefill forward and a copy of every row's keys and values, so joining one row per
     step cost more than the slot it filled (``bench/rollout.py``). A batch holds image prompts or text prompts,
     never both (the families' forwards take one or the other); prompts of the other kind wait until the running
@@ -136,7 +136,7 @@ class InflightDecoder:
 
     def __init__(self, backbone: Any, sampling: SamplingConfig, slots: int, min_join: int | None = None) -> None:
         self.backbone, self.sampling, self.slots = backbone, sampling, slots
-        self.min_join = max(1, slots // 4) if min_join is None else max(1, min_join)
+        self.min_join = max(1, slots // 2) if min_join is None else max(1, min_join)
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
         self.leaving: list[int] = []  # rows whose answer ended: they leave at the next re-assembly
