@@ -345,7 +345,7 @@ def test_reference_is_the_base_model_and_stays_put(tiny_dir, chats, images, lora
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
-def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats, images, quantization):
+def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats, images, quantization, tmp_path):
     # PPO from a LoRA SFT run anchors its KL at that run: a second adapter over the shared (possibly 4-bit) base.
     prompts = prompts_of(chats, images)
     backbone = make(tiny_dir, lora=LORA, quantization=quantization)
@@ -369,6 +369,8 @@ def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats
     assert (_answer_scores(backbone, prompts, answers) - anchored).abs().max() > 1e-3  # the policy moved
     torch.testing.assert_close(_answer_scores(backbone, prompts, answers, reference=True), anchored, atol=1e-5, rtol=0)
     assert set(backbone.trainable_state_dict()) == trainable  # checkpoints never hold the reference
+    save_backbone(backbone, tmp_path / "adapter", merge_lora=False)  # nor does a saved adapter
+    assert not any("reference" in str(path) for path in (tmp_path / "adapter").rglob("*"))
 
 
 def test_reference_none_refuses(tiny_dir_factory, chats):

@@ -282,8 +282,9 @@ def save_backbone(backbone: Backbone, out: str | Path, merge_lora: bool = True) 
             )
         backbone.base_model.save_pretrained(out, state_dict=merged_state_dict(backbone.model))
     else:
-        backbone.model.peft_config[backbone.model.active_adapter].base_model_name_or_path = str(backbone.path.resolve())
-        backbone.model.save_pretrained(out)
+        active = backbone.model.active_adapter
+        backbone.model.peft_config[active].base_model_name_or_path = str(backbone.path.resolve())
+        backbone.model.save_pretrained(out, selected_adapters=[active])  # never a KL anchor's frozen adapter
     save_processor(backbone.processor, out)  # image-only processors under a class plain transformers has
     if backbone.value_head is not None:
         backbone.value_head.save(out)
