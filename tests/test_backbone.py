@@ -348,7 +348,7 @@ def test_reference_is_the_base_model_and_stays_put(tiny_dir, chats, images, lora
 def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats, images, quantization, tmp_path):
     # PPO from a LoRA SFT run anchors its KL at that run: a second adapter over the shared (possibly 4-bit) base.
     prompts = prompts_of(chats, images)
-    backbone = make(tiny_dir, lora=LORA, quantization=quantization)
+    backbone = make(tiny_dir, lora=dataclasses.replace(LORA, dropout=0.5), quantization=quantization)
     with torch.no_grad():  # an adapter that moved away from the base (an SFT run's)
         for name, param in backbone.named_parameters():
             if "lora_B" in name:
@@ -364,6 +364,8 @@ def test_lora_anchor_is_a_frozen_adapter_not_a_copy_of_the_model(tiny_dir, chats
     assert not backbone._reference_holder
     torch.testing.assert_close(_answer_scores(backbone, prompts, answers, reference=True), anchored, atol=1e-5, rtol=0)
     assert {n for n, p in backbone.named_parameters() if p.requires_grad} == trainable  # switching back restored it
+    backbone.train()  # the policy's LoRA dropout (0.5 here) does not reach the reference
+    torch.testing.assert_close(_answer_scores(backbone, prompts, answers, reference=True), anchored, atol=1e-5, rtol=0)
     train_step(backbone.train(), sft_conversations(chats, images))
     backbone.eval()
     assert (_answer_scores(backbone, prompts, answers) - anchored).abs().max() > 1e-3  # the policy moved

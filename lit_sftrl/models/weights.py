@@ -8,6 +8,7 @@ weights move between LoRA and full fine-tuning runs and exported directories.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -147,15 +148,18 @@ def load_trainable(
 
 
 def add_frozen_adapter_copy(peft_model: nn.Module, name: str = REFERENCE_ADAPTER) -> None:
-    """A second adapter ``name`` holding a frozen copy of the active adapter's weights. It shares the base
-    weights (plain or quantised), so it costs the adapter's memory, not the model's."""
+    """A second adapter ``name`` holding a frozen copy of the active adapter's weights, without dropout (a
+    reference scores deterministically, in training mode too). It shares the base weights (plain or
+    quantised), so it costs the adapter's memory, not the model's."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     active = peft_model.active_adapter
     if name in peft_model.peft_config:
         peft_model.delete_adapter(name)
+    config = copy.deepcopy(peft_model.peft_config[active])
+    config.lora_dropout = 0.0
     with adapters_kept_trainable(peft_model):  # add_adapter may change which adapter trains
-        peft_model.add_adapter(name, peft_model.peft_config[active])
+        peft_model.add_adapter(name, config)
         weights = get_peft_model_state_dict(peft_model, adapter_name=active)
         set_peft_model_state_dict(peft_model, weights, adapter_name=name)
 
