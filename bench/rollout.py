@@ -27,8 +27,8 @@ one-at-a-time time per attempt over the in-flight rollout's time per attempt in 
 the in-flight run's share of time in one-token steps; the prompt tokens must be prefilled by any engine, so no
 engine decoding these answers with this forward can pass its steps over its steps plus every prefilled prompt
 token at the cost per token of the run's cheapest prefill forward (reported as the highest reachable fraction).
-The time outside the model is everything outside the
-engine's model calls, plus the processor's prompt encoding and the decoding of answers inside them.
+The time outside the model is everything outside the engine's model calls, plus the processor's prompt encoding
+and the decoding of answers inside them.
 
 Threads: the default is one intra-op thread. On a shared 2-core machine two threads make OpenMP spin-wait and
 batched matrix products 5-10x slower; ``--threads 0`` keeps torch's own choice. ``--device cuda --dtype
