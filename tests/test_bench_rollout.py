@@ -38,13 +38,30 @@ def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_f
     bounds = [rows[f"rollout GP-L, in-flight: fraction of the {name}"].value
               for name in ("ceiling", "forward-time bound (steps + prefill)")]
     assert 0 < bounds[0] <= bounds[1]
-    # no engine beats its steps plus the prompt tokens at their cheapest: a bound at or above what this one reached
-    reachable = rows["rollout GP-L, any engine: highest fraction of the ceiling (prompt tokens at their cheapest)"]
+    # no engine beats its steps plus the prompt tokens it cannot skip at their cheapest: a bound at or above what
+    # this one reached
+    reachable = rows["rollout GP-L, any engine: highest fraction of the ceiling "
+                     "(unskippable prompt tokens at their cheapest)"]
     assert bounds[0] <= reachable.value <= 100
     inflight = runs["in-flight"]
-    prefilled = sum(tokens for tokens, _ in inflight.prefills)
+    prefilled = sum(prefill.tokens for prefill in inflight.prefills)
+    # the first prompts are new, the second turns continue their conversations' caches
+    assert {prefill.continued for prefill in inflight.prefills} == {False, True}
+    assert all(inflight.seconds_per_prompt_token(continued=kind) > 0 for kind in (False, True))
     assert 0 < prefilled <= sum(prompt for prompt, _ in inflight.lengths)  # continued turns prefill new tokens only
+    assert 0 < inflight.tokens_to_prefill <= prefilled
     assert 0 < inflight.prefill_floor <= inflight.parts["prefill"]
+
+
+def test_fewest_prompt_tokens_share_prefixes_and_skip_what_decoding_fed():
+    # two episodes opening alike: their shared first two tokens are prefilled once
+    assert bench.fewest_prompt_tokens([([1, 2, 3], [9]), ([1, 2, 4], [9])]) == 4
+    # a conversation's next prompt holds the answer: the tokens decoding fed (all but the last) are not prefilled
+    # again, the last answer token and the feedback are
+    first = ([1, 2, 3], [7, 8, 0])
+    assert bench.fewest_prompt_tokens([first, ([1, 2, 3, 7, 8, 0, 5], [9])]) == 3 + 2
+    # an answer re-tokenised differently inside the next prompt must be prefilled from where it differs
+    assert bench.fewest_prompt_tokens([first, ([1, 2, 3, 7, 6, 0, 5], [9])]) == 3 + 3
 
 
 def test_instrumented_backbone_generates_what_a_plain_one_does(tiny_dir_factory, chats):
