@@ -144,17 +144,25 @@ class Run:
     seconds: float
     parts: dict[str, float]  # Timers.seconds; "backbone": all time inside the model calls
     answers: dict[tuple[int, int], list[int]]  # (episode seed, attempt) -> answer token ids
-    lengths: list[tuple[int, int]] = field(default_factory=list)  # (prompt, answer) tokens per attempt
     prefills: list[Prefill] = field(default_factory=list)  # Timers.prefills
-    tokens_to_prefill: int | None = None  # fewest_prompt_tokens of its attempts (None: not recorded)
+    sequences: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (prompt, answer ids) per attempt
+
+    @property
+    def lengths(self) -> list[tuple[int, int]]:
+        """(prompt, answer) tokens per recorded attempt."""
+        return [(len(prompt), len(answer)) for prompt, answer in self.sequences]
+
+    @functools.cached_property
+    def tokens_to_prefill(self) -> int | None:
+        """:func:`fewest_prompt_tokens` of its attempts (None: not recorded)."""
+        return fewest_prompt_tokens(self.sequences) if self.sequences else None
 
     @property
     def prefill_floor(self) -> float:
         """The seconds its prefills would take if only the prompt tokens no engine can skip were prefilled, each at
         the cost per token of its cheapest forward (padding free): a lower bound on the prefill time of any engine
         that runs this forward."""
-        prefilled = sum(p.tokens for p in self.prefills)
-        tokens = prefilled if self.tokens_to_prefill is None else min(prefilled, self.tokens_to_prefill)
+        tokens = sum(p.tokens for p in self.prefills) if self.tokens_to_prefill is None else self.tokens_to_prefill
         return tokens * min((p.seconds / p.tokens for p in self.prefills if p.tokens), default=0.0)
 
     def seconds_per_prompt_token(self, continued: bool) -> float | None:
@@ -204,7 +212,7 @@ class RecordingEngine(RolloutEngine):
     def __init__(self, *args: Any, min_join: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.answers: dict[tuple[int, int], list[int]] = {}
-        self.attempts: list[tuple[list[int], list[int]]] = []  # (prompt ids, answer ids)
+        self.sequences: list[tuple[torch.Tensor, torch.Tensor]] = []  # (prompt ids, answer ids) per attempt
         self.min_join = min_join
 
     def _decoder(self, slots):
@@ -216,7 +224,7 @@ class RecordingEngine(RolloutEngine):
     def _advance(self, envs, running, decoder):
         for i, generation, step in super()._advance(envs, running, decoder):
             self.answers[(running[i].episode[0], running[i].result.attempts - 1)] = generation.answer_ids.tolist()
-            self.attempts.append((generation.prompt_ids.tolist(), generation.answer_ids.tolist()))
+            self.sequences.append((generation.prompt_ids, generation.answer_ids))  # to lists after the clock stops
             yield i, generation, step
 
 
@@ -232,9 +240,9 @@ def batched(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: Samp
     seconds = time.perf_counter() - start
     parts = {**timers.seconds, "backbone": engine.seconds["model"]}
     mode = "in-flight" if decoding == "inflight" else decoding
-    lengths = [(len(prompt), len(answer)) for prompt, answer in engine.attempts]
-    return Run(mode, sum(r.attempts for r in results), len(results), seconds, parts, engine.answers, lengths,
-               list(timers.prefills), fewest_prompt_tokens(engine.attempts))
+    sequences = [(prompt.tolist(), answer.tolist()) for prompt, answer in engine.sequences]
+    return Run(mode, sum(r.attempts for r in results), len(results), seconds, parts, engine.answers,
+               list(timers.prefills), sequences)
 
 
 def one_at_a_time(backbone: Backbone, timers: Timers, task: TaskConfig, sampling: SamplingConfig,
