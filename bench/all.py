@@ -1,4 +1,4 @@
-"""Every benchmark in one command and one table: ``python bench/all.py [--path checkpoints/tiny-mllama]``.
+"""Every benchmark in one command and one table: ``python -m bench.all [--path checkpoints/tiny-mllama]``.
 
 Environment speed (GeneralPoints, V-IRL), generation at batch 1 vs 16, rollout batched vs one at a time (and
 the share of rollout time outside the model), and the PPO update's time split. Each ratio is measured side by
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 
-from common import format_table
-from env_speed import BENCHMARKS as ENVIRONMENT_BENCHMARKS
-from generation import generation_rows
-from ppo_update import ppo_update_rows
-from rollout import rollout_rows
+from bench.common import format_table
+from bench.env_speed import BENCHMARKS as ENVIRONMENT_BENCHMARKS
+from bench.generation import generation_rows
+from bench.ppo_update import ppo_update_rows
+from bench.rollout import rollout_rows
 
 
 def main(argv: list[str] | None = None) -> None:

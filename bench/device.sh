@@ -24,5 +24,5 @@ if device == "cuda" and not torch.cuda.is_available():
 PY
 log="${OUT:-/tmp}/rollout_${device}.txt"
 # 0 threads: torch's own choice (the machine's cores are not shared there); each model well under 4 minutes.
-timeout 420 python bench/rollout.py --models tiny,small --device "$device" --dtype bfloat16 --threads 0 "$@" \
+timeout 420 python -m bench.rollout --models tiny,small --device "$device" --dtype bfloat16 --threads 0 "$@" \
     2>&1 | tee "$log"

@@ -1,4 +1,4 @@
-"""How fast the environments are, in one process on one core: ``python bench/env_speed.py``.
+"""How fast the environments are, in one process on one core: ``python -m bench.env_speed``.
 
 Each benchmark is a function returning rows ``(name, value, unit, target)``; :func:`main` prints them as a
 table with a verdict per target. GeneralPoints rows are here, V-IRL rows in ``virl_speed.py``.
@@ -10,9 +10,8 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 
-from common import Row, format_table, rate
-from virl_speed import virl_rows
-
+from bench.common import Row, format_table, rate
+from bench.virl_speed import virl_rows
 from lit_sftrl.envs import solver
 from lit_sftrl.envs.general_points import GeneralPointsEnv
 

@@ -1,6 +1,6 @@
 """Arbitrary answers through both environments: no exception, no code execution, rewards from the table.
 
-    python bench/fuzz_answers.py [--answers 100000] [--seed 0]
+    python -m bench.fuzz_answers [--answers 100000] [--seed 0]
 
 Every answer goes through each of three environments: GeneralPoints text (GP-L), GeneralPoints image (GP-VL)
 and V-IRL text (a small synthetic metro city). Answers come from the generators below, round-robin: random

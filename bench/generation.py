@@ -1,4 +1,4 @@
-"""Generated tokens per second at batch 1 vs batch 16 on the tiny default: ``python bench/generation.py``.
+"""Generated tokens per second at batch 1 vs batch 16 on the tiny default: ``python -m bench.generation``.
 
 Both sizes generate the same answers' worth of work (the same 16 image prompts, of mixed lengths, in the
 GeneralPoints-VL style) with the same sampling settings; batch 1 plays them one at a time. :func:`measure`
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Row
 
+from bench.common import Row
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig, make_tiny
 
 PROMPT = (

@@ -1,6 +1,6 @@
 """SIGKILL drill: kill ``lit-sftrl fit`` at random moments, resume with ``--ckpt_path last``, compare.
 
-    python bench/kill_resume.py [--kills 10] [--max-steps 12] [--every 2] [--seed 0] [--tmpdir DIR]
+    python -m bench.kill_resume [--kills 10] [--max-steps 12] [--every 2] [--seed 0] [--tmpdir DIR]
 
 A tiny GP-L SFT run (a tiny Mllama built offline, batch 1, one CPU thread) is started, killed with SIGKILL,
 resumed, killed again... ``--kills`` times, then resumed to the end. Kill moments alternate between a random
@@ -57,12 +57,12 @@ trainer:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {{every_n_train_steps: {every}, save_last: true, save_top_k: -1}}
 model:
-  class_path: lit_sftrl.sft.SFTModule
+  class_path: lit_sftrl.training.sft.SFTModule
   init_args:
     backbone: {{path: {model}, dtype: float32}}
     optim: {{lr: 1.0e-3, warmup_steps: 2, schedule: cosine}}
 data:
-  class_path: lit_sftrl.datamodules.SFTDataModule
+  class_path: lit_sftrl.data.datamodules.SFTDataModule
   init_args:
     task: {{name: gp_l}}
     batch_size: 1

@@ -1,5 +1,5 @@
 """PPO micro-batches on a real rollout: padding and update time of fixed groups of ``micro`` rows against the
-token-budget groups PPO uses (``lit_sftrl/micro_batches.py``): ``python bench/micro_batches.py``.
+token-budget groups PPO uses (``lit_sftrl/training/micro_batches.py``): ``python -m bench.micro_batches``.
 
 Collects one GP-L rollout (``--attempts`` attempts, 16 environments, temperature 1) with the model at ``--path``
 (default: the rollout bench's SFT model, see ``bench/rollout.py``), shuffles it into mini-batches of 32 as PPO
@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import Row, format_table
 
-from lit_sftrl.micro_batches import as_drawn, attempt_lengths, by_length, padding
+from bench.common import Row, format_table
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.micro_batches import as_drawn, attempt_lengths, by_length, padding
+from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
 Splitter = Callable[[list[int], list[tuple[int, int]], int], list[list[int]]]
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see bench/rollout.py)")
     args = parser.parse_args(argv)
     if not Path(args.path).exists():
-        parser.error(f"{args.path} does not exist: run `python bench/rollout.py --models sft` once to build it")
+        parser.error(f"{args.path} does not exist: run `python -m bench.rollout --models sft` once to build it")
     torch.set_num_threads(args.threads)
     print(format_table(measure(args.path, args.attempts, args.micro, args.repeats)))
 

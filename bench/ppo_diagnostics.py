@@ -1,6 +1,6 @@
 """Why does a PPO update leave (or keep to) its trust region? One rollout from a checkpoint, then the questions:
 
-    python bench/ppo_diagnostics.py --init-from checkpoints/ppo_learning/gp_l/sft/checkpoints/last.ckpt
+    python -m bench.ppo_diagnostics --init-from checkpoints/ppo_learning/gp_l/sft/checkpoints/last.ckpt
 
 1. Is the first mini-batch's ratio exactly 1 (rollout log-probs = scoring log-probs)?
 2. How much of the backbone's gradient comes from the value loss, how much from the policy loss?
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lit_sftrl.core.seeding import stream_seed
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.ppo import PPOConfig, PPOModule, answer_logprob, ppo_loss
-from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
-from lit_sftrl.seeding import stream_seed
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.ppo import PPOConfig, PPOModule, answer_logprob, ppo_loss
+from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
 
 def grad_norm(module: PPOModule, loss: torch.Tensor) -> float:

@@ -1,7 +1,7 @@
 """Does PPO improve a real task? Learning curves from the SFT checkpoint of the main job's recipe.
 
-    python bench/ppo_learning.py --task gp_l    # GeneralPoints, text: training success per update
-    python bench/ppo_learning.py --task virl_l  # V-IRL, text: training per-step accuracy per update
+    python -m bench.ppo_learning --task gp_l    # GeneralPoints, text: training success per update
+    python -m bench.ppo_learning --task virl_l  # V-IRL, text: training per-step accuracy per update
 
 1. ``lit-sftrl fit --config configs/<task>_sft.yaml`` without its evaluations (skipped when ``--sft`` names an
    existing checkpoint).
@@ -27,7 +27,7 @@ import json
 import math
 from pathlib import Path
 
-from common import run_cli
+from bench.common import run_cli
 
 NO_EVALUATION = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes, never tuned on

@@ -1,4 +1,4 @@
-"""Where one PPO update spends its time: ``python bench/ppo_update.py [--path checkpoints/tiny-mllama]``.
+"""Where one PPO update spends its time: ``python -m bench.ppo_update [--path checkpoints/tiny-mllama]``.
 
 Runs real PPO updates (GP-L, 16 environments, 64 attempts, 2 PPO epochs) through Lightning on the tiny default and
 splits the wall time of the update phase into scoring forward, backward and optimizer step, from timers wrapped
@@ -19,12 +19,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from common import Row, format_table
 
-from lit_sftrl.datamodules import RLDataModule
+from bench.common import Row, format_table
+from lit_sftrl.data.datamodules import RLDataModule
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.ppo import PPOConfig, PPOModule
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.ppo import PPOConfig, PPOModule
 
 SECONDS: dict[str, float] = defaultdict(float)
 
@@ -58,7 +58,7 @@ def instrumented() -> Iterator[None]:
 def ppo_update_rows(path: str | None = None, updates: int = 2) -> list[Row]:
     with tempfile.TemporaryDirectory() as tmp:
         if path is None:
-            from lit_sftrl.corpus import build_tiny
+            from lit_sftrl.pretraining.corpus import build_tiny
 
             path = str(build_tiny(Path(tmp) / "tiny-mllama"))
         model = PPOModule(

@@ -1,6 +1,6 @@
 """What a base model knows before post-training: greedy accuracy on held-out skills-corpus questions.
 
-    python bench/probe_base.py checkpoints/tiny-mllama-base --init --out docs/base
+    python -m bench.probe_base checkpoints/tiny-mllama-base --init --out docs/base
 
 Each skill gets ``--items`` questions drawn with a seed the pretraining corpus never used (item ``i`` of a
 corpus is a pure function of its seed and ``i``). Arithmetic counts any expression that uses exactly the given
@@ -9,7 +9,7 @@ untrained tiny model (same tokenizer, the base's starting weights), for the chan
 (repeatable) also probes a post-trained model of the base (a run's Lightning checkpoint, exported on the fly, or
 an exported directory): what SFT or RL kept of the base's skills,
 
-    python bench/probe_base.py checkpoints/tiny-mllama-base --after init=checkpoints/study/init/checkpoints/last.ckpt \
+    python -m bench.probe_base checkpoints/tiny-mllama-base --after init=checkpoints/study/init/checkpoints/last.ckpt \
         --after sft=checkpoints/study/sft/checkpoints/last.ckpt --after rl=checkpoints/study/rl/checkpoints/last.ckpt
 
 With ``--out`` it writes ``probe.json`` and, from the base's ``pretrain_metrics.csv``, ``pretrain_loss.png``.
@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lit_sftrl.pretrain import RECORD, probe_skills  # noqa: E402
+from lit_sftrl.pretraining.pretrain import RECORD  # noqa: E402
+from lit_sftrl.pretraining.probe import probe_skills  # noqa: E402
 
 
 def _loss_plot(metrics: Path, out: Path) -> None:
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results = {"base": probe_skills(args.path, args.items, args.seed)}
     if args.init:
-        from lit_sftrl.corpus import build_tiny
+        from lit_sftrl.pretraining.corpus import build_tiny
 
         record = json.loads((args.path / RECORD).read_text())["config"]
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Rollout speed on GP-L: one at a time, the lockstep batch and the in-flight batch: ``python bench/rollout.py``.
+"""Rollout speed on GP-L: one at a time, the lockstep batch and the in-flight batch: ``python -m bench.rollout``.
 
 ``--models tiny,sft`` (the default) measures the untrained tiny Mllama and an SFT model of the main job's
 recipe (``configs/gp_l_sft.yaml`` without its evaluations, ``--sft-steps`` optimizer steps, exported; trained
@@ -10,7 +10,7 @@ evaluation seeds), so every mode gives the same answers, which the script checks
 
 * one at a time: the original research code's loop: one environment, one prompt per ``generate`` call, the
   whole conversation encoded at every turn, the next prompt only after the environment judged the answer;
-* lockstep: :class:`lit_sftrl.rollout.RolloutEngine` with ``decoding="lockstep"``, ``num_envs`` (16)
+* lockstep: :class:`lit_sftrl.training.rollout.RolloutEngine` with ``decoding="lockstep"``, ``num_envs`` (16)
   environments, one batched ``generate`` per round that decodes until its longest answer ends (the engine
   before in-flight batching), conversations continued from their caches;
 * in-flight: the engine's default: 16 slots; an answer that ends leaves the batch at once, its environment
@@ -53,14 +53,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Row, format_table
 
-from lit_sftrl.micro_batches import PaddingMeter, as_drawn
+from bench.common import Row, format_table
+from lit_sftrl.core.seeding import stream_seed
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.inflight import InflightDecoder
-from lit_sftrl.rollout import RolloutEngine
-from lit_sftrl.seeding import stream_seed
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.micro_batches import PaddingMeter, as_drawn
+from lit_sftrl.training.rollout import RolloutEngine
 
 MODES = ("one at a time", "lockstep", "in-flight")
 
@@ -371,7 +371,7 @@ def rollout_rows(path: str | Path | None = None, episodes: int = 32, repeats: in
 
 
 def _build_tiny(tmp: str, size: str = "tiny") -> Path:
-    from lit_sftrl.corpus import build_tiny
+    from lit_sftrl.pretraining.corpus import build_tiny
 
     return build_tiny(Path(tmp) / f"tiny-mllama{'-small' if size == 'small' else ''}", family="mllama", size=size)
 

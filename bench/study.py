@@ -1,7 +1,7 @@
 """The paper's protocol at tiny scale, end to end, with the documented commands (docs/spec.md §6-§8).
 
-    python bench/study.py --task gp_l                                # from the untrained tiny default
-    python bench/study.py --task gp_l --base checkpoints/tiny-mllama-base --docs docs/study_base_gp_l
+    python -m bench.study --task gp_l                                # from the untrained tiny default
+    python -m bench.study --task gp_l --base checkpoints/tiny-mllama-base --docs docs/study_base_gp_l
 
 0. With ``--base``: ``lit-sftrl test`` of the base itself (its own score before any post-training).
 1. SFT from the base to an Init checkpoint (the paper's shared SFT initialisation).
@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import run_cli, run_command
-
+from bench.common import run_cli, run_command
 from lit_sftrl.models.export import inherited_flops
 
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         probe = str(Path(__file__).with_name("probe_base.py"))
         after = [f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
         argv = [probe, str(args.base), "--items", "50", *after, "--out", str(out / "probe")]
-        shown = ["python", "bench/probe_base.py", *argv[1:]]  # as the README quotes it, from the repository root
+        shown = ["python", "-m", "bench.probe_base", *argv[1:]]  # as the README quotes it, from the repository root
         STAGES.append(run_command([sys.executable, *argv], shown=shown))
     print(f"study done in {(time.perf_counter() - start) / 60:.1f} min; "
           f"Init {init_flops / 1e9:.0f} GFLOPs, RL {rl_flops / 1e9:.0f} GFLOPs, SFT {sft_steps} more steps")

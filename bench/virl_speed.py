@@ -3,7 +3,7 @@
 Each function returns rows ``(name, value, unit, target)`` where ``target`` is the minimum we aim for on one
 CPU core; ``bench/env_speed.py`` merges them with the other environments' rows. Run alone:
 
-    python bench/virl_speed.py [--routes DIR] [--seconds 2]
+    python -m bench.virl_speed [--routes DIR] [--seconds 2]
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Row, format_table
-
+from bench.common import Row, format_table
 from lit_sftrl.envs.city import TRAIN_STYLE, make_city
 from lit_sftrl.envs.virl import VIRLEnv
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
 
 
 @pytest.fixture(scope="module")

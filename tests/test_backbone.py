@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lit_sftrl.micro_batches import padding
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
 from lit_sftrl.models.encoding import per_token_keys
 from lit_sftrl.models.export import (
@@ -19,7 +18,8 @@ from lit_sftrl.models.export import (
     load_weights_for_init,
     save_backbone,
 )
-from lit_sftrl.sft import sft_loss
+from lit_sftrl.training.micro_batches import padding
+from lit_sftrl.training.sft import sft_loss
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 
@@ -278,7 +278,7 @@ def test_sft_labels_are_exactly_the_final_assistant_turn(tiny_dir, images):
 
 def test_multi_turn_sft_ablation_trains_on_the_final_correct_answer_only(tiny_dir):
     """The paper's App. C.1 ablation (data.multi_turn): wrong answer and feedback sit in the prompt."""
-    from lit_sftrl.datamodules import expert_conversations
+    from lit_sftrl.data.datamodules import expert_conversations
     from lit_sftrl.envs.general_points import GeneralPointsEnv
 
     backbone = make(tiny_dir)
@@ -434,7 +434,7 @@ def test_export_loads_in_plain_transformers(tiny_dir, chats, images, tmp_path, m
 
 
 def test_inherited_flops_follow_checkpoints_and_exports(tiny_dir_factory, tmp_path):
-    pytest.importorskip("lit_sftrl.compute")
+    pytest.importorskip("lit_sftrl.core.compute")
     from lit_sftrl.models.export import inherited_flops
 
     backbone = make(tiny_dir_factory("llava"), lora=LORA)

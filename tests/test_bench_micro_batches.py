@@ -3,16 +3,7 @@ and packing by token budget pads least."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(_BENCH))  # the bench scripts import their shared helpers as `common`
-_spec = importlib.util.spec_from_file_location("bench_micro_batches", _BENCH / "micro_batches.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_micro_batches", bench)
-_spec.loader.exec_module(bench)
+from bench import micro_batches as bench
 
 
 def test_every_way_splits_the_same_minibatches_and_budget_pads_least(tiny_dir_factory):

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-_spec = importlib.util.spec_from_file_location("bench_probe_base", _BENCH / "probe_base.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_probe_base", bench)
-_spec.loader.exec_module(bench)
+from bench import probe_base as bench
 
 
 def test_after_probes_post_trained_models_with_the_same_questions(tiny_dir_factory, tmp_path):

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(_BENCH))  # the bench scripts import their shared helpers as `common`
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ppo_learning = _load("ppo_learning")
-study = _load("study")
+from bench import ppo_learning, study
 
 
 def _record(run: Path, stage: str, step: int, epoch: int, per_step: float) -> None:
@@ -106,4 +92,4 @@ def test_a_study_from_a_base_probes_what_each_post_training_kept(tmp_path, monke
         f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
     assert commands[0][0] == "test" and (docs / "probe" / "probe.json").exists()
     assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith(
-        "python bench/probe_base.py my-base --items 50 --after=init=")
+        "python -m bench.probe_base my-base --items 50 --after=init=")

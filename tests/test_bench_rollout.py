@@ -3,20 +3,10 @@ their targets are there, and its timing wrappers leave the model's behaviour alo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
+from bench import rollout as bench
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(_BENCH))  # the bench scripts import their shared helpers as `common`
-_spec = importlib.util.spec_from_file_location("bench_rollout", _BENCH / "rollout.py")
-bench = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("bench_rollout", bench)  # dataclasses look their module up while it executes
-_spec.loader.exec_module(bench)
 
 
 def test_every_mode_plays_the_same_episodes_and_the_rows_are_complete(tiny_dir_factory):

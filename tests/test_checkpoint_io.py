@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from lit_sftrl.checkpoint_io import AtomicCheckpointIO
+from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
 
 
 def test_save_goes_through_a_temporary_file_beside_the_target(tmp_path, monkeypatch):
@@ -43,8 +43,8 @@ def test_a_full_disk_says_no_space_and_keeps_the_old_checkpoint(tmp_path, monkey
     import shutil
     from collections import namedtuple
 
-    from lit_sftrl import checkpoint_io
-    from lit_sftrl.checkpoint_io import DiskFull
+    from lit_sftrl.core.disk import DiskFull
+    from lit_sftrl.run import checkpoint_io
 
     io = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
@@ -87,7 +87,7 @@ def test_training_that_stops_between_periodic_saves_keeps_its_last_steps(tmp_pat
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lit_sftrl.checkpoint_io import RunCheckpoint
+    from lit_sftrl.run.checkpoint_io import RunCheckpoint
 
     checkpoint = {"RunCheckpoint": RunCheckpoint, "ModelCheckpoint": ModelCheckpoint}[callback]
     trainer = L.Trainer(max_steps=5, callbacks=[checkpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True)],

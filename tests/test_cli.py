@@ -161,7 +161,7 @@ def test_a_missing_tiny_default_is_not_a_problem(tmp_path, capsys):
 
 def test_ddp_looks_for_unused_parameters():
     # A text task leaves the Mllama vision tower unused, which plain DDP rejects at its second step.
-    from lit_sftrl.trainer_cli import ddp_strategy
+    from lit_sftrl.cli.trainer import ddp_strategy
 
     assert ddp_strategy("ddp") == "ddp_find_unused_parameters_true"
     assert ddp_strategy("ddp_spawn") == "ddp_spawn_find_unused_parameters_true"

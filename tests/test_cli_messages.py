@@ -4,16 +4,13 @@ logger as hyperparameters."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bench import kill_resume
 from lit_sftrl.cli import run
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
 
 
 def _refusal(capsys, argv: list[str]) -> str:

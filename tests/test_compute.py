@@ -1,4 +1,4 @@
-from lit_sftrl.compute import FlopsCounter, token_counts
+from lit_sftrl.core.compute import FlopsCounter, token_counts
 
 
 def test_flops_are_6nd_for_training_and_2nd_for_inference_plus_the_inherited_start():
@@ -16,10 +16,10 @@ def test_paper_mode_counts_images_as_1600_tokens_and_rollouts_as_lambda_times_tr
     a PPO update that trained on 100 tokens of GeneralPoints counts 6 x 100 rollout tokens (V-IRL: 5.1 x)."""
     import torch
 
-    from lit_sftrl.compute import ComputeConfig
+    from lit_sftrl.core.compute import ComputeConfig
+    from lit_sftrl.data.episodes import RolloutSpec
     from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
-    from lit_sftrl.episodes import RolloutSpec
-    from lit_sftrl.ppo import PPOModule
+    from lit_sftrl.training.ppo import PPOModule
 
     paper = ComputeConfig(mode="paper")
     batch = {

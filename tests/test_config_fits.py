@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_sftrl import trainer_cli
 from lit_sftrl.cli import run
+from lit_sftrl.cli import trainer as trainer_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/ also holds a tool's config, which fit does not read: tests/test_pretrain.py runs it through its command

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from lit_sftrl.datamodules import EvalConfig, RLDataModule, SFTDataModule
+from lit_sftrl.data.datamodules import EvalConfig, RLDataModule, SFTDataModule
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models.config import BackboneConfig, LoraSettings, SamplingConfig
-from lit_sftrl.policy import OptimConfig
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.policy import OptimConfig
 
 
 @pytest.mark.parametrize("build, key", [

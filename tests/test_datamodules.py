@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lit_sftrl.datamodules import (
+from lit_sftrl.core.seeding import STREAMS, stream_rng, stream_seed
+from lit_sftrl.data.datamodules import (
     EvalConfig,
     ExpertSource,
     RLDataModule,
@@ -21,10 +22,9 @@ from lit_sftrl.datamodules import (
     expert_conversations,
     keep_as_is,
 )
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.envs.base import REVISION_PREFIX
 from lit_sftrl.envs.city import make_city
-from lit_sftrl.seeding import STREAMS, stream_rng, stream_seed
-from lit_sftrl.tasks import TaskConfig
 
 GP_SUCCESS_REWARD = 5.0  # GeneralPoints' DEFAULT_REWARDS["success"]
 VIRL_CORRECT_REWARD = 1.0  # V-IRL's DEFAULT_REWARDS["correct"]

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_sftrl.compute import FlopsCounter
-from lit_sftrl.datamodules import EvalConfig, ExpertSource, SFTBatches, SFTDataModule
-from lit_sftrl.evaluation import EpisodeMetrics, binomial_stderr, summary_line, write_results
-from lit_sftrl.rollout import EpisodeResult, RolloutEngine
-from lit_sftrl.tasks import TaskConfig, make_env_from_spec
+from lit_sftrl.core.compute import FlopsCounter
+from lit_sftrl.data.datamodules import EvalConfig, ExpertSource, SFTBatches, SFTDataModule
+from lit_sftrl.data.tasks import TaskConfig, make_env_from_spec
+from lit_sftrl.training.evaluation import EpisodeMetrics, binomial_stderr, summary_line, write_results
+from lit_sftrl.training.rollout import EpisodeResult, RolloutEngine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,8 +240,8 @@ def test_generation_flops_are_2nd_on_a_hand_counted_prompt(backbone):
 
 
 def test_validating_a_checkpoint_twice_gives_identical_episodes_and_records(one_step, tmp_path, tiny, monkeypatch):
-    from lit_sftrl import policy
     from lit_sftrl.cli import run
+    from lit_sftrl.training import policy
 
     _, run_dir = one_step
     checkpoint = run_dir / "checkpoints" / "last.ckpt"

@@ -15,7 +15,7 @@ from lit_sftrl.cli import run
 from lit_sftrl.models import Backbone, BackboneConfig, LoraSettings, SamplingConfig
 from lit_sftrl.models.export import export_checkpoint, load_weights_for_init, save_backbone
 from lit_sftrl.models.inflight import supports_inflight
-from lit_sftrl.sft import sft_loss
+from lit_sftrl.training.sft import sft_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

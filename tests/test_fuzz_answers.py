@@ -10,25 +10,17 @@ over the nastiest shapes and regressions for what the fuzzer found.
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import json
 import random
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench import fuzz_answers as fuzz
 from lit_sftrl.envs.general_points import GeneralPointsEnv
 from lit_sftrl.envs.parsing import MAX_ANSWER_CHARS, extract_json_object
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "fuzz_answers.py"
-_spec = importlib.util.spec_from_file_location("fuzz_answers", _BENCH)
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("fuzz_answers", fuzz)
-_spec.loader.exec_module(fuzz)
 
 QUICK_ANSWERS = 1500  # per environment; ~2 s each on a quiet core
 

@@ -155,7 +155,7 @@ def test_every_default_template_is_ascii() -> None:
 
 
 def test_task_config_passes_templates_to_every_variant() -> None:
-    from lit_sftrl.tasks import TaskConfig
+    from lit_sftrl.data.tasks import TaskConfig
 
     task = TaskConfig(name="gp_l", templates={"prompt": "Make {target} from {cards}. {answer_format}"},
                       env_kwargs={"sampling": "deck"})

@@ -139,14 +139,14 @@ def test_row_joining_with_a_conversation_cache_equals_one_encoded_whole(tiny_dir
 
 
 def _gp_envs(count: int):
-    from lit_sftrl.tasks import TaskConfig
+    from lit_sftrl.data.tasks import TaskConfig
 
     task = TaskConfig(name="gp_l", verify_iter=3)
     return [task.make_env("id") for _ in range(count)]
 
 
 def test_engine_inflight_rollout_answers_are_those_decoded_alone(tiny_dir_factory):
-    from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+    from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
     backbone = _backbone(tiny_dir_factory("mllama"))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
@@ -169,7 +169,7 @@ def test_engine_inflight_rollout_answers_are_those_decoded_alone(tiny_dir_factor
 
 
 def test_engine_inflight_evaluation_equals_lockstep(tiny_dir_factory):
-    from lit_sftrl.rollout import RolloutEngine
+    from lit_sftrl.training.rollout import RolloutEngine
 
     backbone = _backbone(tiny_dir_factory("mllama"))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
@@ -190,7 +190,7 @@ def test_engine_inflight_evaluation_equals_lockstep(tiny_dir_factory):
 def test_a_rollout_switches_a_training_model_to_eval_once(tiny_dir_factory, monkeypatch, phase):
     """A mode switch walks every submodule; switching there and back at every decoding step had cost 18 % of a
     rollout. The decoder holds eval mode for the whole loop (no dropout in sampling) and gives training back."""
-    from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+    from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
     backbone = _backbone(tiny_dir_factory("mllama")).train()
     switches = []

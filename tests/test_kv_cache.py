@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lit_sftrl.models import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.kv_cache import ConversationCache, GrowingLayer
-from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=8)
 

@@ -7,15 +7,13 @@ import json
 import os
 import signal
 import struct
-import sys
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
 
 
 @pytest.fixture
@@ -46,7 +44,7 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path, alarm):
     bomb.write_text("\n".join(lines) + "\n")
     with pytest.raises(SystemExit):
         run(["fit", "--config", "configs/gp_l_sft.yaml", "--config", str(bomb)])
-    from lit_sftrl.validation import limited_yaml_load
+    from lit_sftrl.core.validation import limited_yaml_load
 
     with pytest.raises(Exception, match="aliases expand"):
         limited_yaml_load(bomb.read_text())
@@ -54,7 +52,7 @@ def test_an_alias_bomb_is_refused_at_once(tmp_path, alarm):
 
 
 def test_an_oversized_config_is_refused():
-    from lit_sftrl.validation import MAX_YAML_CHARS, limited_yaml_load
+    from lit_sftrl.core.validation import MAX_YAML_CHARS, limited_yaml_load
 
     with pytest.raises(Exception, match="characters is refused"):
         limited_yaml_load("a: " + "x" * MAX_YAML_CHARS)
@@ -62,7 +60,7 @@ def test_an_oversized_config_is_refused():
 
 def test_an_oversized_or_exploding_config_file_is_refused_by_the_cli_in_one_line(tmp_path, capsys):
     from lit_sftrl.cli import run
-    from lit_sftrl.validation import MAX_YAML_CHARS
+    from lit_sftrl.core.validation import MAX_YAML_CHARS
 
     big = tmp_path / "big.yaml"
     big.write_text("seed_everything: 0\n" + "#" * MAX_YAML_CHARS + "\n")
@@ -103,7 +101,7 @@ def _llava(tmp_path: Path, image: str) -> Path:
 
 
 def test_image_pixels_are_checked_from_the_header_before_decoding(tmp_path, monkeypatch):
-    from lit_sftrl.llava_data import read_llava_json
+    from lit_sftrl.data.llava_data import read_llava_json
 
     huge_png_header(tmp_path / "huge.png")
     monkeypatch.setattr(Image.Image, "convert", lambda *a, **k: pytest.fail("decoded before the check"))
@@ -113,7 +111,7 @@ def test_image_pixels_are_checked_from_the_header_before_decoding(tmp_path, monk
 
 
 def test_image_paths_stay_in_their_folder_and_name_regular_files(tmp_path, alarm):
-    from lit_sftrl.llava_data import read_llava_json
+    from lit_sftrl.data.llava_data import read_llava_json
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -131,7 +129,7 @@ def test_image_paths_stay_in_their_folder_and_name_regular_files(tmp_path, alarm
 def test_images_are_decoded_lazily_and_cached_by_path(tmp_path):
     import numpy as np
 
-    from lit_sftrl.datamodules import LlavaSource
+    from lit_sftrl.data.datamodules import LlavaSource
 
     Image.new("RGB", (8, 6), (255, 0, 0)).save(tmp_path / "a.png")
     path = tmp_path / "data.json"
@@ -146,7 +144,7 @@ def test_images_are_decoded_lazily_and_cached_by_path(tmp_path):
 
 def test_the_image_pixel_limit_is_the_configs(tmp_path):
     """data.max_image_pixels reaches the LLaVA reader: a 16 x 12 image passes at 192 pixels, not at 191."""
-    from lit_sftrl.datamodules import SFTDataModule
+    from lit_sftrl.data.datamodules import SFTDataModule
 
     Image.new("RGB", (16, 12)).save(tmp_path / "a.png")
     data = _llava(tmp_path, "a.png")
@@ -160,7 +158,7 @@ def test_the_image_pixel_limit_is_the_configs(tmp_path):
 
 def test_a_sample_over_max_tokens_stops_the_run_with_a_message(tmp_path, tiny_dir_factory):
     from lit_sftrl.cli import run
-    from lit_sftrl.validation import LimitExceeded
+    from lit_sftrl.core.validation import LimitExceeded
 
     config = kill_resume.write_config(tmp_path / "run", tiny_dir_factory("mllama"), 2, 2)
     with pytest.raises(LimitExceeded, match=r"tokens, more than model.backbone.max_tokens=8"):
@@ -241,8 +239,8 @@ def test_a_fifo_named_as_a_panorama_is_refused_without_hanging(city, tmp_path, a
 def test_route_limits_are_the_task_configs(city):
     """task.max_milestones and task.max_image_pixels reach the V-IRL environment: the generated city passes with
     the defaults, a route folder over either limit is refused naming the key (pixels before decoding)."""
+    from lit_sftrl.data.tasks import TaskConfig
     from lit_sftrl.envs.routes import RouteDataError
-    from lit_sftrl.tasks import TaskConfig
 
     routes = json.loads((city / "route_infos.json").read_text())[0]
     longest = max(len(route["route_results"]["geocode_list"]) for route in routes)

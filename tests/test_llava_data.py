@@ -3,7 +3,7 @@ import json
 import pytest
 from PIL import Image
 
-from lit_sftrl.llava_data import read_llava_json
+from lit_sftrl.data.llava_data import read_llava_json
 
 
 def test_reads_conversations_and_images_relative_to_the_folder(tmp_path):
@@ -74,7 +74,7 @@ def test_an_sft_fit_on_a_file_mixing_image_and_text_only_samples_runs(tmp_path, 
     from test_sft import small_config
 
     from lit_sftrl.cli import run
-    from lit_sftrl.datamodules import LlavaSource, SFTBatches
+    from lit_sftrl.data.datamodules import LlavaSource, SFTBatches
 
     Image.new("RGB", (16, 12), (255, 0, 0)).save(tmp_path / "red.png")
     entries = [{"image": "red.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from lit_sftrl.micro_batches import PaddingMeter, as_drawn, by_length, padding
+from lit_sftrl.training.micro_batches import PaddingMeter, as_drawn, by_length, padding
 
 
 def test_grouping_keeps_the_minibatch_and_cuts_padding():

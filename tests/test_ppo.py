@@ -20,12 +20,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lit_sftrl.datamodules import RolloutSpecs, keep_as_is
+from lit_sftrl.data.datamodules import RolloutSpecs, keep_as_is
+from lit_sftrl.data.episodes import RolloutSpec
 from lit_sftrl.envs.base import ChatEnv
-from lit_sftrl.episodes import RolloutSpec
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.policy import OptimConfig
-from lit_sftrl.ppo import PPOConfig, PPOModule
+from lit_sftrl.training.policy import OptimConfig
+from lit_sftrl.training.ppo import PPOConfig, PPOModule
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -173,9 +173,9 @@ class LogitsAtStart(L.Callback):
 
 
 def test_init_from_an_sft_checkpoint_reproduces_its_logits_at_update_zero(tiny, tmp_path):
-    from lit_sftrl.datamodules import SFTDataModule
-    from lit_sftrl.sft import SFTModule
-    from lit_sftrl.tasks import TaskConfig
+    from lit_sftrl.data.datamodules import SFTDataModule
+    from lit_sftrl.data.tasks import TaskConfig
+    from lit_sftrl.training.sft import SFTModule
 
     L.seed_everything(0)
     sft = SFTModule(backbone=BackboneConfig(path=tiny), optim=OptimConfig(lr=1e-2))

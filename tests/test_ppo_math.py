@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lit_sftrl.ppo import PPOConfig, PPOModule, answer_logprob, compute_gae, ppo_loss
-from lit_sftrl.rollout import Attempt
+from lit_sftrl.training.ppo import PPOConfig, PPOModule, answer_logprob, compute_gae, ppo_loss
+from lit_sftrl.training.rollout import Attempt
 
 
 def gae(rewards, values, next_values, ends):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_sftrl.pretrain import RECORD, SkillBatches, load_config
-from lit_sftrl.skills import IMAGE_SKILLS, SkillsConfig
+from lit_sftrl.pretraining.pretrain import RECORD, SkillBatches, load_config
+from lit_sftrl.pretraining.skills import IMAGE_SKILLS, SkillsConfig
 
 STEPS = 4
 SMOKE = [f"max_steps={STEPS}", "batch_size=2", "warmup_steps=1", "skills.size=40", "skills.image_share=0.5",
@@ -17,8 +17,8 @@ SMOKE = [f"max_steps={STEPS}", "batch_size=2", "warmup_steps=1", "skills.size=40
 @pytest.fixture(autouse=True)
 def small_tokenizer_corpus(monkeypatch, corpus):
     """The real rule plays every environment (seconds); the test corpus keeps the build under a second."""
-    from lit_sftrl import corpus as corpus_module
-    from lit_sftrl.skills import corpus_texts
+    from lit_sftrl.pretraining import corpus as corpus_module
+    from lit_sftrl.pretraining.skills import corpus_texts
 
     monkeypatch.setattr(corpus_module, "tokenizer_corpus",
                         lambda seed=0: corpus + corpus_texts(SkillsConfig(size=100, seed=seed)))
@@ -30,7 +30,8 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from lit_sftrl.cli import run
-    from lit_sftrl.pretrain import pretrain_base, probe_skills
+    from lit_sftrl.pretraining.pretrain import pretrain_base
+    from lit_sftrl.pretraining.probe import probe_skills
 
     # the smoke stream holds both kinds of batch (image and text), so both forward paths are trained
     stream = iter(SkillBatches(load_config(None, SMOKE).skills, 2, 0))
@@ -54,7 +55,7 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     second = pretrain_base(load_config(None, [*SMOKE, f"out={tmp_path / 'b'}"]))
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     init = tmp_path / "init"
-    from lit_sftrl.corpus import build_tiny
+    from lit_sftrl.pretraining.corpus import build_tiny
 
     build_tiny(init)  # the same seed's untrained tiny model: pretraining changed the weights
     assert (init / "model.safetensors").read_bytes() != (first / "model.safetensors").read_bytes()
@@ -83,8 +84,8 @@ def test_a_missing_base_says_how_to_build_it(tmp_path):
 
 
 def test_answer_checks_reject_wrong_answers():
-    from lit_sftrl.pretrain import answer_is_correct
-    from lit_sftrl.skills import skill_item
+    from lit_sftrl.pretraining.probe import answer_is_correct
+    from lit_sftrl.pretraining.skills import skill_item
 
     config = SkillsConfig(size=400, seed=5)
     arithmetic = next(item for i in range(400) if "target" in (item := skill_item(config, i, "arithmetic"))["check"])

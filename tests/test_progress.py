@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from lit_sftrl import progress
-from lit_sftrl.progress import Phase, RunProgressBar
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
+from lit_sftrl.run import progress
+from lit_sftrl.run.progress import Phase, RunProgressBar
 
 REPO = Path(__file__).resolve().parents[1]
 

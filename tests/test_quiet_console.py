@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
 
 NOISE = ("Seed set to", "GPU available", "TPU available", "litlogger", "Loading weights", "_pytree",
          "Unable to serialize", "Traceback")

@@ -16,7 +16,6 @@ Children run with one OpenMP thread: on a loaded 2-core machine two threads make
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -27,13 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import kill_resume
 from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
-
-_BENCH = Path(__file__).resolve().parents[1] / "bench" / "kill_resume.py"
-_spec = importlib.util.spec_from_file_location("kill_resume", _BENCH)
-kill_resume = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("kill_resume", kill_resume)
-_spec.loader.exec_module(kill_resume)
 
 MAX_STEPS, EVERY = 6, 2
 
@@ -296,7 +290,7 @@ def test_damaged_model_directory_is_refused_before_anything_runs(kind, tmp_path,
 
 def _nan_on(monkeypatch, calls: set[int], value: float = float("nan")) -> list[int]:
     """The SFT objective returns ``value`` x itself on the given calls (0-based); returns the call counter."""
-    from lit_sftrl import sft
+    from lit_sftrl.training import sft
 
     original, counter = sft.sft_loss, [0]
 
@@ -312,7 +306,7 @@ def _nan_on(monkeypatch, calls: set[int], value: float = float("nan")) -> list[i
 
 def _watch_weights(monkeypatch) -> dict[int, bool]:
     """batch index -> whether the step changed any trainable weight."""
-    from lit_sftrl.sft import SFTModule
+    from lit_sftrl.training.sft import SFTModule
 
     before, changed = {}, {}
 

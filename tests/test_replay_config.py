@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
 
 
 def test_saved_config_replays(tmp_path, tiny_dir_factory, capsys):
-    from lit_sftrl.checkpoint_io import AtomicCheckpointIO
     from lit_sftrl.cli import run
+    from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
 
     run_dir = tmp_path / "run"
     config = kill_resume.write_config(run_dir, tiny_dir_factory("mllama"), 1, 1)

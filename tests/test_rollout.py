@@ -19,8 +19,8 @@ import torch
 
 from lit_sftrl.envs.base import REVISION_PREFIX
 from lit_sftrl.models.backbone import Generation, SamplingConfig
-from lit_sftrl.ppo import answer_logprob
-from lit_sftrl.rollout import EnvironmentPool, RolloutEngine
+from lit_sftrl.training.ppo import answer_logprob
+from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
 SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=8)
 
@@ -378,7 +378,7 @@ def test_stored_answer_ids_and_logprobs_are_what_scoring_gives(modality, tiny_di
 
 def test_attempts_of_one_episode_share_one_image_array():
     """Environments copy the image on every step; the engine keeps one array per unchanged image."""
-    from lit_sftrl.rollout import _Running
+    from lit_sftrl.training.rollout import _Running
 
     image = np.zeros((4, 4, 3), np.uint8)
     state = _Running((0, {}), -1, {"messages": (), "image": image})

@@ -3,13 +3,11 @@ directory holding a run is refused unless resuming or overwriting; --trainer.log
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
+from bench import kill_resume
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import csv
 
 from lightning.pytorch.loggers import CSVLogger
 
-from lit_sftrl.run_logger import RunCSVLogger
+from lit_sftrl.run.run_logger import RunCSVLogger
 
 
 def rows(path):

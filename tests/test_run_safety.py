@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench import kill_resume
 from lit_sftrl.models.export import read_lightning_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,8 @@ def _config(tmp_path: Path, model: Path, max_steps: int, every: int, name: str =
     run = tmp_path / name
     path = kill_resume.write_config(run, model, max_steps, every)
     path.write_text(
-        path.read_text().replace("lightning.pytorch.callbacks.ModelCheckpoint", "lit_sftrl.checkpoint_io.RunCheckpoint")
+        path.read_text().replace("lightning.pytorch.callbacks.ModelCheckpoint",
+                                 "lit_sftrl.run.checkpoint_io.RunCheckpoint")
     )
     return run, path
 
@@ -96,7 +95,7 @@ def test_nonfinite_weights_after_a_step_stop_with_the_state_before_it_which_resu
 
 
 def test_a_resume_uses_the_configured_learning_rate():
-    from lit_sftrl.checkpoint_io import use_configured_optimizer_settings
+    from lit_sftrl.run.checkpoint_io import use_configured_optimizer_settings
 
     checkpoint = {
         "optimizer_states": [{"param_groups": [{"lr": 5e-4, "initial_lr": 1e-3, "weight_decay": 0.0,
@@ -114,7 +113,7 @@ def test_a_resume_uses_the_configured_learning_rate():
 def test_the_last_finite_state_is_copied_where_it_is_cheap():
     """LoRA-like (few trainable parameters): the copy stays beside them; full fine-tuning: it goes to host memory
     (the same device here, on CPU). Either way restore gives back the parameters and the optimizer moments."""
-    from lit_sftrl.finite import LastFiniteState
+    from lit_sftrl.run.finite import LastFiniteState
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 400))
     model[1].requires_grad_(False)
@@ -150,7 +149,7 @@ def test_the_last_finite_state_is_copied_where_it_is_cheap():
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, model_dir, monkeypatch):
     """KeyboardInterrupt in the 4th step: last.ckpt holds step 3 and --ckpt_path last continues from there
     (before, nothing was saved and the resume restarted silently at step 0)."""
-    from lit_sftrl.sft import SFTModule
+    from lit_sftrl.training.sft import SFTModule
 
     run_dir, config = _config(tmp_path, model_dir, max_steps=5, every=100)
     original, calls = SFTModule.training_step, [0]
@@ -184,7 +183,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, model_dir):
 
     run_dir, config = _config(tmp_path, model_dir, max_steps=1, every=1)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from lit_sftrl.run_dir import RunDirectoryLock; "
+        "import sys, time; from lit_sftrl.run.run_dir import RunDirectoryLock; "
         f"RunDirectoryLock({str(run_dir)!r}).acquire('lit-sftrl fit (the first one)'); "
         "print('held', flush=True); time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
@@ -201,7 +200,7 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, model_dir):
     finally:
         holder.kill()
         holder.wait()
-    from lit_sftrl.run_dir import RunDirectoryLock
+    from lit_sftrl.run.run_dir import RunDirectoryLock
 
     with RunDirectoryLock(run_dir):  # a killed holder leaves no stale lock
         pass
@@ -212,8 +211,8 @@ def test_a_running_fit_holds_its_run_directory(tmp_path, model_dir, monkeypatch)
     refused, naming the fit's process."""
     import os
 
-    from lit_sftrl.run_dir import RunDirectoryBusy, RunDirectoryLock
-    from lit_sftrl.sft import SFTModule
+    from lit_sftrl.run.run_dir import RunDirectoryBusy, RunDirectoryLock
+    from lit_sftrl.training.sft import SFTModule
 
     run_dir, config = _config(tmp_path, model_dir, max_steps=1, every=1)
     original, seen = SFTModule.training_step, []
@@ -254,8 +253,8 @@ def test_a_full_disk_during_a_fit_ends_it_in_one_line_saying_no_space(tmp_path, 
     traceback through Lightning's callbacks."""
     import errno
 
-    from lit_sftrl import checkpoint_io
     from lit_sftrl.cli import run
+    from lit_sftrl.run import checkpoint_io
 
     _, config = _config(tmp_path, model_dir, max_steps=2, every=1)
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import builtins
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench import kill_resume
 from lit_sftrl.models.export import UnsafeCheckpointError, check_lightning_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import kill_resume  # noqa: E402
 
 
 class _RunsCode:
@@ -124,7 +121,7 @@ def test_env_kwargs_class_path_is_refused_and_never_instantiated(tmp_path, model
 
 
 def test_env_kwargs_plain_data_still_works():
-    from lit_sftrl.tasks import TaskConfig
+    from lit_sftrl.data.tasks import TaskConfig
 
     _, kwargs = TaskConfig(name="gp_l", env_kwargs={"drop_rate": 0.0, "names": ["a"], "nested": {"k": 1}}).env_spec()
     assert kwargs["drop_rate"] == 0.0 and kwargs["nested"] == {"k": 1}

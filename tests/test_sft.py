@@ -20,8 +20,8 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lit_sftrl.checkpoint_io import AtomicCheckpointIO
 from lit_sftrl.cli import run
+from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -242,9 +242,9 @@ def ddp_fit(run_dir: Path, tiny: Path, *extra: str) -> subprocess.CompletedProce
 
 
 def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
-    from lit_sftrl.datamodules import ExpertSource, SFTBatches
+    from lit_sftrl.data.datamodules import ExpertSource, SFTBatches
+    from lit_sftrl.data.tasks import TaskConfig
     from lit_sftrl.models.backbone import Backbone, BackboneConfig
-    from lit_sftrl.tasks import TaskConfig
 
     run_dir = tmp_path / "ddp"
     result = ddp_fit(run_dir, tiny)

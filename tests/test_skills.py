@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from lit_sftrl import skill_images, skills
 from lit_sftrl.envs import general_points, virl
-from lit_sftrl.pretrain import answer_is_correct
-from lit_sftrl.skills import IMAGE_SKILLS, TASK_ANSWER_KEYS, SkillsConfig, message_text, skill_item
+from lit_sftrl.pretraining import skill_images, skills
+from lit_sftrl.pretraining.probe import answer_is_correct
+from lit_sftrl.pretraining.skills import IMAGE_SKILLS, TASK_ANSWER_KEYS, SkillsConfig, message_text, skill_item
 
 # A corpus with every skill (the default mix leaves allowed_words out) and image items (two street scenes per
 # style keep rendering cheap).
@@ -96,7 +96,7 @@ def test_no_task_prompt_text(corpus_text):
 
 def test_no_long_phrase_of_a_real_prompt(corpus_text):
     """Beyond the templates: no 7-word run of any prompt or feedback the environments actually show."""
-    from lit_sftrl.corpus import environment_corpus
+    from lit_sftrl.pretraining.corpus import environment_corpus
 
     def grams(text: str) -> set[tuple[str, ...]]:
         words = re.findall(r"[a-z0-9']+", text.lower())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lit_sftrl.cli import run
-from lit_sftrl.transcripts import (
+from lit_sftrl.training.transcripts import (
     EpisodeTranscript,
     TranscriptAttempt,
     feedback_after,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_sftrl.compute import token_counts
+from lit_sftrl.core.compute import token_counts
 from lit_sftrl.models.config import (
     BackboneConfig,
     Generation,
@@ -381,7 +381,7 @@ class Backbone(nn.Module):
         return int(self.token_counts(batch).sum())
 
     def token_counts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per row, the tokens processed (:func:`lit_sftrl.compute.token_counts`), with this model's tile size."""
+        """Per row, the tokens processed (:func:`lit_sftrl.core.compute.token_counts`), with this model's tile size."""
         vision = self._base().config.vision_config if "cross_attention_mask" in batch else None  # Mllama's tiles
         tile = None if vision is None else (vision.image_size // vision.patch_size) ** 2 + 1  # + class token
         return token_counts(batch, tile_tokens=tile, tokens_per_image=self.tokens_per_image)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from lit_sftrl.core.validation import validate
 from lit_sftrl.models.chat import Message, Prompt
-from lit_sftrl.validation import validate
 
 if TYPE_CHECKING:
     import torch

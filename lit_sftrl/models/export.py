@@ -171,14 +171,14 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, merge_lora: bool = True
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    from lit_sftrl.checkpoint_io import space_checked
+    from lit_sftrl.core.disk import space_checked
 
     try:
         with space_checked(out.parent, f"exporting to {str(out)!r}",
                            "free some space and export again (nothing was written to it)"):
             _write_record(staging, {"complete": False})
             save_backbone(backbone, staging, merge_lora=merge_lora)
-            from lit_sftrl.model_card import model_card
+            from lit_sftrl.models.model_card import model_card
 
             (staging / "README.md").write_text(model_card(ckpt, checkpoint, _checkpoint_flops(checkpoint), merge_lora))
             # Compute already spent travels with the weights: a run initialised from this directory starts from it.
@@ -203,7 +203,7 @@ def _checkpoint_flops(checkpoint: dict[str, Any]) -> float:
     state = checkpoint.get("flops")
     if not state:
         return 0.0
-    from lit_sftrl.compute import FlopsCounter
+    from lit_sftrl.core.compute import FlopsCounter
 
     return float(FlopsCounter(**state).total)
 

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from lit_sftrl.compute import ComputeConfig
-from lit_sftrl.episodes import RolloutSpec
-from lit_sftrl.evaluation import EpisodeMetrics
-from lit_sftrl.micro_batches import PaddingMeter, attempt_lengths, by_length
+from lit_sftrl.core.compute import ComputeConfig
+from lit_sftrl.core.seeding import stream_seed
+from lit_sftrl.core.validation import validate
+from lit_sftrl.data.episodes import RolloutSpec
+from lit_sftrl.data.tasks import make_env_from_spec, paper_buffer_ratio
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.policy import OptimConfig, PolicyModule
-from lit_sftrl.progress import phase
-from lit_sftrl.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
-from lit_sftrl.seeding import stream_seed
-from lit_sftrl.tasks import make_env_from_spec, paper_buffer_ratio
-from lit_sftrl.validation import validate
+from lit_sftrl.run.progress import phase
+from lit_sftrl.training.evaluation import EpisodeMetrics
+from lit_sftrl.training.micro_batches import PaddingMeter, attempt_lengths, by_length
+from lit_sftrl.training.policy import OptimConfig, PolicyModule
+from lit_sftrl.training.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
 
 
 @dataclass
@@ -51,7 +51,7 @@ class PPOConfig:
         minibatch_size: attempts per optimizer step, summed over all ranks (paper 1,024: 8 optimizer steps per
             update of 8 GPUs x 256 attempts x 4 epochs). Each rank takes ``minibatch_size / world_size``.
         micro_batch_size: most attempts per forward/backward and rank; long ones go fewer at a time (see
-            :func:`lit_sftrl.micro_batches.by_length`). Gradients accumulate up to the mini-batch.
+            :func:`lit_sftrl.training.micro_batches.by_length`). Gradients accumulate up to the mini-batch.
         max_grad_norm: gradient-norm clipping. The paper's config says 0.01, but under its DeepSpeed set-up the
             clipping was never applied.
         normalize_advantages: normalise advantages over the whole batch across ranks.

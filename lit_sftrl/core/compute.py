@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from lit_sftrl.validation import validate
+from lit_sftrl.core.validation import validate
 
 TRAIN_FLOPS_PER_PARAM_TOKEN = 6
 INFERENCE_FLOPS_PER_PARAM_TOKEN = 2

@@ -121,7 +121,7 @@ def save_stop_checkpoint(trainer: Any, path: Any) -> None:
     """Save the trainer's state to ``path`` from inside an optimizer step, recorded as of the end of the last
     completed batch (as Lightning's own step checkpoints are): resuming from it repeats the stopped step's batch,
     with the learning rate the resumed config gives."""
-    from lit_sftrl.checkpoint_io import _as_if_saved_at_batch_end
+    from lit_sftrl.run.checkpoint_io import _as_if_saved_at_batch_end
 
     with _as_if_saved_at_batch_end(trainer):
         trainer.save_checkpoint(path)

@@ -14,7 +14,7 @@ question/answer chats:
 - ``allowed_words``: directions naming both a turn and a heading, answered with the kind of word the question
   lists as allowed (turn words or compass words): which rule applies is stated in the question, not fixed;
 - ``card_image`` / ``street_image``: rendered card tables (every suit and colour) and street-view panels of
-  every city style, described in text (:mod:`lit_sftrl.skill_images`).
+  every city style, described in text (:mod:`lit_sftrl.pretraining.skill_images`).
 
 What it must never contain is the tasks' own prompt wording or answer layout (the JSON keys of the answers):
 the base would then already be an SFT model of the task. ``TASK_ANSWER_KEYS`` is excluded from the JSON key
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from lit_sftrl.core.seeding import pick
 from lit_sftrl.envs.cards import RANKS
 from lit_sftrl.envs.routes import COMPASS, wrap_degrees
 from lit_sftrl.envs.solver import solutions
@@ -84,7 +85,7 @@ def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Co
     skill = skill or drawn
     image, meta = None, {}
     if skill in IMAGE_SKILLS:  # rendering imports the card and city renderers: only when an image is drawn
-        from lit_sftrl.skill_images import card_image, street_image
+        from lit_sftrl.pretraining.skill_images import card_image, street_image
 
         if skill == "card_image":
             question, answer, image = card_image(rng, config.image_size)
@@ -121,11 +122,6 @@ def corpus_texts(config: SkillsConfig) -> list[str]:
 def message_text(message: dict[str, Any]) -> str:
     content = message["content"]
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-
-
-def pick(rng: np.random.Generator, options: tuple | list) -> Any:
-    """One of ``options``, drawn from ``rng`` (every draw of the corpus goes through its item's generator)."""
-    return options[int(rng.integers(len(options)))]
 
 
 def _spaced(formula: str, rng: np.random.Generator) -> str:

@@ -16,12 +16,12 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from lit_sftrl.core.seeding import stream_rng, stream_seed
+from lit_sftrl.core.validation import check_values, validate
+from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
+from lit_sftrl.data.llava_data import read_llava_json
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, load_rgb
-from lit_sftrl.episodes import EvalEpisodes, RolloutSpec
-from lit_sftrl.llava_data import read_llava_json
-from lit_sftrl.seeding import stream_rng, stream_seed
-from lit_sftrl.tasks import TaskConfig
-from lit_sftrl.validation import check_values, validate
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
 PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}

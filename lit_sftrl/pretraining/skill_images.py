@@ -1,5 +1,6 @@
-"""The image skills of the pretraining corpus (:mod:`lit_sftrl.skills`): rendered card tables of every suit and
-colour, and street-view panels of every city style around one landmark sign, each described in text."""
+"""The image skills of the pretraining corpus (:mod:`lit_sftrl.pretraining.skills`): rendered card tables
+of every suit and colour, and street-view panels of every city style around one landmark sign, each described
+in text."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from lit_sftrl.core.seeding import pick
 from lit_sftrl.envs.cards import RANKS, RED_SUITS, SUITS, Card, render_table
 from lit_sftrl.envs.city_render import STYLES, Landmark, render_panorama
 from lit_sftrl.envs.routes import perspective_view
-from lit_sftrl.skills import pick
 
 STYLE_WORDS = {  # what a caption says about each city style (styles without an entry get their name only)
     "metro": "a big-city avenue with tall brick and stone blocks",

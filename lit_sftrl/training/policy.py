@@ -16,25 +16,25 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_sftrl.checkpoint_io import use_configured_optimizer_settings
-from lit_sftrl.compute import ComputeConfig, FlopsCounter
-from lit_sftrl.corpus import ensure_backbone
-from lit_sftrl.episodes import EvalEpisodes
-from lit_sftrl.evaluation import EpisodeMetrics, summary_line, write_results
-from lit_sftrl.finite import (
+from lit_sftrl.core.compute import ComputeConfig, FlopsCounter
+from lit_sftrl.core.validation import check_values, validate
+from lit_sftrl.data.episodes import EvalEpisodes
+from lit_sftrl.data.tasks import VARIANTS, make_env_from_spec
+from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
+from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
+from lit_sftrl.pretraining.corpus import ensure_backbone
+from lit_sftrl.run.checkpoint_io import use_configured_optimizer_settings
+from lit_sftrl.run.finite import (
     LastFiniteState,
     last_saved_checkpoint,
     nonfinite_weights_message,
     save_stop_checkpoint,
     trainable_weights_finite,
 )
-from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
-from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
-from lit_sftrl.progress import eval_attempts
-from lit_sftrl.rollout import RolloutEngine
-from lit_sftrl.tasks import VARIANTS, make_env_from_spec
-from lit_sftrl.transcripts import EpisodeTranscript, transcript_path, write_transcripts
-from lit_sftrl.validation import check_values, validate
+from lit_sftrl.run.progress import eval_attempts
+from lit_sftrl.training.evaluation import EpisodeMetrics, summary_line, write_results
+from lit_sftrl.training.rollout import RolloutEngine
+from lit_sftrl.training.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 
 
 @dataclass
@@ -71,7 +71,7 @@ class OptimConfig:
 
 class PolicyModule(L.LightningModule):
     """Base LightningModule: one backbone, cumulative FLOPs, trainable-only checkpoints, evaluation steps. Its
-    arguments are documented on the modules the CLI builds (:class:`~lit_sftrl.sft.SFTModule`, PPOModule)."""
+    arguments are documented on the modules the CLI builds (:class:`~lit_sftrl.training.sft.SFTModule`, PPOModule)."""
 
     uses_reference = False  # whether training needs the reference policy's log-probs (PPO's KL term)
 
@@ -87,7 +87,7 @@ class PolicyModule(L.LightningModule):
     ) -> None:
         super().__init__()
         # Evaluation transcripts (prompt, answer, feedback, reward per attempt) beside each record:
-        # lit_sftrl.transcripts
+        # lit_sftrl.training.transcripts
         self.save_transcripts = save_transcripts
         self._transcripts: list[EpisodeTranscript] = []
         self._eval_cap = {"answers": 0, "at_cap": 0}
@@ -99,7 +99,7 @@ class PolicyModule(L.LightningModule):
         check_values("model.", max_nonfinite_losses=max_nonfinite_losses)
         self.max_nonfinite_losses = max_nonfinite_losses
         self._nonfinite_in_a_row = 0
-        self._last_finite = LastFiniteState()  # lit_sftrl.finite: what it copies, and where
+        self._last_finite = LastFiniteState()  # lit_sftrl.run.finite: what it copies, and where
         self.save_hyperparameters({"backbone": asdict(self.backbone_config), "init_from": init_from})
         self.backbone: Backbone | None = None
         self.flops: FlopsCounter | None = None

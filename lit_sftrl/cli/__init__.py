@@ -48,7 +48,7 @@ def run(argv: list[str] | None = None) -> Any:
 def cli_main(argv: list[str] | None) -> Any:
     """Run LightningCLI in-process on ``argv`` (None: the command line)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lit_sftrl.trainer_cli import SftRlCLI
+    from lit_sftrl.cli.trainer import SftRlCLI
 
     return SftRlCLI(args=argv)
 
@@ -78,7 +78,7 @@ def _run_tool(name: str, argv: list[str]) -> Any:
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         sys.exit(f"lit-sftrl {name}: {error}")
     except OSError as error:
-        from lit_sftrl.checkpoint_io import DiskFull  # Lightning's import cost only on this path
+        from lit_sftrl.core.disk import DiskFull
 
         if not isinstance(error, DiskFull):
             raise
@@ -101,14 +101,14 @@ def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
 
     def command(args: argparse.Namespace) -> Path:
         if args.pretrain:
-            from lit_sftrl.pretrain import load_config, pretrain_base
+            from lit_sftrl.pretraining.pretrain import load_config, pretrain_base
 
             given = {"out": args.out, "seed": args.seed, "family": args.family, "size": args.size}
             given = [f"{key}={value}" for key, value in given.items() if value is not None]
             return pretrain_base(load_config(args.config, given + args.set))
         if args.out is None:
             raise ValueError("--out is required (without --pretrain)")
-        from lit_sftrl.corpus import build_tiny
+        from lit_sftrl.pretraining.corpus import build_tiny
 
         return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed or 0)
 

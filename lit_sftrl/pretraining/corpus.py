@@ -1,5 +1,5 @@
 """The tiny default backbone's text: its tokenizer is trained on what the environments actually say (plus a
-sample of the skills corpus that :mod:`lit_sftrl.pretrain` trains the pretrained base on).
+sample of the skills corpus that :mod:`lit_sftrl.pretraining.pretrain` trains the pretrained base on).
 
 This module is the glue between ``envs`` (which know nothing of models) and ``models.tiny`` (which knows
 nothing of environments): it plays expert and sub-optimal episodes of every task variant and hands the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.data.tasks import TaskConfig
 
 
 def environment_corpus(episodes: int = 64, seed: int = 0) -> list[str]:
@@ -56,7 +56,7 @@ TOKENIZER_SKILL_ITEMS = 3000  # skills-corpus items the tokenizer sees: ~3 chars
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     """The one tokenizer rule of every tiny model: the environments' text plus a fixed sample of the skills
     corpus (so the pretrained base and the random-init default share tokenizer and initial weights)."""
-    from lit_sftrl.skills import SkillsConfig, corpus_texts
+    from lit_sftrl.pretraining.skills import SkillsConfig, corpus_texts
 
     return environment_corpus(seed=seed) + corpus_texts(SkillsConfig(size=TOKENIZER_SKILL_ITEMS, seed=seed))
 

@@ -27,12 +27,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lit_sftrl.episodes import Episode
+from lit_sftrl.core.seeding import stream_seed
+from lit_sftrl.data.episodes import Episode
 from lit_sftrl.models.backbone import Backbone, Generation, Prompt, SamplingConfig
 from lit_sftrl.models.inflight import InflightDecoder, LockstepDecoder, Request, supports_inflight
 from lit_sftrl.models.kv_cache import ConversationCache
-from lit_sftrl.seeding import stream_seed
-from lit_sftrl.transcripts import TranscriptAttempt
+from lit_sftrl.training.transcripts import TranscriptAttempt
 
 
 @dataclass

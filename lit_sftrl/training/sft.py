@@ -7,9 +7,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lit_sftrl.core.validation import LimitExceeded
 from lit_sftrl.models.encoding import IGNORE
-from lit_sftrl.policy import PolicyModule
-from lit_sftrl.validation import LimitExceeded
+from lit_sftrl.training.policy import PolicyModule
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

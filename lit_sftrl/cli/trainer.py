@@ -11,17 +11,18 @@ from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_sftrl import validation
-from lit_sftrl.checkpoint_io import AtomicCheckpointIO, DiskFull
-from lit_sftrl.cli_errors import ShortErrorParser
-from lit_sftrl.datamodules import EpisodeDataModule
+from lit_sftrl.core import validation
+from lit_sftrl.core.disk import DiskFull
+from lit_sftrl.data.datamodules import EpisodeDataModule
+from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
-from lit_sftrl.policy import PolicyModule
-from lit_sftrl.progress import use_run_callbacks
-from lit_sftrl.quiet import quiet_console
-from lit_sftrl.run_dir import (
+from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
+from lit_sftrl.run.cli_errors import ShortErrorParser
+from lit_sftrl.run.progress import use_run_callbacks
+from lit_sftrl.run.quiet import quiet_console
+from lit_sftrl.run.run_dir import (
     RunConfigCallback,
     RunDirectoryBusy,
     RunDirectoryLock,
@@ -30,7 +31,7 @@ from lit_sftrl.run_dir import (
     previous_run_files,
     remove_orphan_temporaries,
 )
-from lit_sftrl.tasks import TaskConfig
+from lit_sftrl.training.policy import PolicyModule
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves to a file itself
 validation.install_yaml_limits()  # every config this CLI reads goes through the size and alias limits

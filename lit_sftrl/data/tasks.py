@@ -16,11 +16,11 @@ from typing import Any, Literal
 
 import gymnasium as gym
 
+from lit_sftrl.core.validation import PlainData, check_plain_data, validate
 from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
 from lit_sftrl.envs.base import ChatEnv
 from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
 from lit_sftrl.envs.routes import MAX_MILESTONES
-from lit_sftrl.validation import PlainData, check_plain_data, validate
 
 TaskName = Literal["gp_l", "gp_vl", "virl_l", "virl_vl"]
 Variant = Literal["id", "rule_ood", "visual_ood"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchmetrics import Metric
 
-from lit_sftrl.rollout import EpisodeResult
+from lit_sftrl.training.rollout import EpisodeResult
 
 
 def binomial_stderr(p: float, n: float) -> float:

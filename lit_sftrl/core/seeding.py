@@ -9,7 +9,7 @@ would make seeds 3 and -3 one stream.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,3 +45,8 @@ def stream_rng(stream: Stream, seed: int, *indices: int) -> np.random.Generator:
 def stream_seed(stream: Stream, seed: int, *indices: int, bits: int = 31) -> int:
     """One integer seed (``[0, 2**bits)``) drawn from ``stream``: for environments' resets and torch generators."""
     return int(stream_rng(stream, seed, *indices).integers(2**bits))
+
+
+def pick(rng: np.random.Generator, options: tuple | list) -> Any:
+    """One of ``options``, drawn from ``rng`` (every draw goes through a stream's generator, never a global one)."""
+    return options[int(rng.integers(len(options)))]

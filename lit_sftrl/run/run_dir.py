@@ -107,7 +107,7 @@ class RunConfigCallback(SaveConfigCallback):
 
 # Loggers whose files go to save_dir/name/version: with name and version empty, they write into the run directory.
 _VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")
-DEFAULT_LOGGER = "lit_sftrl.run_logger.RunCSVLogger"
+DEFAULT_LOGGER = "lit_sftrl.run.run_logger.RunCSVLogger"
 
 
 def place_in_run_directory(trainer: Any) -> None:

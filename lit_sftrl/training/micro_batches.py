@@ -35,7 +35,7 @@ def by_length(indices: Sequence[int], lengths: Lengths, size: int) -> list[list[
 
 
 def attempt_lengths(attempts: Sequence) -> list[tuple[int, int]]:
-    """(prompt tokens as scoring lays them out, answer tokens) of each :class:`lit_sftrl.rollout.Attempt`."""
+    """(prompt tokens as scoring lays them out, answer tokens) of each :class:`lit_sftrl.training.rollout.Attempt`."""
     return [(attempt.prompt_tokens, len(attempt.answer_ids)) for attempt in attempts]
 
 
@@ -63,7 +63,7 @@ class PaddingMeter:
 
     @classmethod
     def of(cls, attempts: Sequence) -> PaddingMeter:
-        """For a rollout's attempts (:class:`lit_sftrl.rollout.Attempt`)."""
+        """For a rollout's attempts (:class:`lit_sftrl.training.rollout.Attempt`)."""
         return cls(attempt_lengths(attempts))
 
     def split(self, minibatch: Sequence[int], size: int) -> list[list[int]]:

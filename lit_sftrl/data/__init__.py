@@ -1,0 +1,1 @@
+"""Tasks (environments and their variants) and the DataModules that emit episodes and SFT samples."""
