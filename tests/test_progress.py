@@ -4,6 +4,7 @@ when the console is not a terminal; the model summary and the console hold nothi
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,17 @@ from lit_sftrl.run import progress
 from lit_sftrl.run.progress import Phase, RunProgressBar
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every line a fit may print: the model summary, progress, evaluation summaries and Lightning's stop reason. A
+# third-party line of any wording (a new release's warning, a logger nobody filtered) matches none of them.
+OWN_LINE = re.compile("|".join([
+    r"Name\s+Type\s+Params\s*$",  # the model summary: its header, one row per module, the totals
+    r"\w+\s+\w+\s+[\d.]+\s?[KMBT]?\s*$",
+    r"[\d.]+\s?[KMBT]? trainable parameters of [\d.]+\s?[KMBT]?, [\d.]+ MB$",
+    r"(rollout|update|evaluation|train) \d+/\d+ \w+",  # progress lines (lit_sftrl.run.progress)
+    r"\[(sanity|val|test) @ step \d+\] ",  # evaluation summaries (lit_sftrl.training.evaluation)
+    r"`Trainer\.fit` stopped: ",  # why the fit ended
+]))
 
 
 def test_plain_lines_every_tenth_with_an_eta(monkeypatch):
@@ -71,6 +83,8 @@ def test_a_ppo_fit_off_a_terminal_prints_progress_and_no_noise(tmp_path, tiny_di
     assert "trainable parameters" in console
     for noise in ("Total FLOPs", "FLOPs", "kernels-community", "Epoch 0/-2", "Modules in", "Traceback"):
         assert noise not in console, console[-3000:]
+    strangers = [line for line in console.splitlines() if line.strip() and not OWN_LINE.match(line)]
+    assert not strangers, f"lines the project did not write: {strangers}"
     with open(run / "metrics.csv", newline="") as file:
         row = next(r for r in csv.DictReader(file) if r.get("time/update_s"))
     for key in ("time/rollout_s", "time/update_s", "time/attempts_per_s", "time/rollout_tokens_per_s",

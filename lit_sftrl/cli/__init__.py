@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lit_sftrl.run.quiet import quiet_console
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: validate/test play episodes (and keep transcripts)
 TOOLS_HELP = {
     "make-tiny": "build a tiny offline model of a VLM family (tokenizer trained on the environments' text)",
@@ -48,6 +50,7 @@ def run(argv: list[str] | None = None) -> Any:
 def cli_main(argv: list[str] | None) -> Any:
     """Run LightningCLI in-process on ``argv`` (None: the command line)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_console()  # before importing Lightning and transformers: some of their modules warn as they load
     from lit_sftrl.cli.trainer import SftRlCLI
 
     return SftRlCLI(args=argv)
@@ -156,6 +159,3 @@ def _report(parser: argparse.ArgumentParser) -> Callable:
 
     return command
 
-
-if __name__ == "__main__":
-    main()
