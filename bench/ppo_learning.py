@@ -2,6 +2,7 @@
 
     python -m bench.ppo_learning --task gp_l    # GeneralPoints, text: training success per update
     python -m bench.ppo_learning --task virl_l  # V-IRL, text: training per-step accuracy per update
+    python -m bench.ppo_learning --task virl_l --seeds 3   # three PPO runs from one SFT checkpoint
 
 1. ``lit-sftrl fit --config configs/<task>_sft.yaml`` without its evaluations (skipped when ``--sft`` names an
    existing checkpoint).
@@ -11,6 +12,13 @@
 3. From the PPO run's ``metrics.csv``: per update, the training metric with its binomial standard error,
    approx_kl and the clip fraction; the start (first 3 updates) against the end (last 3); the validation metric
    at each evaluation; a PNG and a JSON record under ``--out``.
+
+With ``--seeds N`` step 2 runs N times from the same SFT checkpoint, seed s setting ``seed_everything`` and the
+training episodes' seed (``data.seed``): the episodes played, the sampling and the value head's initialisation.
+The validation episodes stay the same for every seed. The record then holds each seed's curve, and per
+evaluation the mean over seeds with its standard error over seeds; the gain (last validation minus the one
+before training) is judged by its mean over seeds against twice its standard error over seeds, because one
+seed's curve moves by more than its own binomial error from one evaluation to the next.
 
 The training metric is measured over the episodes PPO plays, whose mix shifts as episodes carry across updates
 (later V-IRL rail points, later GeneralPoints attempts); the validation metric is measured on fixed episodes, so
@@ -77,6 +85,42 @@ def pooled(rows: list[dict[str, float]]) -> dict[str, float]:
     return {"value": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n}
 
 
+def over_seeds(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    """Validation curves of several seeds (the same evaluation points) -> per point and variant, the mean over
+    seeds and its standard error over seeds (sample standard deviation / sqrt(seeds); 0 for one seed)."""
+    points = []
+    for rows in zip(*curves, strict=True):
+        point: dict[str, float] = {"update": rows[0]["update"]}
+        for variant in _variants(rows[0]):
+            point[variant], point[f"{variant}_stderr"] = mean_and_stderr([row[variant] for row in rows])
+        points.append(point)
+    return points
+
+
+def gain_over_seeds(curves: list[list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per variant: each seed's last validation minus its first (before training), their mean and standard error
+    over seeds, and whether the mean exceeds twice that standard error."""
+    gains = {}
+    for variant in _variants(curves[0][0]):
+        per_seed = [rows[-1][variant] - rows[0][variant] for rows in curves]
+        mean, stderr = mean_and_stderr(per_seed)
+        gains[variant] = {"per_seed": per_seed, "mean": mean, "stderr": stderr,
+                          "beyond_two_stderr": len(per_seed) > 1 and mean > 2 * stderr}
+    return gains
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(variance / len(values))
+
+
+def _variants(row: dict[str, float]) -> list[str]:
+    return [v for v in row if v != "update" and not v.endswith("_stderr")]
+
+
 def plot(rows: list[dict[str, float]], validated: list[dict[str, float]], task: str, out: Path) -> None:
     import matplotlib
 
@@ -103,6 +147,30 @@ def plot(rows: list[dict[str, float]], validated: list[dict[str, float]], task: 
     plt.close(fig)
 
 
+def plot_seeds(curves: list[list[dict[str, float]]], task: str, out: Path) -> None:
+    """Each seed's validation curve (thin) and their mean with two standard errors over seeds (thick)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for index, variant in enumerate(_variants(curves[0][0])):
+        color = f"C{index}"
+        for rows in curves:
+            axis.plot([r["update"] for r in rows], [r[variant] for r in rows], color=color, alpha=0.3, lw=1)
+        mean = over_seeds(curves)
+        axis.errorbar([r["update"] for r in mean], [r[variant] for r in mean],
+                      yerr=[2 * r[f"{variant}_stderr"] for r in mean], color=color, marker="o", lw=2, capsize=3,
+                      label=f"{variant}: mean of {len(curves)} seeds ± 2 s.e.")
+    axis.set_xlabel("PPO update")
+    axis.set_ylabel(f"validation {METRIC[task][0].split('/')[1].replace('_', ' ')}")
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="gp_l", choices=sorted(METRIC))
@@ -114,10 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=5, help="PPO updates between validation passes")
     parser.add_argument("--eval-episodes", type=int, default=64, help="validation episodes per variant")
     parser.add_argument("--eval-seed", type=int, default=4321, help="seed of the validation episodes")
+    parser.add_argument("--seeds", type=int, default=1, help="PPO runs from the SFT checkpoint, seeds 0..N-1")
     parser.add_argument("overrides", nargs="*", help="further lit-sftrl overrides for the PPO run")
     args = parser.parse_args(argv)
     if args.eval_seed == TEST_SEED:
         parser.error(f"--eval-seed {TEST_SEED} draws the test episodes: choose another seed for validation")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     runs = args.runs / args.task
     name = args.name or args.task
     stages = {}
@@ -129,33 +200,50 @@ def main(argv: list[str] | None = None) -> None:
                                    "--trainer.default_root_dir", str(sft_dir),
                                    "--trainer.logger.init_args.save_dir", str(sft_dir))
         sft = sft_dir / "checkpoints" / "last.ckpt"
-    ppo_dir = runs / ("ppo" if name == args.task else f"ppo_{name}")
     updates = ["--trainer.max_epochs", str(args.updates)] if args.updates else []
     validation = [
         "--trainer.check_val_every_n_epoch", str(args.eval_every), "--trainer.num_sanity_val_steps", "-1",
         "--data.init_args.evaluation.val_episodes", str(args.eval_episodes),
         "--data.init_args.evaluation.seed", str(args.eval_seed),
     ]
-    stages["ppo"] = run_cli(
-        "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates, *validation,
-        "--trainer.default_root_dir", str(ppo_dir), "--trainer.logger.init_args.save_dir", str(ppo_dir),
-        "--overwrite", "true", *args.overrides,
-    )
-    rows = read_updates(ppo_dir / "metrics.csv", args.task)
-    validated = read_validation(ppo_dir, args.task)
-    start, end = pooled(rows[:3]), pooled(rows[-3:])
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(rows, validated, args.task, args.out / f"{name}.png")
-    record = {"task": args.task, "metric": METRIC[args.task][0], "sft_checkpoint": str(sft), "updates": rows,
-              "start_first_3": start, "end_last_3": end, "validation": validated,
+    seeds = list(range(args.seeds))
+    per_seed = []
+    for seed in seeds:
+        run_name = name if args.seeds == 1 else f"{name}_seed{seed}"
+        ppo_dir = runs / ("ppo" if run_name == args.task else f"ppo_{run_name}")
+        seeded = [] if args.seeds == 1 else ["--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+        stages[f"ppo_seed{seed}" if args.seeds > 1 else "ppo"] = run_cli(
+            "fit", "--config", f"configs/{args.task}_ppo.yaml", "--model.init_from", str(sft), *updates,
+            *validation, *seeded, "--trainer.default_root_dir", str(ppo_dir),
+            "--trainer.logger.init_args.save_dir", str(ppo_dir), "--overwrite", "true", *args.overrides,
+        )
+        rows = read_updates(ppo_dir / "metrics.csv", args.task)
+        validated = read_validation(ppo_dir, args.task)
+        start, end = pooled(rows[:3]), pooled(rows[-3:])
+        plot(rows, validated, args.task, args.out / f"{run_name}.png")
+        per_seed.append({"seed": seed, "run": str(ppo_dir), "updates": rows, "start_first_3": start,
+                         "end_last_3": end, "validation": validated})
+        print(f"{run_name}: {METRIC[args.task][0]} {start['value']:.3f}±{start['stderr']:.3f} (first 3 updates) -> "
+              f"{end['value']:.3f}±{end['stderr']:.3f} (last 3); max approx_kl "
+              f"{max(r['approx_kl'] for r in rows):.3f}")
+        for row in validated:
+            print(f"  validation after update {row['update']}: " + ", ".join(
+                f"{v} {row[v]:.3f}±{row[v + '_stderr']:.3f}" for v in _variants(row)))
+    record = {"task": args.task, "metric": METRIC[args.task][0], "sft_checkpoint": str(sft),
               "validation_seed": args.eval_seed, "stages": stages, "overrides": args.overrides}
+    if args.seeds == 1:
+        record |= {key: per_seed[0][key] for key in ("updates", "start_first_3", "end_last_3", "validation")}
+    else:
+        curves = [run["validation"] for run in per_seed]
+        record |= {"seeds": per_seed, "validation_over_seeds": over_seeds(curves), "gain": gain_over_seeds(curves)}
+        plot_seeds(curves, args.task, args.out / f"{name}.png")
+        for variant, gain in record["gain"].items():
+            verdict = "beyond" if gain["beyond_two_stderr"] else "within"
+            print(f"{name}, {args.seeds} seeds, validation {variant}: gain {gain['mean']:+.3f} ± {gain['stderr']:.3f} "
+                  f"(standard error over seeds; {verdict} two standard errors)")
     (args.out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    print(f"{name}: {METRIC[args.task][0]} {start['value']:.3f}±{start['stderr']:.3f} (first 3 updates) -> "
-          f"{end['value']:.3f}±{end['stderr']:.3f} (last 3); max approx_kl {max(r['approx_kl'] for r in rows):.3f}")
-    for row in validated:
-        print(f"  validation after update {row['update']}: " + ", ".join(
-            f"{v} {row[v]:.3f}±{row[v + '_stderr']:.3f}" for v in row if v != "update" and not v.endswith("_stderr")))
-    print(f"wrote {args.out / name}.png")
+    print(f"wrote {args.out / name}.json")
 
 
 if __name__ == "__main__":

@@ -93,3 +93,59 @@ def test_a_study_from_a_base_probes_what_each_post_training_kept(tmp_path, monke
     assert commands[0][0] == "test" and (docs / "probe" / "probe.json").exists()
     assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith(
         "python -m bench.probe_base my-base --items 50 --after=init=")
+
+
+def test_seeds_are_averaged_per_evaluation_and_the_gain_judged_against_their_spread():
+    def curve(first: float, last: float) -> list[dict[str, float]]:
+        return [{"update": 0, "id": first, "id_stderr": 0.05}, {"update": 20, "id": last, "id_stderr": 0.05}]
+
+    rising = [curve(0.20, 0.30), curve(0.22, 0.30), curve(0.21, 0.32)]
+    mean = ppo_learning.over_seeds(rising)
+    assert [point["update"] for point in mean] == [0, 20]
+    assert mean[1]["id"] == pytest.approx(0.30666, abs=1e-4)
+    assert mean[1]["id_stderr"] == pytest.approx(0.011547 / 3 ** 0.5, abs=1e-5)  # sample s.d. 0.0115 over 3 seeds
+    gain = ppo_learning.gain_over_seeds(rising)["id"]
+    assert gain["per_seed"] == pytest.approx([0.10, 0.08, 0.11])
+    assert gain["mean"] == pytest.approx(0.09666, abs=1e-4) and gain["beyond_two_stderr"]
+    noisy = [curve(0.20, 0.30), curve(0.25, 0.20), curve(0.22, 0.24)]  # one seed up, one down: no claim
+    assert not ppo_learning.gain_over_seeds(noisy)["id"]["beyond_two_stderr"]
+    assert not ppo_learning.gain_over_seeds([curve(0.2, 0.9)])["id"]["beyond_two_stderr"]  # one seed: never
+
+
+def test_seeds_must_be_positive():
+    with pytest.raises(SystemExit):
+        ppo_learning.main(["--task", "virl_l", "--seeds", "0"])
+
+
+def test_a_seeded_learning_run_plays_each_seed_from_one_checkpoint_and_records_the_spread(tmp_path, monkeypatch):
+    commands = []
+
+    def fake_run_cli(*args: str) -> dict:
+        commands.append(args)
+        run = Path(args[args.index("--trainer.default_root_dir") + 1])
+        seed = int(args[args.index("--seed_everything") + 1])
+        run.mkdir(parents=True)
+        header = "train/update,train/success,train/episodes_finished,train/approx_kl,train/clip_fraction," \
+                 "train/reward,time/rollout_s,time/update_s"
+        (run / "metrics.csv").write_text(header + "\n" + "\n".join(
+            f"{u},{0.1 * u},10,0.01,0.1,-1,1,1" for u in range(4)) + "\n")
+        for stage, step, epoch, value in (("sanity", 0, 0, 0.20), ("validate", 40, 3, 0.30 + 0.01 * seed)):
+            metrics = {"id": {"success": value, "success_stderr": 0.05}}
+            (run / "eval").mkdir(exist_ok=True)
+            (run / "eval" / f"{stage}-step{step:07d}.json").write_text(
+                json.dumps({"stage": stage, "step": step, "epoch": epoch, "metrics": metrics}))
+        return {"command": " ".join(args), "wall_s": 1, "cpu_s": 1}
+
+    monkeypatch.setattr(ppo_learning, "run_cli", fake_run_cli)
+    sft = tmp_path / "sft.ckpt"
+    sft.write_text("")
+    ppo_learning.main(["--task", "gp_l", "--sft", str(sft), "--seeds", "3", "--runs", str(tmp_path / "runs"),
+                       "--out", str(tmp_path / "out")])
+    assert [c[c.index("--seed_everything") + 1] for c in commands] == ["0", "1", "2"]
+    assert all(c[c.index("--model.init_from") + 1] == str(sft) for c in commands)
+    assert len({c[c.index("--trainer.default_root_dir") + 1] for c in commands}) == 3
+    record = json.loads((tmp_path / "out" / "gp_l.json").read_text())
+    assert [run["seed"] for run in record["seeds"]] == [0, 1, 2]
+    assert record["gain"]["id"]["per_seed"] == pytest.approx([0.10, 0.11, 0.12])
+    assert record["gain"]["id"]["beyond_two_stderr"]
+    assert (tmp_path / "out" / "gp_l.png").exists()
