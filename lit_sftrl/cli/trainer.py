@@ -15,6 +15,7 @@ from lit_sftrl.core import validation
 from lit_sftrl.core.disk import DiskFull
 from lit_sftrl.data.datamodules import EpisodeDataModule
 from lit_sftrl.data.tasks import TaskConfig
+from lit_sftrl.envs.contract import ContractError
 from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
@@ -298,16 +299,23 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
-    task = (
-        TaskConfig(**{k: v for k, v in vars(_get(data, "task") or {}).items()}) if _get(data, "task") else TaskConfig()
-    )
+    try:
+        task = TaskConfig(**validation._plain(_get(data, "task"))) if _get(data, "task") else TaskConfig()
+    except ValueError as error:  # an own environment's settings (variants, wrappers) that the parser cannot judge
+        return [("data.task", str(error))]
     variants = [("data.variant", _get(data, "variant"))] + [
         ("data.evaluation.variants", v) for v in (_get(data, "evaluation.variants") or [])
     ]
     for key, variant in variants:
-        if variant is not None and variant not in task.variants:
+        if variant is not None and variant not in task.variant_names:
             problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; "
-                                  f"choose one of {list(task.variants)}"))
+                                  f"choose one of {list(task.variant_names)}"))
+    if not problems and not task.is_preset:  # your own environment: does it give what the trainer reads?
+        plays_expert = str(config.data.get("class_path", "")).endswith("SFTDataModule") and not _get(data, "llava_json")
+        try:
+            task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(_get(data, "multi_turn")))
+        except (ContractError, ValueError) as error:
+            problems.append(("data.task.env", str(error)))
     for key, folder in (("data.task.routes", task.routes), ("data.task.ood_routes", task.ood_routes)):
         if folder in task.route_folders() and not _routes_available(folder):
             problems.append(
