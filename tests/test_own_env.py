@@ -172,6 +172,21 @@ def test_a_contract_break_stops_the_cli_before_any_model_is_built(in_repo, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("kind, task, argv, expected", [
+    ("sft", {**TASK, "variants": {"harder": {"digits": 2}}}, [],
+     "  data.task.variants: no 'id' variant (the one trained on) among ['harder']"),
+    ("ppo", TASK, ["--model.init_args.compute.mode", "paper"],
+     "  model.compute.buffer_ratio: compute mode 'paper' needs it for your own environment (the paper measured it "
+     "for GeneralPoints and V-IRL only)"),
+])
+def test_task_settings_the_parser_cannot_judge_are_refused_naming_the_key(in_repo, tmp_path, tiny_dir_factory,
+                                                                         kind, task, argv, expected):
+    config = write_yaml(tmp_path, kind, tiny_dir_factory("mllama"), task)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(config), *argv])
+    assert str(exit_info.value.code).splitlines()[1:] == [expected]
+
+
 def test_an_unimportable_environment_is_one_line(in_repo, tmp_path, tiny_dir_factory):
     config = write_yaml(tmp_path, "sft", tiny_dir_factory("mllama"), {**TASK, "env": f"{FIXTURE}:Missing"})
     with pytest.raises(SystemExit) as exit_info:

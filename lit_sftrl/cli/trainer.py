@@ -301,8 +301,9 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
     try:
         task = TaskConfig(**validation._plain(_get(data, "task"))) if _get(data, "task") else TaskConfig()
-    except ValueError as error:  # an own environment's settings (variants, wrappers) that the parser cannot judge
-        return [("data.task", str(error))]
+    except ValueError as error:  # a preset's name, variants, wrappers: what the parser cannot judge
+        key, _, message = str(error).partition(": ")  # "task.variants.id.x: ..." names its key
+        return [(f"data.{key}", message) if key.startswith("task") else ("data.task", str(error))]
     variants = [("data.variant", _get(data, "variant"))] + [
         ("data.evaluation.variants", v) for v in (_get(data, "evaluation.variants") or [])
     ]
@@ -316,6 +317,10 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(_get(data, "multi_turn")))
         except (ContractError, ValueError) as error:
             problems.append(("data.task.env", str(error)))
+        paper_mode = _get(model, "compute.mode") == "paper" and not _get(model, "compute.buffer_ratio")
+        if paper_mode and str(config.model.get("class_path", "")).endswith("PPOModule"):
+            problems.append(("model.compute.buffer_ratio", "compute mode 'paper' needs it for your own environment "
+                                                           "(the paper measured it for GeneralPoints and V-IRL only)"))
     for key, folder in (("data.task.routes", task.routes), ("data.task.ood_routes", task.ood_routes)):
         if folder in task.route_folders() and not _routes_available(folder):
             problems.append(
