@@ -123,9 +123,18 @@ def test_wrappers_wrap_training_and_only_when_asked_evaluation(in_repo):
 # ----------------------------------------------------------------------------------------------- the contract
 
 
-@pytest.mark.parametrize("name", ["gp_l", "gp_vl"])
-def test_the_built_in_environments_keep_the_contract(name):
-    task = TaskConfig(name=name)
+@pytest.fixture(scope="module")
+def cities(tmp_path_factory) -> dict[str, str]:
+    from lit_sftrl.envs.city import make_city
+
+    root = tmp_path_factory.mktemp("cities")
+    return {"routes": str(make_city(root / "metro", "metro", 6, seed=0, pano_width=64)),
+            "ood_routes": str(make_city(root / "harbor", "harbor", 3, seed=0, pano_width=64))}
+
+
+@pytest.mark.parametrize("name", ["gp_l", "gp_vl", "virl_l", "virl_vl"])
+def test_the_built_in_environments_keep_the_contract(name, cities):
+    task = TaskConfig(name=name, image_size=64, **(cities if name.startswith("virl") else {}))
     for variant in task.variant_names:
         check_env(task.make_env(variant), f"{name} {variant}", expert=True, suboptimal=True)
 
