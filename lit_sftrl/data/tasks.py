@@ -259,7 +259,7 @@ def is_import_path(name: str) -> bool:
     """``package.module:Attribute`` (an object to call), as opposed to a gymnasium id such as ``MyEnv-v0`` or
     ``my_pkg:MyEnv-v0`` (gymnasium imports ``my_pkg``, which registers the id)."""
     module, _, attribute = name.partition(":")
-    return bool(attribute) and all(part.isidentifier() for part in [*module.split("."), *attribute.split(".")])
+    return attribute.isidentifier() and all(part.isidentifier() for part in module.split("."))
 
 
 def check_import_path(name: Any, key: str, gym_id_allowed: bool = False) -> None:
