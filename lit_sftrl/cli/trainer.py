@@ -299,8 +299,9 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
-    try:
-        task = TaskConfig(**validation._plain(_get(data, "task"))) if _get(data, "task") else TaskConfig()
+    fields = _get(data, "task") or {}
+    try:  # as_dict: wrappers arrive as a list of Namespaces
+        task = TaskConfig(**(fields.as_dict() if hasattr(fields, "as_dict") else dict(fields)))
     except ValueError as error:  # a preset's name, variants, wrappers: what the parser cannot judge
         key, _, message = str(error).partition(": ")  # "task.variants.id.x: ..." names its key
         return [(f"data.{key}", message) if key.startswith("task") else ("data.task", str(error))]
