@@ -285,6 +285,11 @@ def test_the_example_trains_with_the_command_its_page_prints(tmp_path, tiny_dir_
                      "--model.init_args.ppo.micro_batch_size", "2", "--model.init_args.sampling.max_new_tokens", "4",
                      "--trainer.default_root_dir", str(tmp_path / "ppo"),
                      "--model.init_from", str(tmp_path / "sft" / "checkpoints" / "last.ckpt")]}
+    def config_run_directories() -> dict[Path, float]:
+        """What the configs' own run directories hold: --trainer.default_root_dir puts the runs elsewhere."""
+        return {path: path.stat().st_mtime for path in REPO.glob("checkpoints/reverse_*/**/*")}
+
+    before = config_run_directories()
     for kind, command in (("sft", sft), ("ppo", ppo)):
         argv = [kill_resume.lit_sftrl_bin(), *shlex.split(command)[1:], *tiny, *sizes[kind]]
         done = subprocess.run(argv, cwd=REPO, env=kill_resume.child_env(), capture_output=True, text=True,
@@ -294,4 +299,4 @@ def test_the_example_trains_with_the_command_its_page_prints(tmp_path, tiny_dir_
         assert record["task"] == "reverse" and set(record["metrics"]) == {"id", "longer"}
     logged = set(metric_rows(tmp_path / "ppo")[0])
     assert {"train/reward/task", "train/reward/format"} <= logged
-    assert not (REPO / "checkpoints" / "reverse_sft").exists() and not (REPO / "checkpoints" / "reverse_ppo").exists()
+    assert config_run_directories() == before
