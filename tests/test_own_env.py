@@ -300,3 +300,9 @@ def test_the_example_trains_with_the_command_its_page_prints(tmp_path, tiny_dir_
     logged = set(metric_rows(tmp_path / "ppo")[0])
     assert {"train/reward/task", "train/reward/format"} <= logged
     assert config_run_directories() == before
+
+
+@pytest.mark.parametrize("name", ["reverse.py", "shaping.py", "sft.yaml"])
+def test_the_page_shows_the_example_files_as_they_are(name):
+    page = (REPO / "docs" / "how-to" / "own-environment.md").read_text()
+    assert (REPO / "examples" / "own_env" / name).read_text() in page
