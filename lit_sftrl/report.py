@@ -123,10 +123,12 @@ def savgol(y: Sequence[float], window: int, order: int = 3) -> np.ndarray:
 
 
 def variants_of(runs: Sequence[Run], metric: str | None = None) -> list[str]:
-    """Variants present in any record (those carrying ``metric`` if given), paper order first."""
+    """Variants present in any record (those carrying ``metric`` if given): the paper's order first, then the
+    order the records list (an environment's own variants), then any others by name."""
     found = {variant for run in runs for r in run.records for variant, m in r["metrics"].items()
              if metric is None or metric in m}
-    return [v for v in VARIANTS if v in found] + sorted(found - set(VARIANTS))
+    listed = dict.fromkeys([*VARIANTS, *(v for run in runs for r in run.records for v in r.get("variants") or [])])
+    return [v for v in listed if v in found] + sorted(found - set(listed))
 
 
 def run_styles(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:

@@ -159,7 +159,7 @@ def test_task_config_passes_templates_to_every_variant() -> None:
 
     task = TaskConfig(name="gp_l", templates={"prompt": "Make {target} from {cards}. {answer_format}"},
                       env_kwargs={"sampling": "deck"})
-    for variant in task.variants:
+    for variant in task.variant_names:
         env = task.make_env(variant)
         assert env.sampling == "deck"
         obs, info = env.reset(seed=0)

@@ -15,6 +15,7 @@ from lit_sftrl.core import validation
 from lit_sftrl.core.disk import DiskFull
 from lit_sftrl.data.datamodules import EpisodeDataModule
 from lit_sftrl.data.tasks import TaskConfig
+from lit_sftrl.envs.contract import ContractError
 from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
@@ -298,16 +299,29 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
-    task = (
-        TaskConfig(**{k: v for k, v in vars(_get(data, "task") or {}).items()}) if _get(data, "task") else TaskConfig()
-    )
+    fields = _get(data, "task") or {}
+    try:  # as_dict: wrappers arrive as a list of Namespaces
+        task = TaskConfig(**(fields.as_dict() if hasattr(fields, "as_dict") else dict(fields)))
+    except ValueError as error:  # a preset's name, variants, wrappers: what the parser cannot judge
+        key, _, message = str(error).partition(": ")  # "task.variants.id.x: ..." names its key
+        return [(f"data.{key}", message) if key.startswith("task") else ("data.task", str(error))]
     variants = [("data.variant", _get(data, "variant"))] + [
         ("data.evaluation.variants", v) for v in (_get(data, "evaluation.variants") or [])
     ]
     for key, variant in variants:
-        if variant is not None and variant not in task.variants:
+        if variant is not None and variant not in task.variant_names:
             problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; "
-                                  f"choose one of {list(task.variants)}"))
+                                  f"choose one of {list(task.variant_names)}"))
+    if not problems and not task.is_preset:  # your own environment: does it give what the trainer reads?
+        plays_expert = str(config.data.get("class_path", "")).endswith("SFTDataModule") and not _get(data, "llava_json")
+        try:
+            task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(_get(data, "multi_turn")))
+        except (ContractError, ValueError) as error:
+            problems.append(("data.task.env", str(error)))
+        paper_mode = _get(model, "compute.mode") == "paper" and not _get(model, "compute.buffer_ratio")
+        if paper_mode and str(config.model.get("class_path", "")).endswith("PPOModule"):
+            problems.append(("model.compute.buffer_ratio", "compute mode 'paper' needs it for your own environment "
+                                                           "(the paper measured it for GeneralPoints and V-IRL only)"))
     for key, folder in (("data.task.routes", task.routes), ("data.task.ood_routes", task.ood_routes)):
         if folder in task.route_folders() and not _routes_available(folder):
             problems.append(

@@ -151,7 +151,7 @@ def config_problems(node: Any, prefix: str) -> list[tuple[str, str]]:
     for name, value in node.items():
         if name in ("class_path", "__path__") or name.startswith("_"):
             continue
-        if name == "env_kwargs":
+        if name in ("env_kwargs", "variants"):  # free-form keyword arguments: plain data, no rules by name
             problems += plain_data_problems(value, f"{prefix}{name}")
         elif isinstance(value, dict):
             problems += config_problems(value, prefix if name == "init_args" else f"{prefix}{name}.")

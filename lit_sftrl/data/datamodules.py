@@ -39,10 +39,11 @@ class EvalConfig:
     Args:
         val_episodes: episodes per variant for validation during fit (a small subset).
         test_episodes: episodes per variant for ``lit-sftrl test``; ``None`` uses the paper's sizes
-            (234 GeneralPoints hands; 48 V-IRL routes; every route of the visual_ood city).
+            (234 GeneralPoints hands, and as many episodes of any other environment; 48 V-IRL routes; every route
+            of the visual_ood city).
         chunk: episodes played together in one batched validation/test step.
         seed: seed of the evaluation episodes; the same for every checkpoint.
-        variants: which variants to evaluate; ``None`` means every variant that applies to the task.
+        variants: which variants to evaluate; ``None`` means every variant of the task.
     """
 
     val_episodes: int = 32
@@ -99,7 +100,7 @@ class EpisodeDataModule(L.LightningDataModule):
 
     @property
     def eval_variants(self) -> list[str]:
-        return list(self.evaluation.variants or self.task.variants)
+        return list(self.evaluation.variants or self.task.variant_names)
 
     def prepare_data(self) -> None:
         self.task.prepare()
@@ -116,7 +117,7 @@ class EpisodeDataModule(L.LightningDataModule):
     def eval_chunks(self, variant: str, num_episodes: int) -> list[EvalEpisodes]:
         """The fixed evaluation episodes of ``variant``, in chunks; V-IRL plays route i, at most every route once."""
         env_id, env_kwargs = self.task.env_spec(variant)
-        variant_index = self.task.variants.index(variant)
+        variant_index = self.task.variant_names.index(variant)
         if self.task.is_virl:  # a small benchmark city (18 visual_ood routes) has fewer routes than asked for
             num_episodes = min(num_episodes, self._num_routes(variant))
         episodes = []
@@ -125,8 +126,9 @@ class EpisodeDataModule(L.LightningDataModule):
             # V-IRL evaluates route i, so every route of a small benchmark city is seen once.
             episodes.append((seed, {"route_index": i} if self.task.is_virl else {}))
         size = self.evaluation.chunk
+        wrappers = self.task.wrapping(evaluation=True)
         return [
-            EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size])
+            EvalEpisodes(self.task.name, variant, env_id, env_kwargs, episodes[i : i + size], wrappers)
             for i in range(0, len(episodes), size)
         ]
 
@@ -140,7 +142,7 @@ class EpisodeDataModule(L.LightningDataModule):
         mine = chunks[rank::world_size]
         if not mine:
             env_id, env_kwargs = self.task.env_spec(variant)
-            mine = [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, [])]
+            mine = [EvalEpisodes(self.task.name, variant, env_id, env_kwargs, [], self.task.wrapping(evaluation=True))]
         return mine
 
     def _eval_loaders(self, sizes: dict[str, int]) -> list[DataLoader]:
@@ -203,7 +205,8 @@ class SFTBatches(IterableDataset):
 
 
 class ExpertSource:
-    """SFT samples from expert play of the task's training environment (id variant)."""
+    """SFT samples from expert play of the task's training environment (id variant; wrappers do not change what
+    the expert answers)."""
 
     def __init__(self, task: TaskConfig, multi_turn: float) -> None:
         self.task, self.multi_turn = task, multi_turn
@@ -331,5 +334,5 @@ class RLDataModule(EpisodeDataModule):
     def train_dataloader(self) -> DataLoader:
         env_id, env_kwargs = self.task.env_spec(self.variant)
         rank = self.trainer.global_rank if self.trainer else 0
-        spec = RolloutSpec(env_id, env_kwargs, self.num_envs, self.rollout_steps, self.seed, rank)
+        spec = RolloutSpec(env_id, env_kwargs, self.num_envs, self.rollout_steps, self.seed, rank, self.task.wrapping())
         return DataLoader(RolloutSpecs(spec), batch_size=None, collate_fn=keep_as_is)

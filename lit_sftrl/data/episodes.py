@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 Episode = tuple[int, dict[str, Any]]  # (reset seed, reset options)
+Wrapping = tuple[tuple[str, dict[str, Any]], ...]  # wrappers around the environment: (import path, kwargs) each
 
 
 @dataclass
@@ -21,6 +22,7 @@ class EvalEpisodes:
     env_id: str
     env_kwargs: dict[str, Any]
     episodes: list[Episode]
+    wrappers: Wrapping = ()
 
 
 @dataclass
@@ -34,3 +36,4 @@ class RolloutSpec:
     rollout_steps: int
     seed: int
     rank: int
+    wrappers: Wrapping = ()

@@ -1,30 +1,64 @@
-"""The study's four tasks and their evaluation variants, as environment constructor arguments.
+"""Which environment a run trains and evaluates on: a preset of the study, or any environment the user names.
 
-A task (GP-L, GP-VL, V-IRL-L, V-IRL-VL) plus a variant (``id``, ``rule_ood``, ``visual_ood``) fully determines
-which environment is built and how. This is the one place that knows the paper's splits:
+A task is an environment (a registered gymnasium id, or an import path ``package.module:Class``) plus its
+keyword arguments and its **variants**, named keyword sets: ``id`` is trained on, every variant is evaluated.
+The study's four tasks (GP-L, GP-VL, V-IRL-L, V-IRL-VL) are presets of that same mechanism, and this is the one
+place that knows the paper's splits:
 
 * GeneralPoints: id = J/Q/K count 10, black suits; rule_ood = J/Q/K count 11/12/13; visual_ood = red suits.
 * V-IRL: id = training city, absolute actions; rule_ood = same city, relative actions;
   visual_ood = another city (the paper: NYC vs the nine-city VLN mini benchmark).
+
+What an environment must give the trainer is written in :mod:`lit_sftrl.envs.contract`, which checks it.
+Nothing named in a config is imported until an environment is built.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import gymnasium as gym
+from gymnasium.envs.registration import load_env_creator
 
 from lit_sftrl.core.validation import PlainData, check_plain_data, validate
+from lit_sftrl.data.episodes import Wrapping
 from lit_sftrl.envs import GENERAL_POINTS_ID, VIRL_ID
 from lit_sftrl.envs.base import ChatEnv
+from lit_sftrl.envs.contract import ContractError, check_env
 from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
 from lit_sftrl.envs.routes import MAX_MILESTONES
 
-TaskName = Literal["gp_l", "gp_vl", "virl_l", "virl_vl"]
-Variant = Literal["id", "rule_ood", "visual_ood"]
-VARIANTS: tuple[str, ...] = ("id", "rule_ood", "visual_ood")
+PRESETS: tuple[str, ...] = ("gp_l", "gp_vl", "virl_l", "virl_vl")
+VARIANTS: tuple[str, ...] = ("id", "rule_ood", "visual_ood")  # the presets' variants, in the paper's order
+TRAIN_VARIANT = "id"  # the variant trained on (in distribution); every variant is evaluated
+VARIANT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")  # it becomes a metric key (val/<variant>/success)
+
+
+@dataclass
+class WrapperConfig:
+    """A gymnasium wrapper put around the environment, e.g. to shape its reward.
+
+    Args:
+        wrapper: import path ``package.module:Class`` of a ``gymnasium.Wrapper`` subclass (called with the
+            environment first, then ``kwargs``); imported only when an environment is built. (Not ``class_path``:
+            jsonargparse would import and instantiate that itself while parsing.)
+        kwargs: its keyword arguments; plain data only.
+        apply_to_eval: wrap the evaluation environments too (default: training only, so that evaluation
+            measures the environment's own task).
+    """
+
+    wrapper: str
+    kwargs: dict[str, PlainData] | None = None
+    apply_to_eval: bool = False
+
+    def __post_init__(self) -> None:
+        check_import_path(self.wrapper, "task.wrappers.wrapper")
+        check_plain_data(self.kwargs, "task.wrappers.kwargs")
 
 
 @dataclass
@@ -32,14 +66,24 @@ class TaskConfig:
     """Which environment to train and evaluate on.
 
     Args:
-        name: ``gp_l`` / ``gp_vl`` (GeneralPoints, text / image) or ``virl_l`` / ``virl_vl`` (V-IRL).
+        name: a preset, ``gp_l`` / ``gp_vl`` (GeneralPoints, text / image) or ``virl_l`` / ``virl_vl`` (V-IRL);
+            with ``env`` set, your task's name in evaluation records and reports (default: the ``env`` string).
+        env: your own environment instead of a preset: a registered gymnasium id (``MyEnv-v0``, or
+            ``my_pkg:MyEnv-v0`` to import the module that registers it) or an import path ``my_pkg.envs:MyEnv``
+            (a class or function; the current directory is searched first, as ``python -m`` does).
+        variants: named keyword sets, one per variant: ``{id: {...}, harder: {...}}``. ``id`` is trained on;
+            every variant is evaluated. With ``env``: default ``{id: {}}``. With a preset: added to its variants
+            (a same name replaces the preset's). Plain data only.
+        wrappers: gymnasium wrappers around the training environments (and evaluation's, with ``apply_to_eval``),
+            innermost first: reward shaping without editing the environment.
         verify_iter: attempts per prompt before the episode (GP) or rail point (V-IRL) fails;
             ``None`` keeps the environment's default (paper: 5 for GP, 2 for V-IRL).
-        image_size: side of the square observation image in pixels (paper: 1200 for GP; tiny models want 224).
-        target: the GeneralPoints target number.
-        routes: V-IRL route folder for training, id and rule_ood (official on-disk format).
-        ood_routes: V-IRL route folder for visual_ood.
-        env_kwargs: any further environment keyword arguments (e.g. ``{"drop_rate": 0.0}``, or
+        image_size: preset setting: side of the square observation image in pixels (paper: 1200 for GP; tiny
+            models want 224).
+        target: preset setting: the GeneralPoints target number.
+        routes: preset setting: V-IRL route folder for training, id and rule_ood (official on-disk format).
+        ood_routes: preset setting: V-IRL route folder for visual_ood.
+        env_kwargs: keyword arguments for every variant, applied last (e.g. ``{"drop_rate": 0.0}``, or
             ``{"sampling": "deck"}`` for GeneralPoints hands of distinct cards); plain data only, a ``class_path``
             inside is refused, never instantiated.
         templates: replacement wording, template key -> text with named fields (``{cards}``, ``{target}``,
@@ -52,7 +96,10 @@ class TaskConfig:
             decoding (a 140 KB file can declare 12000 x 12000 pixels, 432 MB decoded).
     """
 
-    name: TaskName = "gp_l"
+    name: str | None = None
+    env: str | None = None
+    variants: dict[str, dict[str, PlainData]] | None = None
+    wrappers: list[WrapperConfig] | None = None
     verify_iter: int | None = None
     image_size: int = 224
     target: int = 24
@@ -66,51 +113,123 @@ class TaskConfig:
     def __post_init__(self) -> None:
         validate(self, "task")
         check_plain_data(self.env_kwargs, "task.env_kwargs")
+        check_plain_data(self.variants, "task.variants")
+        if self.env is None:
+            self.name = self.name or PRESETS[0]
+            if self.name not in PRESETS:
+                raise ValueError(f"task.name: {self.name!r} is not a preset ({', '.join(PRESETS)}); to train on "
+                                 "your own environment, name it in task.env")
+        else:
+            check_import_path(self.env, "task.env", gym_id_allowed=True)
+            self.name = self.name or self.env
+        self.wrappers = [w if isinstance(w, WrapperConfig) else WrapperConfig(**w) for w in self.wrappers or []]
+        for name, kwargs in (self.variants or {}).items():
+            if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name):
+                raise ValueError(f"task.variants: {name!r} is not a usable variant name (a letter, then letters, "
+                                 "digits, '_' or '-'; it names metrics such as val/<variant>/success)")
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"task.variants.{name}: must be a dict of keyword arguments, got {kwargs!r}")
+            shared = sorted(set(kwargs) & set(self.env_kwargs or {}))
+            if shared:
+                raise ValueError(f"task.variants.{name}.{shared[0]}: also set in task.env_kwargs, which applies to "
+                                 "every variant and would override it; set it in one place")
+        if TRAIN_VARIANT not in self.variant_kwargs():
+            raise ValueError(f"task.variants: no {TRAIN_VARIANT!r} variant (the one trained on) among "
+                             f"{list(self.variant_names)}")
+
+    @property
+    def is_preset(self) -> bool:
+        return self.env is None
 
     @property
     def is_visual(self) -> bool:
-        return self.name.endswith("_vl")
+        return self.is_preset and self.name.endswith("_vl")
 
     @property
     def is_virl(self) -> bool:
-        return self.name.startswith("virl")
+        return self.is_preset and self.name.startswith("virl")
 
     @property
-    def variants(self) -> tuple[str, ...]:
-        """The evaluation variants that apply: visual_ood only for image tasks."""
-        return VARIANTS if self.is_visual else VARIANTS[:2]
+    def env_id(self) -> str:
+        """The gymnasium id or import path of the environment."""
+        if self.is_preset:
+            return VIRL_ID if self.is_virl else GENERAL_POINTS_ID
+        return self.env
 
-    def check_variant(self, variant: str) -> None:
-        if variant not in self.variants:
-            raise ValueError(
-                f"variant {variant!r} does not apply to task {self.name!r}; choose one of {list(self.variants)}"
-            )
+    @property
+    def variant_names(self) -> tuple[str, ...]:
+        """The variants, in evaluation order: the presets' visual_ood only for image tasks."""
+        return tuple(self.variant_kwargs())
 
-    def env_spec(self, variant: str = "id") -> tuple[str, dict[str, Any]]:
-        """The gymnasium id and keyword arguments of this task's environment for ``variant``."""
-        self.check_variant(variant)
-        kwargs: dict[str, Any] = {"modality": "image" if self.is_visual else "text"}
-        if self.is_visual:
-            kwargs["image_size"] = self.image_size
+    def variant_kwargs(self) -> dict[str, dict[str, Any]]:
+        """Variant name -> its own keyword arguments, in evaluation order (its position seeds its episodes)."""
+        own = {name: dict(kwargs) for name, kwargs in (self.variants or {}).items()}
+        return {**self._preset_variants(), **own} if self.is_preset else (own or {TRAIN_VARIANT: {}})
+
+    def _preset_variants(self) -> dict[str, dict[str, Any]]:
+        """The paper's splits as keyword sets: visual_ood only for image tasks."""
+        if self.is_virl:
+            variants = {"id": {"routes": self.routes, "action_space": "absolute"},
+                        "rule_ood": {"routes": self.routes, "action_space": "relative"},
+                        "visual_ood": {"routes": self.ood_routes, "action_space": "absolute"}}
+        else:
+            variants = {"id": {"face_card_rule": "10", "suits": "black"},
+                        "rule_ood": {"face_card_rule": "11-13", "suits": "black"},
+                        "visual_ood": {"face_card_rule": "10", "suits": "red"}}
+        return {name: variants[name] for name in (VARIANTS if self.is_visual else VARIANTS[:2])}
+
+    def _shared_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every variant gets before its own: the presets' settings, and verify_iter."""
+        kwargs: dict[str, Any] = {}
+        if self.is_preset:
+            kwargs["modality"] = "image" if self.is_visual else "text"
+            if self.is_visual:
+                kwargs["image_size"] = self.image_size
         if self.verify_iter is not None:
             kwargs["verify_iter"] = self.verify_iter
         if self.is_virl:
-            env_id = VIRL_ID
-            kwargs["routes"] = self.ood_routes if variant == "visual_ood" else self.routes
-            kwargs["action_space"] = "relative" if variant == "rule_ood" else "absolute"
             kwargs["max_milestones"], kwargs["max_image_pixels"] = self.max_milestones, self.max_image_pixels
-        else:
-            env_id = GENERAL_POINTS_ID
+        elif self.is_preset:
             kwargs["target"] = self.target
-            kwargs["face_card_rule"] = "11-13" if variant == "rule_ood" else "10"
-            kwargs["suits"] = "red" if variant == "visual_ood" else "black"
+        return kwargs
+
+    def check_variant(self, variant: str) -> None:
+        if variant not in self.variant_kwargs():
+            raise ValueError(
+                f"variant {variant!r} does not apply to task {self.name!r}; choose one of {list(self.variant_names)}"
+            )
+
+    def env_spec(self, variant: str = TRAIN_VARIANT) -> tuple[str, dict[str, Any]]:
+        """The environment (gymnasium id or import path) and keyword arguments of ``variant``: the shared ones,
+        the variant's own, the templates, then ``env_kwargs``."""
+        self.check_variant(variant)
+        kwargs = {**self._shared_kwargs(), **self.variant_kwargs()[variant]}
         if self.templates:
             kwargs["templates"] = dict(self.templates)
         kwargs.update(self.env_kwargs or {})
-        return env_id, kwargs
+        return self.env_id, kwargs
+
+    def wrapping(self, evaluation: bool = False) -> Wrapping:
+        """The wrappers of training environments, or (``evaluation``) those marked ``apply_to_eval``."""
+        return tuple((w.wrapper, dict(w.kwargs or {})) for w in self.wrappers
+                     if w.apply_to_eval or not evaluation)
+
+    def check_contract(self, expert: bool = False, suboptimal: bool = False) -> None:
+        """Build every variant's environment as a run builds it (the training variant with the training wrappers,
+        the others with evaluation's) and check it against :mod:`lit_sftrl.envs.contract`; ContractError, one line,
+        at the first break. ``expert`` / ``suboptimal``: SFT plays the training variant's expert (multi-turn)."""
+        for variant in self.variant_names:
+            label = f"{self.env_id} (variant {variant!r})"
+            env_id, kwargs = self.env_spec(variant)
+            try:
+                env = make_env_from_spec(env_id, kwargs, self.wrapping(evaluation=variant != TRAIN_VARIANT))
+            except Exception as error:  # noqa: BLE001 - the user's code: any failure is reported in one line
+                raise ContractError(" ".join(f"{label}: building it raised {type(error).__name__}: {error}".split()))
+            training = variant == TRAIN_VARIANT
+            check_env(env, label, expert=expert and training, suboptimal=suboptimal and training)
 
     def route_folders(self) -> list[str]:
-        """The V-IRL route folders this task reads (empty for GeneralPoints)."""
+        """The V-IRL route folders this task reads (empty for any other environment)."""
         if not self.is_virl:
             return []
         return [self.routes, self.ood_routes] if self.is_visual else [self.routes]
@@ -120,8 +239,8 @@ class TaskConfig:
         for folder in self.route_folders():
             ensure_routes(folder)
 
-    def make_env(self, variant: str = "id", **overrides: Any) -> ChatEnv:
-        """Build the environment for ``variant`` (unwrapped: the rollout engine needs ``expert_answer``)."""
+    def make_env(self, variant: str = TRAIN_VARIANT, **overrides: Any) -> ChatEnv:
+        """Build the environment for ``variant``, unwrapped (expert play and the route count read its methods)."""
         env_id, kwargs = self.env_spec(variant)
         return make_env_from_spec(env_id, {**kwargs, **overrides})
 
@@ -136,9 +255,45 @@ def paper_buffer_ratio(env_id: str) -> float:
     return PAPER_BUFFER_RATIOS[env_id]
 
 
-def make_env_from_spec(env_id: str, kwargs: dict[str, Any]) -> ChatEnv:
-    """Build a registered environment, unwrapped: the rollout engine drives it directly."""
-    return gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+def is_import_path(name: str) -> bool:
+    """``package.module:Attribute`` (an object to call), as opposed to a gymnasium id such as ``MyEnv-v0`` or
+    ``my_pkg:MyEnv-v0`` (gymnasium imports ``my_pkg``, which registers the id)."""
+    module, _, attribute = name.partition(":")
+    return attribute.isidentifier() and all(part.isidentifier() for part in module.split("."))
+
+
+def check_import_path(name: Any, key: str, gym_id_allowed: bool = False) -> None:
+    if not isinstance(name, str) or not name or (not gym_id_allowed and not is_import_path(name)):
+        expected = "a gymnasium id or " if gym_id_allowed else ""
+        raise ValueError(f"{key}: {name!r} is not {expected}an import path 'package.module:Name'")
+
+
+def load_user_object(path: str) -> Any:
+    """The object an import path names. The current directory comes first on ``sys.path`` (as for ``python -m``),
+    so ``examples.own_env.reverse:ReverseEnv`` resolves from the repository root under the console script too."""
+    _current_directory_on_path()
+    try:
+        return load_env_creator(path)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {path!r}: {type(error).__name__}: {error}") from None
+
+
+def _current_directory_on_path() -> None:
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def make_env_from_spec(env_id: str, kwargs: dict[str, Any], wrappers: Wrapping = ()) -> ChatEnv:
+    """Build an environment, unwrapped (the rollout engine drives it directly), then put ``wrappers`` around it."""
+    if is_import_path(env_id):
+        env = load_user_object(env_id)(**kwargs)
+    else:
+        _current_directory_on_path()  # gymnasium's my_pkg:MyEnv-v0 imports my_pkg, which registers the id
+        env = gym.make(env_id, disable_env_checker=True, **kwargs).unwrapped
+    for wrapper, kwargs in wrappers:
+        env = load_user_object(wrapper)(env, **kwargs)
+    return env
 
 
 def ensure_routes(folder: str) -> Path:

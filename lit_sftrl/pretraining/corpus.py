@@ -31,7 +31,7 @@ def environment_corpus(episodes: int = 64, seed: int = 0) -> list[str]:
             for name in ("virl_l", "virl_vl")
         ]
         for task in tasks:
-            for variant in task.variants:
+            for variant in task.variant_names:
                 env = task.make_env(variant)
                 for episode in range(episodes if not task.is_virl else 4):
                     texts += _episode_text(env, seed + episode)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_sftrl.core.compute import ComputeConfig, FlopsCounter
 from lit_sftrl.core.validation import check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes
-from lit_sftrl.data.tasks import VARIANTS, make_env_from_spec
+from lit_sftrl.data.tasks import make_env_from_spec
 from lit_sftrl.models.backbone import Backbone, BackboneConfig, SamplingConfig
 from lit_sftrl.models.export import inherited_flops, load_weights_for_init, pack_state, unpack_state
 from lit_sftrl.pretraining.corpus import ensure_backbone
@@ -103,7 +103,8 @@ class PolicyModule(L.LightningModule):
         self.save_hyperparameters({"backbone": asdict(self.backbone_config), "init_from": init_from})
         self.backbone: Backbone | None = None
         self.flops: FlopsCounter | None = None
-        self.eval_metrics = torch.nn.ModuleDict({variant: EpisodeMetrics() for variant in VARIANTS})
+        # One per variant the datamodule evaluates (any names an environment gives), made on first use.
+        self.eval_metrics: dict[str, EpisodeMetrics] = {}
         self._eval_envs: dict[str, list] = {}
         self._eval_task: str | None = None
         self._checkpoint_step = 0  # validate/test restore weights, not the step: keep the checkpoint's for records
@@ -236,7 +237,7 @@ class PolicyModule(L.LightningModule):
     def _evaluate_chunk(self, chunk: EvalEpisodes) -> None:
         envs = self._eval_envs.get(chunk.variant)
         if envs is None or len(envs) < len(chunk.episodes):
-            envs = [make_env_from_spec(chunk.env_id, chunk.env_kwargs) for _ in chunk.episodes]
+            envs = [make_env_from_spec(chunk.env_id, chunk.env_kwargs, chunk.wrappers) for _ in chunk.episodes]
             self._eval_envs[chunk.variant] = envs
         self._eval_task = chunk.task
         engine = RolloutEngine(self.backbone, self.eval_sampling, keep_transcripts=self.save_transcripts)
@@ -244,6 +245,8 @@ class PolicyModule(L.LightningModule):
         results = engine.evaluate(envs, chunk.episodes, on_attempts=eval_attempts(self._trainer))
         for key in self._eval_cap:
             self._eval_cap[key] += self.backbone.cap_counts[key] - before[key]
+        if chunk.variant not in self.eval_metrics:
+            self.eval_metrics[chunk.variant] = EpisodeMetrics().to(self.device)
         self.eval_metrics[chunk.variant].update(results)
         if self.save_transcripts:
             self._transcripts += [
@@ -282,6 +285,7 @@ class PolicyModule(L.LightningModule):
             record = {
                 "stage": stage, "step": step, "epoch": self.current_epoch,
                 "flops": self.flops.total, "checkpoint": self.trainer.ckpt_path, "metrics": metrics,
+                "variants": list(metrics),  # the task's order (the file's keys are sorted)
                 "module": type(self).__name__, "init_from": self.init_from, "task": self._eval_task,
                 "compute_mode": self.compute.mode,
             }

@@ -202,7 +202,7 @@ class PPOModule(PolicyModule):
 
     def _rollout(self, spec: RolloutSpec) -> Rollout:
         if self._pool is None:
-            envs = [make_env_from_spec(spec.env_id, spec.env_kwargs) for _ in range(spec.num_envs)]
+            envs = [make_env_from_spec(spec.env_id, spec.env_kwargs, spec.wrappers) for _ in range(spec.num_envs)]
             state = self._pool_states[spec.rank] if self._pool_states else None
 
             def episode_for(env_index: int, number: int) -> tuple[int, dict]:
@@ -340,7 +340,8 @@ class PPOModule(PolicyModule):
         self.env_steps += int(n)
         self.log_dict(
             {
-                "train/reward": reward / n, "train/per_step_accuracy": correct / n,
+                "train/reward": reward / n, **self._reward_components(rollout, n),
+                "train/per_step_accuracy": correct / n,
                 "train/episodes_finished": episode["episodes"],
                 "train/attempts_per_episode": finished_attempts / max(episode["episodes"], 1),
                 "train/max_attempt_index": float(furthest[0]), "train/max_rail_index": float(furthest[1]),
@@ -356,6 +357,16 @@ class PPOModule(PolicyModule):
         self.log("reward", reward / n, prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------------------------ helpers
+
+    def _reward_components(self, rollout: Rollout, n: float) -> dict[str, float]:
+        """``train/reward/<name>``: the mean per attempt of each component a reward wrapper reports in
+        ``info["reward_components"]`` (the same names on every step, so every rank sums the same ones)."""
+        sums = rollout.reward_components()
+        if not sums:
+            return {}
+        summed = self.trainer.strategy.reduce(torch.tensor(list(sums.values()), dtype=torch.float64,
+                                                           device=self.device), reduce_op="sum").tolist()
+        return {f"train/reward/{name}": total / n for name, total in zip(sums, summed)}
 
     def _sum_over_ranks(self, value: int) -> int:
         return int(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum"))

@@ -54,6 +54,7 @@ class Attempt:
     bootstrap_value: float = 0.0  # V of the cut state (the state itself, not the next episode's first)
     reference_token_logprobs: torch.Tensor | None = None
     prompt_tokens: int = 0  # the prompt's length as scoring lays it out (micro-batches grouped by length)
+    reward_components: dict[str, float] | None = None  # what a reward wrapper said the reward is made of
 
 
 @dataclass
@@ -163,6 +164,14 @@ class Rollout:
         return [len(self.attempts), sum(a.reward for a in self.attempts), sum(a.correct for a in self.attempts),
                 sum(r.attempts for r in self.finished), self.inference_tokens]
 
+    def reward_components(self) -> dict[str, float]:
+        """Each reward component's sum over the attempts, in name order (empty when nothing reports any)."""
+        sums: dict[str, float] = {}
+        for attempt in self.attempts:
+            for name, value in (attempt.reward_components or {}).items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        return dict(sorted(sums.items()))
+
     def furthest(self) -> list[int]:
         """How far episodes got: the largest attempt index and rail index of this rollout."""
         return [max((a.attempt_index for a in self.attempts), default=0),
@@ -257,7 +266,7 @@ class RolloutEngine:
             value=float(generation.value or 0.0), reward=float(reward), correct=bool(info.get("correct")),
             terminated=bool(terminated), truncated=bool(truncated and not terminated), env_index=index,
             attempt_index=int(info.get("attempt", 0)), progress=info.get("rail_index"),
-            prompt_tokens=len(generation.prompt_ids),
+            prompt_tokens=len(generation.prompt_ids), reward_components=info.get("reward_components"),
         )
 
     def _thought_weights(self, generation: Generation, action_offset: int | None) -> torch.Tensor | None:
