@@ -133,3 +133,17 @@ def test_the_shipped_study_config_parses(monkeypatch):
     config = parse_study_config("configs/study/gp_l.yaml")
     assert config.stage_names() == ["init", "rl", "sft", "init_test", "sft_test", "rl_test", "report"]
     assert config.val_seed != config.test_seed and config.init.steps == 100
+
+
+def test_stages_run_as_lit_sftrl_subprocesses_by_default_and_count_their_cpu(tmp_path, configs, tiny_dir_factory):
+    """The default: each stage is the recorded ``lit-sftrl`` command in its own process; its CPU seconds are the
+    child's. (The base's test alone, to stay short.)"""
+    sft_config, rl_config = configs
+    base = tiny_dir_factory("mllama")
+    config = StudyConfig(out=str(tmp_path / "out"), sft_config=str(sft_config), rl_config=str(rl_config),
+                         base=str(base), base_test=True, test_episodes=2, stop_after="base_test")
+    record = Study(config).run()
+    stage = record["stages"]["base_test"]
+    assert stage["finished"] and stage["cpu_s"] > 0 and stage["command"].startswith(
+        f"lit-sftrl test --config {sft_config} --model.init_args.backbone.path {base}")
+    assert any(p.name.startswith("test-") for p in (tmp_path / "out" / "base_test" / "eval").iterdir())
