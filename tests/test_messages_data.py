@@ -209,3 +209,21 @@ def test_a_missing_messages_path_stops_before_any_model(tmp_path):
              "--trainer.default_root_dir", str(tmp_path / "run")])
     assert "data.messages: '/nonexistent.jsonl' does not exist" in str(exit_info.value.code)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_malformed_record_ends_a_fit_from_the_shell_with_one_line(tmp_path, data_folder, tiny_dir_factory):
+    """Records are read when the fit asks for its first batch, inside Lightning: the line naming the record is
+    still all the user sees, not a traceback."""
+    import subprocess
+    import sys
+
+    from test_sft import small_config
+
+    bad = write_jsonl(data_folder / "sft.jsonl", [records()[1], {"messages": [{"role": "user", "content": "q"}]}])
+    config = small_config(tmp_path / "run", tiny_dir_factory("mllama"), steps=2)
+    result = subprocess.run([str(Path(sys.executable).with_name("lit-sftrl")), "fit", "--config", str(config),
+                             "--data.init_args.messages", str(bad)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lit-sftrl fit: {bad}:2: the last message must be the assistant's")
+    assert "Traceback" not in result.stderr

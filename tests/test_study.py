@@ -132,7 +132,7 @@ def test_the_shipped_study_config_parses(monkeypatch):
     monkeypatch.chdir(REPO)
     config = parse_study_config("configs/study/gp_l.yaml")
     assert config.stage_names() == ["init", "rl", "sft", "init_test", "sft_test", "rl_test", "report"]
-    assert config.val_seed != config.test_seed and config.init.steps == 100
+    assert config.val_seed != config.test_seed and config.init.steps == 60
 
 
 def test_stages_run_as_lit_sftrl_subprocesses_by_default_and_count_their_cpu(tmp_path, configs, tiny_dir_factory):

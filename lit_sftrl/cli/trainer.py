@@ -199,7 +199,7 @@ class SftRlCLI(LightningCLI):
         stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
         try:
             self.trainer.fit(model, **kwargs)
-        except (FloatingPointError, validation.LimitExceeded, DiskFull) as error:
+        except (FloatingPointError, validation.LimitExceeded, validation.DataError, DiskFull) as error:
             if not self._command_line:
                 raise
             sys.exit(f"lit-sftrl fit: {error}")

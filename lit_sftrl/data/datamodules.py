@@ -8,6 +8,7 @@ checkpoints see identical episodes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
 from typing import Any, Literal
@@ -17,7 +18,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from lit_sftrl.core.seeding import stream_rng, stream_seed
-from lit_sftrl.core.validation import check_values, validate
+from lit_sftrl.core.validation import DataError, check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.data.llava_data import read_llava_json
 from lit_sftrl.data.messages import read_messages
@@ -242,15 +243,27 @@ class LlavaSource(FileSource):
     """SFT samples from a released LLaVA-style JSON file (:mod:`lit_sftrl.data.llava_data`)."""
 
     def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        super().__init__(read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels),
-                         max_image_pixels)
+        with data_errors():
+            conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
+        super().__init__(conversations, max_image_pixels)
 
 
 class MessagesSource(FileSource):
     """SFT samples from ``messages`` JSONL, a ``datasets`` directory or parquet (:mod:`lit_sftrl.data.messages`)."""
 
     def __init__(self, path: str, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        super().__init__(read_messages(path, lazy=True, max_image_pixels=max_image_pixels), max_image_pixels)
+        with data_errors():
+            conversations = read_messages(path, lazy=True, max_image_pixels=max_image_pixels)
+        super().__init__(conversations, max_image_pixels)
+
+
+@contextmanager
+def data_errors() -> Iterator[None]:
+    """A reader's ValueError (a record named, what is wrong) as a DataError: the CLI ends the run with that line."""
+    try:
+        yield
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 class SFTDataModule(EpisodeDataModule):
