@@ -365,14 +365,15 @@ def _timed(work: Callable[[], object], in_process: bool) -> dict[str, float]:
 def parse_study_config(config_path_or_args: str | Path | list[str]) -> StudyConfig:
     """A :class:`StudyConfig` from a YAML path, or from command-line arguments (``--config study.yaml`` and any
     ``--key value`` overrides, e.g. ``--rl_updates 2``)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile
 
     from lit_sftrl.core.validation import install_yaml_limits
+    from lit_sftrl.run.cli_errors import ShortErrorParser
 
     install_yaml_limits()
     args = ["--config", str(config_path_or_args)] if isinstance(config_path_or_args, (str, Path)) \
         else list(config_path_or_args)
-    parser = ArgumentParser(prog="lit-sftrl study", description=__doc__.splitlines()[0], default_env=False)
+    parser = ShortErrorParser(prog="lit-sftrl study", description=__doc__.splitlines()[0], default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="the study's YAML file")
     parser.add_class_arguments(StudyConfig, None, as_positional=False)  # the YAML's keys at its top level
     parsed = parser.instantiate_classes(parser.parse_args(args))

@@ -147,3 +147,15 @@ def test_stages_run_as_lit_sftrl_subprocesses_by_default_and_count_their_cpu(tmp
     assert stage["finished"] and stage["cpu_s"] > 0 and stage["command"].startswith(
         f"lit-sftrl test --config {sft_config} --model.init_args.backbone.path {base}")
     assert any(p.name.startswith("test-") for p in (tmp_path / "out" / "base_test" / "eval").iterdir())
+
+
+def test_a_misspelt_study_key_is_named_in_short(tmp_path, configs, capsys):
+    sft_config, rl_config = configs
+    settings = {"out": str(tmp_path / "out"), "sft_config": str(sft_config), "rl_config": str(rl_config),
+                "rl_update": 3}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(settings))
+    with pytest.raises(SystemExit):
+        run(["study", "--config", str(tmp_path / "study.yaml")])
+    assert capsys.readouterr().err.splitlines() == [
+        "lit-sftrl study: rl_update: no such setting", "(lit-sftrl study --help lists every setting)"]
+    assert not (tmp_path / "out").exists()
