@@ -37,6 +37,10 @@ HOW_NOT_WHAT = ("in_process", "stop_after")
 ENTRY_POINT = "from lit_sftrl.cli import main; main()"  # when the console script is not beside the interpreter
 
 
+class StageFailed(ValueError):
+    """A stage's command failed or was interrupted: the study stops, its record says where to resume."""
+
+
 @dataclass
 class InitConfig:
     """The shared starting point of RL and continued SFT.
@@ -321,12 +325,12 @@ class Study:
         try:
             seconds = _timed(work, self.config.in_process)
         except subprocess.CalledProcessError as error:
-            raise ValueError(f"stage {name} failed (exit status {error.returncode}); run the study again to resume "
-                             "it") from None
+            raise StageFailed(f"stage {name} failed (exit status {error.returncode}); run the study again to "
+                              "resume it") from None
         except SystemExit as error:  # in process: the command's own one-line message
-            if error.code in (0, None):
-                raise ValueError(f"stage {name} stopped early; run the study again to resume it") from None
-            raise ValueError(f"stage {name} failed: {error.code}; run the study again to resume it") from None
+            raise StageFailed(f"stage {name} failed: {error.code}; run the study again to resume it") from None
+        except KeyboardInterrupt:
+            raise StageFailed(f"stage {name} interrupted; run the study again to resume it") from None
         self.record["stages"][name] = {"command": command, "finished": True, **seconds}
         self._save()
         print(f"  ({seconds['wall_s']:.0f} s, {seconds['cpu_s']:.0f} s of CPU)", flush=True)
