@@ -17,9 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def small_rl_config(tmp: Path, tiny: Path) -> Path:
-    """configs/gp_l_ppo.yaml, shrunk: 8 attempts of at most 4 tokens per update, no validation passes."""
+    """configs/gp_l_ppo.yaml, shrunk: 8 attempts of at most 4 tokens per update, a validation pass per update."""
     config = copy.deepcopy(yaml.safe_load((REPO / "configs/gp_l_ppo.yaml").read_text()))
-    config["trainer"].update(accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+    config["trainer"].update(accelerator="cpu", num_sanity_val_steps=0, check_val_every_n_epoch=1, log_every_n_steps=1,
                              enable_progress_bar=False, enable_model_summary=False)
     model = config["model"]["init_args"]
     model["backbone"]["path"] = str(tiny)
@@ -40,7 +40,7 @@ def configs(tmp_path, tiny_dir_factory) -> tuple[Path, Path]:
     from test_sft import small_config
 
     tiny = tiny_dir_factory("mllama")
-    return small_config(tmp_path / "sft", tiny, steps=2), small_rl_config(tmp_path, tiny)
+    return small_config(tmp_path / "sft", tiny, steps=2, validate=True), small_rl_config(tmp_path, tiny)
 
 
 def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs):
@@ -48,7 +48,7 @@ def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs)
     out = tmp_path / "study"
     settings = {"out": str(out), "sft_config": str(sft_config), "rl_config": str(rl_config), "init": {"steps": 2},
                 "rl_updates": 1, "test_episodes": 2, "rl_overrides": ["--model.init_args.ppo.kl_coef", "0.01"],
-                "in_process": True}
+                "overrides": ["--trainer.num_sanity_val_steps", "0"], "in_process": True}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(settings))
 
     # A study that stops after RL (as one killed between stages would): Init and RL are done, nothing else.
@@ -73,7 +73,10 @@ def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs)
     assert "--data.init_args.evaluation.seed 4321" in stages["sft"]["command"]
     assert f"--trainer.max_steps {record['flops']['sft_steps']}" in stages["sft"]["command"]
     assert all(stage["cpu_s"] > 0 and stage["gpu_s"] == 0 for name, stage in stages.items() if name != "rl")
-    assert (out / "report" / "report.md").exists() and rl_ckpt.exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "Matched compute: n/a" not in report and rl_ckpt.exists()
+    headline = report.split("## Init / SFT / RL")[1].split("\n\n")[1]
+    assert "| id | success |" in headline and "—" not in headline  # Init, SFT and RL bars at matched compute
     for folder in ("init_test", "sft", "rl"):
         assert any(p.name.startswith("test-") for p in (out / folder / "eval").iterdir()), folder
 
