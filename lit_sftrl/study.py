@@ -32,8 +32,9 @@ from typing import Any
 from lit_sftrl.core.validation import positive_int, validate
 
 STUDY_RECORD = "study.json"
-# Fields that change how a study runs, not what it computes: a study may resume with them changed.
-HOW_NOT_WHAT = ("in_process", "stop_after")
+# Fields that change how a study runs, or add a stage after the others, not what the fits and tests compute:
+# a study may resume with them changed (e.g. a probe asked for once the rest has finished).
+HOW_NOT_WHAT = ("in_process", "stop_after", "report", "probe")
 ENTRY_POINT = "from lit_sftrl.cli import main; main()"  # when the console script is not beside the interpreter
 
 
