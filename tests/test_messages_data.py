@@ -76,6 +76,30 @@ def test_a_datasets_directory_and_a_parquet_file_read_as_the_jsonl_does(data_fol
         assert Path(read[0]["image"]).name == "red.png" and read[1]["image"] is None
 
 
+def trl_style_rows(image) -> list[dict]:
+    """TRL's vision layout: content as parts, the image stored in the dataset (datasets' Image feature)."""
+    return [{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+             "images": [image]}]
+
+
+def test_content_parts_and_images_stored_in_a_dataset_are_read_without_writing_beside_it(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(trl_style_rows(Image.new("RGB", (16, 12), (255, 0, 0)))).save_to_disk(
+        str(tmp_path / "hf"))
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    (lazy,) = read_messages(tmp_path / "hf", lazy=True)
+    (decoded,) = read_messages(tmp_path / "hf")
+    assert lazy["messages"] == decoded["messages"] == [{"role": "user", "content": "Colour?"},
+                                                       {"role": "assistant", "content": "red"}]
+    assert isinstance(lazy["image"], bytes) and decoded["image"].shape == (12, 16, 3)
+    assert decoded["image"][0, 0].tolist() == [255, 0, 0]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before  # no cache files in the user's data
+    with pytest.raises(ValueError, match=r"hf\[0\]: image 'stored in the dataset' is 16 x 12 pixels"):
+        read_messages(tmp_path / "hf", max_image_pixels=100)
+
+
 def test_an_image_path_that_leaves_the_data_folder_is_refused(data_folder):
     Image.new("RGB", (4, 4)).save(data_folder.parent / "outside.png")
     escaping = [{"messages": CONVERSATION, "images": ["../outside.png"]}]
@@ -91,8 +115,8 @@ def test_an_image_path_that_leaves_the_data_folder_is_refused(data_folder):
 @pytest.mark.parametrize("line, message", [
     ('{"messages": []}', "sft.jsonl:2: needs a non-empty 'messages' list"),
     ('{"messages": [{"role": "robot", "content": "x"}]}', "sft.jsonl:2: each message needs a 'role'"),
-    ('{"messages": [{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "a"}]}',
-     "'content' must be a string"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}',
+     "'content' must be a string or a list of parts"),
     ('{"messages": [{"role": "user", "content": "q"}]}', "the last message must be the assistant's"),
     ('{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}',
      "first message after any system message must be the user's"),
@@ -101,6 +125,13 @@ def test_an_image_path_that_leaves_the_data_folder_is_refused(data_folder):
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], '
      '"images": ["missing.png"]}', "cannot read image"),
     ("{not json", "sft.jsonl:2: not a JSON object"),
+    ('{"messages": [{"role": "user", "content": [{"type": "video"}]}, {"role": "assistant", "content": "a"}]}',
+     "a content part must be"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}, '
+     '{"role": "assistant", "content": "a"}]}', "the image part has no image in 'images'"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, '
+     '{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "b"}], '
+     '"images": ["imgs/red.png"]}', "the image part is in message 2; it must be in the first user message"),
 ])
 def test_malformed_records_are_one_line_naming_the_line(data_folder, line, message):
     path = data_folder / "sft.jsonl"
@@ -181,7 +212,7 @@ def test_the_datamodule_tags_samples_with_the_turns_to_train_on(data_folder):
 # ------------------------------------------------------------------------------------------ fits
 
 
-@pytest.mark.parametrize("kind", ["jsonl", "datasets"])
+@pytest.mark.parametrize("kind", ["jsonl", "datasets", "stored images"])
 def test_an_sft_fit_on_messages_data_runs_through_the_cli(tmp_path, data_folder, tiny_dir_factory, kind):
     from test_sft import small_config
 
@@ -189,6 +220,11 @@ def test_an_sft_fit_on_messages_data_runs_through_the_cli(tmp_path, data_folder,
 
     if kind == "jsonl":
         data = write_jsonl(data_folder / "sft.jsonl", records())
+    elif kind == "stored images":
+        import datasets
+
+        data = data_folder / "trl"
+        datasets.Dataset.from_list(trl_style_rows(Image.new("RGB", (16, 12), (0, 0, 255)))).save_to_disk(str(data))
     else:
         data = save_dataset(data_folder)
         (data / "imgs").mkdir()

@@ -21,9 +21,9 @@ from lit_sftrl.core.seeding import stream_rng, stream_seed
 from lit_sftrl.core.validation import DataError, check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.data.llava_data import read_llava_json
-from lit_sftrl.data.messages import read_messages
+from lit_sftrl.data.messages import decode_image, read_messages
 from lit_sftrl.data.tasks import TaskConfig
-from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, load_rgb
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
 AssistantTurns = Literal["all", "last"]  # which assistant turns of a conversation SFT trains on
@@ -235,8 +235,8 @@ class FileSource:
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
         drawn = [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
-        return [{**c, "image": load_rgb(c["image"], self.max_image_pixels)} if isinstance(c["image"], str) else c
-                for c in drawn]
+        return [{**c, "image": decode_image(c["image"], self.max_image_pixels)}
+                if isinstance(c["image"], (str, bytes)) else c for c in drawn]
 
 
 class LlavaSource(FileSource):
