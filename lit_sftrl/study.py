@@ -175,6 +175,7 @@ def _visible_gpus() -> int:
 
 
 def inherited_flops(path: str | Path) -> float:
+    """The FLOPs counter of the checkpoint ``path`` (imported when needed: the study's parser imports no torch)."""
     from lit_sftrl.models.export import inherited_flops as flops
 
     return flops(path)
