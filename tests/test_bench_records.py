@@ -43,16 +43,27 @@ def test_the_benches_refuse_to_validate_on_the_test_episodes(main, flag, capsys)
     assert "test episodes" in capsys.readouterr().err
 
 
-def test_the_study_passes_rl_overrides_to_the_rl_fit_alone_and_matches_sft_to_its_flops(tmp_path, monkeypatch):
-    commands = []
-    monkeypatch.setattr(study, "run_cli", lambda *args: commands.append(args) or {"command": " ".join(args)})
-    flops = {"init": 300e9, "rl": 450e9}  # 1 GFLOP per Init step, so RL's extra 150 GFLOPs buy 150 SFT steps
-    monkeypatch.setattr(study, "inherited_flops", lambda path: flops[Path(path).parts[-3]])
+def fake_stages(monkeypatch, flops: dict[str, float], init_steps: int) -> list[list[str]]:
+    """The study's stages recorded instead of run; checkpoints' FLOPs and steps as given."""
+    import lit_sftrl.study as package_study
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(package_study, "run_lit_sftrl", lambda args, in_process: commands.append(args))
+    monkeypatch.setattr(package_study, "inherited_flops", lambda path: flops[Path(path).parts[-3]])
+    monkeypatch.setattr(package_study, "checkpoint_steps", lambda path: init_steps)
+    return commands
+
+
+def test_the_study_passes_rl_overrides_to_the_rl_runs_alone_and_matches_sft_to_its_flops(tmp_path, monkeypatch):
+    # 1 GFLOP per Init step, so RL's extra 150 GFLOPs buy 150 SFT steps
+    commands = fake_stages(monkeypatch, {"init": 300e9, "rl": 450e9}, init_steps=300)
     study.main(["--task", "virl_l", "--init-steps", "300", "--out", str(tmp_path / "out"),
                 "--rl-args", "--model.init_args.ppo.kl_coef 0.05", "--docs", str(tmp_path / "docs")])
-    rl_fit, sft_fit = commands[1], commands[2]
-    assert "configs/virl_l_ppo.yaml" in rl_fit and rl_fit[-2:] == ("--model.init_args.ppo.kl_coef", "0.05")
-    assert not any("kl_coef" in arg for command in commands if command is not rl_fit for arg in command)
+    rl_fit, sft_fit, rl_test = commands[1], commands[2], commands[5]
+    assert "configs/virl_l_ppo.yaml" in rl_fit and "configs/virl_l_ppo.yaml" in rl_test
+    for command in (rl_fit, rl_test):
+        assert command[command.index("--model.init_args.ppo.kl_coef") + 1] == "0.05"
+    assert not any("kl_coef" in arg for command in commands if command not in (rl_fit, rl_test) for arg in command)
     assert sft_fit[sft_fit.index("--trainer.max_steps") + 1] == "150"
     record = json.loads((tmp_path / "docs" / "study.json").read_text())
     assert record["rl_args"] == "--model.init_args.ppo.kl_coef 0.05" and record["sft_steps"] == 150
@@ -71,28 +82,26 @@ def test_the_study_replaces_an_earlier_studys_records_instead_of_mixing_them(tmp
     assert sorted(p.name for p in (docs / "report").iterdir()) == ["report.md"]
 
 
-def test_a_study_from_a_base_probes_what_each_post_training_kept(tmp_path, monkeypatch):
-    commands, probes = [], []
-    monkeypatch.setattr(study, "run_cli", lambda *args: commands.append(args) or {"command": " ".join(args)})
+def test_a_study_from_a_base_tests_it_first_and_probes_what_each_post_training_kept(tmp_path, monkeypatch):
+    from lit_sftrl.study import Study
 
-    def probe(argv, shown):
-        probes.append(argv)
-        out = Path(argv[argv.index("--out") + 1])
-        out.mkdir(parents=True)
-        (out / "probe.json").write_text("{}")
-        return {"command": " ".join(shown)}
+    commands = fake_stages(monkeypatch, {"init": 300e9, "rl": 450e9}, init_steps=300)
+    probes = []
 
-    monkeypatch.setattr(study, "run_command", probe)
-    monkeypatch.setattr(study, "inherited_flops", lambda path: {"init": 300e9, "rl": 450e9}[Path(path).parts[-3]])
-    out, docs = tmp_path / "out", tmp_path / "docs"
-    study.main(["--task", "virl_l", "--base", "my-base", "--out", str(out), "--docs", str(docs)])
-    (argv,) = probes
-    assert argv[1:3] == [str(Path(study.__file__).with_name("probe_base.py")), "my-base"]
-    assert [a for a in argv if a.startswith("--after")] == [
-        f"--after={name}={out / name / 'checkpoints' / 'last.ckpt'}" for name in ("init", "sft", "rl")]
-    assert commands[0][0] == "test" and (docs / "probe" / "probe.json").exists()
-    assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith(
-        "python -m bench.probe_base my-base --items 50 --after=init=")
+    def probe(self):
+        probes.append(self.config.probe)
+        (self.out / "probe").mkdir(parents=True)
+        (self.out / "probe" / "probe.json").write_text("{}")
+
+    monkeypatch.setattr(Study, "_probe", probe)
+    out, docs, base = tmp_path / "out", tmp_path / "docs", tmp_path / "my-base"
+    base.mkdir()
+    study.main(["--task", "virl_l", "--base", str(base), "--out", str(out), "--docs", str(docs)])
+    assert [probe.items for probe in probes] == [50]
+    base_test = commands[0]
+    assert base_test[0] == "test" and base_test[base_test.index("--model.init_args.backbone.path") + 1] == str(base)
+    assert (docs / "probe" / "probe.json").exists()
+    assert json.loads((docs / "study.json").read_text())["stages"][-1]["command"].startswith("probe_skills(")
 
 
 def test_seeds_are_averaged_per_evaluation_and_the_gain_judged_against_their_spread():

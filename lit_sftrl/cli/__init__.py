@@ -6,6 +6,7 @@
     lit-sftrl make-city --style metro --routes 1000 --seed 0 --out data/virl/metro
     lit-sftrl export --ckpt checkpoints/gp_l_sft/checkpoints/last.ckpt --out exported/gp_l_sft
     lit-sftrl report checkpoints/gp_l_sft checkpoints/gp_l_ppo --out reports/gp_l
+    lit-sftrl study --config configs/study/gp_l.yaml    # base -> Init -> SFT and RL at matched compute -> report
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TOOLS_HELP = {
     "export": "turn an SFT/PPO Lightning checkpoint into a standard Hugging Face directory",
     "report": "plot success vs FLOPs and Init/SFT/RL bars from run directories",
 }
+STUDY_HELP = "the SFT-vs-RL study: Init, then SFT and RL at matched compute, tests, report (resumable)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +44,8 @@ def run(argv: list[str] | None = None) -> Any:
         return None
     if argv[0] in TOOLS_HELP:
         return _run_tool(argv[0], argv[1:])
+    if argv[0] == "study":
+        return _study(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         sys.exit(f"lit-sftrl: unknown command {argv[0]!r}\n\n{_overview()}")
     return cli_main(None if from_command_line else argv)
@@ -66,8 +70,17 @@ def _overview() -> str:
         ("validate", "evaluate a model on the validation episodes of every variant"),
         ("test", "evaluate a model on the paper-sized test episodes of every variant"),
     )]
-    lines += ["", "tools:"] + [f"  {name:<10} {what}" for name, what in TOOLS_HELP.items()]
+    lines += ["", "tools:"] + [f"  {name:<10} {what}" for name, what in {**TOOLS_HELP, "study": STUDY_HELP}.items()]
     return "\n".join(lines)
+
+
+def _study(argv: list[str]) -> Any:
+    from lit_sftrl.study import study
+
+    try:
+        return study(argv)
+    except ValueError as error:
+        sys.exit(f"lit-sftrl study: {error}")
 
 
 def _run_tool(name: str, argv: list[str]) -> Any:

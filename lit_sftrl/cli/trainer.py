@@ -200,7 +200,7 @@ class SftRlCLI(LightningCLI):
         stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
         try:
             self.trainer.fit(model, **kwargs)
-        except (FloatingPointError, validation.LimitExceeded, DiskFull) as error:
+        except (FloatingPointError, validation.LimitExceeded, validation.DataError, DiskFull) as error:
             if not self._command_line:
                 raise
             sys.exit(f"lit-sftrl fit: {error}")
@@ -327,9 +327,12 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             problems.append(
                 (key, f"route folder {folder!r} does not exist and is not named after a synthetic city style")
             )
-    llava_json = _get(data, "llava_json")
-    if llava_json and not Path(llava_json).exists():
-        problems.append(("data.llava_json", f"{llava_json!r} does not exist"))
+    for key in ("llava_json", "messages"):
+        path = _get(data, key)
+        if path and not Path(path).exists():
+            problems.append((f"data.{key}", f"{path!r} does not exist"))
+    if _get(data, "llava_json") and _get(data, "messages"):
+        problems.append(("data.messages", "data.llava_json names training data too: give one of the two"))
     return problems
 
 

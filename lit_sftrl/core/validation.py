@@ -21,6 +21,10 @@ class LimitExceeded(ValueError):
     """Data beyond a limit the config states (tokens per sample, image pixels...): the run stops with one line."""
 
 
+class DataError(ValueError):
+    """A training data file the config names holds a record that cannot be used: the run stops with one line."""
+
+
 Rule = Callable[[Any], "str | None"]  # None when the value is fine, otherwise what is wrong
 
 

@@ -8,22 +8,25 @@ checkpoints see identical episodes.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from lit_sftrl.core.seeding import stream_rng, stream_seed
-from lit_sftrl.core.validation import check_values, validate
+from lit_sftrl.core.validation import DataError, check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
 from lit_sftrl.data.llava_data import read_llava_json
+from lit_sftrl.data.messages import decode_image, read_messages
 from lit_sftrl.data.tasks import TaskConfig
-from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, load_rgb
+from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
+AssistantTurns = Literal["all", "last"]  # which assistant turns of a conversation SFT trains on
 PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}
 
 
@@ -194,14 +197,18 @@ class SFTBatches(IterableDataset):
     identical for any number of workers and restarts exactly at ``start``.
     """
 
-    def __init__(self, source: ExpertSource | LlavaSource, batch_size: int, seed: int, rank: int, start: int) -> None:
+    def __init__(self, source: ExpertSource | FileSource, batch_size: int, seed: int, rank: int, start: int,
+                 assistant_turns: AssistantTurns = "last") -> None:
         self.source, self.batch_size, self.seed, self.rank, self.start = source, batch_size, seed, rank, start
+        self.assistant_turns = assistant_turns
 
     def __iter__(self) -> Iterator[list[Conversation]]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for index in count(self.start + worker_id, num_workers):
-            yield self.source.batch(stream_rng("sft_batches", self.seed, self.rank, index), self.batch_size)
+            batch = self.source.batch(stream_rng("sft_batches", self.seed, self.rank, index), self.batch_size)
+            # Each sample says which of its assistant turns are trained on (SFTModule reads it).
+            yield [{**sample, "assistant_turns": self.assistant_turns} for sample in batch]
 
 
 class ExpertSource:
@@ -222,22 +229,48 @@ class ExpertSource:
         return [pool[i] for i in rng.choice(len(pool), size, replace=False)]
 
 
-class LlavaSource:
-    """SFT samples from a released LLaVA-style JSON file, drawn uniformly with replacement."""
+class FileSource:
+    """SFT samples read from a file (images checked there, kept as paths), drawn uniformly with replacement;
+    an image is decoded when a batch draws it."""
 
-    def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        # Images checked (folder, file type, header's pixel count) here, decoded when a batch draws them.
-        self.conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
-        self.max_image_pixels = max_image_pixels
+    def __init__(self, conversations: list[Conversation], max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        self.conversations, self.max_image_pixels = conversations, max_image_pixels
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
         drawn = [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
-        return [{**c, "image": load_rgb(c["image"], self.max_image_pixels)} if isinstance(c["image"], str) else c
-                for c in drawn]
+        return [{**c, "image": decode_image(c["image"], self.max_image_pixels)}
+                if isinstance(c["image"], (str, bytes)) else c for c in drawn]
+
+
+class LlavaSource(FileSource):
+    """SFT samples from a released LLaVA-style JSON file (:mod:`lit_sftrl.data.llava_data`)."""
+
+    def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        with data_errors():
+            conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
+        super().__init__(conversations, max_image_pixels)
+
+
+class MessagesSource(FileSource):
+    """SFT samples from ``messages`` JSONL, a ``datasets`` directory or parquet (:mod:`lit_sftrl.data.messages`)."""
+
+    def __init__(self, path: str, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+        with data_errors():
+            conversations = read_messages(path, lazy=True, max_image_pixels=max_image_pixels)
+        super().__init__(conversations, max_image_pixels)
+
+
+@contextmanager
+def data_errors() -> Iterator[None]:
+    """A reader's ValueError (a record named, what is wrong) as a DataError: the CLI ends the run with that line."""
+    try:
+        yield
+    except ValueError as error:
+        raise DataError(str(error)) from None
 
 
 class SFTDataModule(EpisodeDataModule):
-    """Expert episodes (or a LLaVA-style JSON file) for SFT, plus fixed evaluation episodes.
+    """Expert episodes (or a data file) for SFT, plus fixed evaluation episodes.
 
     Args:
         task: the environment the expert plays.
@@ -245,7 +278,13 @@ class SFTDataModule(EpisodeDataModule):
         multi_turn: share of prompts first answered wrongly, then corrected (paper App. C.1; 0 = off).
         llava_json: read samples from this LLaVA-style JSON file instead of playing the environment.
         image_folder: folder that the JSON's image paths are relative to (default: the JSON's folder).
-        max_image_pixels: the most pixels an image of the JSON may declare in its file header, checked before
+        messages: read samples from this conversational data instead: a ``messages`` JSONL file, a Hugging Face
+            ``datasets`` directory (``save_to_disk``) or a parquet file, with a ``messages`` column and optional
+            ``images`` (paths relative to the data's folder; docs/how-to/sft-data.md).
+        assistant_turns: which assistant turns the loss covers: ``all`` of them, or the ``last`` one only (the
+            earlier ones are then context, as the wrong answers of a revision conversation must be). Default: ``all``
+            for ``messages`` data, ``last`` for expert play and LLaVA-style files.
+        max_image_pixels: the most pixels an image of the data may declare in its file header, checked before
             anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels).
         num_workers: dataloader worker processes.
         seed: seed of the training stream.
@@ -259,6 +298,8 @@ class SFTDataModule(EpisodeDataModule):
         multi_turn: float = 0.0,
         llava_json: str | None = None,
         image_folder: str | None = None,
+        messages: str | None = None,
+        assistant_turns: AssistantTurns | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         num_workers: int = 0,
         seed: int = 0,
@@ -268,16 +309,23 @@ class SFTDataModule(EpisodeDataModule):
         check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers,
                      max_image_pixels=max_image_pixels)
         self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
+        if llava_json and messages:
+            raise ValueError("data.llava_json and data.messages both name training data: give one")
         self.llava_json, self.image_folder, self.max_image_pixels = llava_json, image_folder, max_image_pixels
+        self.messages = messages
+        self.assistant_turns = assistant_turns or ("all" if messages else "last")
         self.batches_consumed = 0
 
     def train_dataloader(self) -> DataLoader:
         if self.llava_json:
             source = LlavaSource(self.llava_json, self.image_folder, self.max_image_pixels)
+        elif self.messages:
+            source = MessagesSource(self.messages, self.max_image_pixels)
         else:
             source = ExpertSource(self.task, self.multi_turn)
         rank = self.trainer.global_rank if self.trainer else 0
-        dataset = SFTBatches(source, self.batch_size, self.seed, rank, start=self.batches_consumed)
+        dataset = SFTBatches(source, self.batch_size, self.seed, rank, start=self.batches_consumed,
+                             assistant_turns=self.assistant_turns)
         return DataLoader(dataset, batch_size=None, collate_fn=keep_as_is, num_workers=self.num_workers)
 
     def state_dict(self) -> dict[str, Any]:

@@ -352,12 +352,16 @@ class Backbone(nn.Module):
                     yield self.model
 
     # -- SFT ---------------------------------------------------------------------------------------------------
-    def sft_batch(self, conversations: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+    def sft_batch(
+        self, conversations: Sequence[Prompt], all_turns: Sequence[bool] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Model inputs + ``labels`` for conversations ending with an assistant turn (CPU tensors): the first
         prompt and the rest, packed (``ChatEncoder.append``); labels IGNORE except the final assistant turn through
-        its end-of-turn token (earlier turns are context: ``ChatEncoder.sft_row``). A batch's conversations all have
-        an image, or none."""
-        rows = [self.encoder.sft_row(conversation) for conversation in conversations]
+        its end-of-turn token (earlier turns are context: ``ChatEncoder.sft_row``), or every assistant turn of the
+        conversations whose ``all_turns`` flag is set. A batch's conversations all have an image, or none."""
+        flags = list(all_turns) if all_turns is not None else [False] * len(conversations)
+        rows = [self.encoder.sft_row(conversation, flag)
+                for conversation, flag in zip(conversations, flags, strict=True)]
         prompts = self.encoder.encode_prompts([row.prompt for row in rows])
         batch = self.encoder.append(prompts, [row.ids for row in rows])
         batch["labels"] = sft_labels(rows, batch)

@@ -129,11 +129,12 @@ class ChatEncoder:
         return _packed(out, [width - len(c) for c in continuations])
 
     # -- SFT -------------------------------------------------------------------------------------------------
-    def sft_row(self, conversation: Prompt) -> SftRow:
+    def sft_row(self, conversation: Prompt, all_turns: bool = False) -> SftRow:
         """Split a conversation at its first assistant turn; label the *final* assistant turn's tokens through
         its end-of-turn token, nothing else. Earlier assistant turns are context, like the user turns: in a
         revision conversation (the paper's multi-turn SFT ablation, App. C.1) they are the wrong answers the
-        feedback refers to, and the loss must cover the correction only."""
+        feedback refers to, and the loss must cover the correction only. ``all_turns``: label every assistant
+        turn (each through its end-of-turn token), as conversational SFT data is usually trained."""
         messages, image = conversation
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not turns or turns[-1] != len(messages) - 1:
@@ -147,8 +148,8 @@ class ChatEncoder:
         for k, turn in enumerate(turns):
             if k > 0:  # the turns between two assistant turns, up to the next generation prompt
                 rendered = self._extend(rendered, messages[:turn], has_image, True, ids, labelled, train=False)
-            final = k == len(turns) - 1
-            rendered = self._extend(rendered, messages[: turn + 1], has_image, False, ids, labelled, train=final)
+            trained = all_turns or k == len(turns) - 1
+            rendered = self._extend(rendered, messages[: turn + 1], has_image, False, ids, labelled, train=trained)
         return SftRow(prompt=(list(messages[: turns[0]]), image), ids=ids, labelled=labelled)
 
     def _extend(self, rendered, messages, has_image, generation_prompt, ids, labelled, train: bool) -> str:

@@ -39,7 +39,10 @@ class SFTModule(PolicyModule):
         # tokens of the batch, as one mixed forward pass would give.
         losses, labelled, tokens = [], 0, 0
         for group in _by_modality(batch):
-            inputs = self.backbone.sft_batch([(sample["messages"], sample["image"]) for sample in group])
+            inputs = self.backbone.sft_batch(
+                [(sample["messages"], sample["image"]) for sample in group],
+                all_turns=[sample.get("assistant_turns") == "all" for sample in group],
+            )
             length = int(inputs["input_ids"].shape[-1])
             if length > self.backbone_config.max_tokens:  # one 5 MB turn once took the machine down with no message
                 raise LimitExceeded(
