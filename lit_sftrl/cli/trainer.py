@@ -313,7 +313,8 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; "
                                   f"choose one of {list(task.variant_names)}"))
     if not problems and not task.is_preset:  # your own environment: does it give what the trainer reads?
-        plays_expert = str(config.data.get("class_path", "")).endswith("SFTDataModule") and not _get(data, "llava_json")
+        from_files = _get(data, "llava_json") or _get(data, "messages")  # SFT from files needs no expert
+        plays_expert = str(config.data.get("class_path", "")).endswith("SFTDataModule") and not from_files
         try:
             task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(_get(data, "multi_turn")))
         except (ContractError, ValueError) as error:
