@@ -39,10 +39,14 @@ class PretrainConfig:
 
     Args:
         out: the base model directory to write (left untouched when it exists).
-        family, size, seed: the tiny model built first (as ``make-tiny``); ``seed`` also seeds the batches.
+        family: the tiny model built first (as ``make-tiny --family``).
+        size: its size (as ``make-tiny --size``).
+        seed: its initial weights (as ``make-tiny --seed``); also seeds the batches.
         skills: the corpus (size, image share, mix).
         batch_size: conversations per optimizer step.
-        lr, warmup_steps, min_lr_ratio: AdamW peak learning rate, linear warm-up, cosine floor.
+        lr: AdamW peak learning rate.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine decay's floor, a share of ``lr``.
         max_steps: optimizer steps (the cosine schedule spans them).
         max_minutes: wall-clock cap on the fit; 0 = none.
         threads: torch intra-op threads (1 is fastest for tiny models on a shared machine).
