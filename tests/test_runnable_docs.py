@@ -49,6 +49,9 @@ TINY: dict[str, list[list[str]]] = {
     "print-config": [[], SFT + NO_EVALUATION],
     "export": [[]],
     "report": [[]],
+    "tool-config": [["--routes", "1"], ["--routes", "1"]],
+    "pretrain-small": [["--base.max_steps", "2", "--base.warmup_steps", "1", "--base.batch_size", "2",
+                        "--base.skills.size", "40", "--base.skills.image_share", "0.0", "--base.log_every", "1"]],
 }
 NEEDS = {"export": "main-job", "report": "sft-rl-test-report"}  # the run directories a block reads
 
@@ -165,6 +168,8 @@ def test_the_documented_block_runs(name, workspaces):
         "print-config": ["printed.yaml"],
         "export": ["exported/gp_l_sft/config.json"],
         "report": ["reports/gp_l/curves.png"],
+        "tool-config": ["city.yaml", "data/virl/harbor/route_infos.json"],
+        "pretrain-small": ["checkpoints/my-base/config.json", "checkpoints/my-base/lit_sftrl_base.json"],
     }[name]
     missing = [path for path in expected if not (where / path).exists()]
     assert not missing, f"block {name!r} left no {missing}"
