@@ -12,7 +12,7 @@ Each command of a block runs as written, in a scratch directory that holds the r
 tiny test model at ``checkpoints/tiny-mllama`` (where the configs look for it), with the size-reducing flags that
 ``TINY`` below lists for it appended: later flags win, so the documented ones are all parsed and checked, and only
 sizes change. A block may need the files another block leaves (``NEEDS``): that block runs first, in its own
-directory, which is copied.
+directory, which is copied. A marked ```python block runs as it is, and ``PYTHON_CHECKS`` checks what it computed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lit_sftrl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^<!-- runnable: ([\w-]+) -->$")
-FENCE = "```bash"
+FENCES = {"```bash": "bash", "```python": "python"}
 
 SFT = ["--trainer.max_steps", "2", "--data.init_args.batch_size", "2"]
 PPO = ["--trainer.max_epochs", "1", "--data.init_args.num_envs", "2", "--data.init_args.rollout_steps", "4",
@@ -54,6 +54,9 @@ TINY: dict[str, list[list[str]]] = {
                         "--base.skills.size", "40", "--base.skills.image_share", "0.0", "--base.log_every", "1"]],
 }
 NEEDS = {"export": "main-job", "report": "sft-rl-test-report"}  # the run directories a block reads
+PYTHON_CHECKS = {  # what a python block's comments promise
+    "environment": lambda ns: ns["reward"] == 5 and ns["info"]["success"] and ns["terminated"],
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class Block:
     name: str
     page: str
     line: int
+    language: str  # bash: commands run one by one; python: the code runs as a whole
     commands: tuple[str, ...]
+    code: str = ""
 
 
 def commands_of(lines: list[str]) -> tuple[str, ...]:
@@ -80,13 +85,16 @@ def collect(paths: list[Path], root: Path = REPO) -> list[Block]:
             if not (match := MARKER.match(line.strip())):
                 continue
             where = f"{path.relative_to(root)}:{number + 1}"
-            if number + 1 >= len(lines) or lines[number + 1].strip() != FENCE:
-                raise ValueError(f"{where}: a runnable marker must be followed by a {FENCE} fence")
+            fence = lines[number + 1].strip() if number + 1 < len(lines) else ""
+            if fence not in FENCES:
+                raise ValueError(f"{where}: a runnable marker must be followed by a ```bash or ```python fence")
             end = next((i for i in range(number + 2, len(lines)) if lines[i].strip() == "```"), None)
             if end is None:
                 raise ValueError(f"{where}: the runnable block is never closed")
-            blocks.append(Block(match[1], str(path.relative_to(root)), number + 1,
-                                commands_of(lines[number + 2:end])))
+            body = lines[number + 2:end]
+            language = FENCES[fence]
+            blocks.append(Block(match[1], str(path.relative_to(root)), number + 1, language,
+                                commands_of(body) if language == "bash" else (), "\n".join(body)))
     return blocks
 
 
@@ -116,6 +124,13 @@ def run_command(command: str, extra: list[str]) -> None:
 
 
 def run_block(block: Block, where: Path) -> None:
+    if block.language == "python":
+        namespace: dict = {}
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(where)
+            exec(compile(block.code, f"{block.page}:{block.line}", "exec"), namespace)
+        assert PYTHON_CHECKS[block.name](namespace), f"{block.page}:{block.line}: {block.name!r} computed otherwise"
+        return
     flags = TINY.get(block.name)
     assert flags is not None, f"{block.page}:{block.line}: block {block.name!r} has no entry in TINY"
     assert len(flags) == len(block.commands), (
@@ -152,14 +167,17 @@ def test_every_marked_block_is_collected_and_has_its_tiny_sizes():
     found = collect(documentation())
     names = [block.name for block in found]
     assert len(names) == len(set(names)), f"two blocks share a name: {names}"
-    assert set(names) == set(TINY), f"marked blocks {sorted(names)} against TINY {sorted(TINY)}"
+    shell = sorted(block.name for block in found if block.language == "bash")
+    assert shell == sorted(TINY), f"marked command blocks {shell} against TINY {sorted(TINY)}"
+    python = sorted(block.name for block in found if block.language == "python")
+    assert python == sorted(PYTHON_CHECKS), f"marked python blocks {python} against PYTHON_CHECKS"
     assert {block.page for block in found} >= {"README.md", "docs/getting-started.md"}
     assert set(NEEDS) | set(NEEDS.values()) <= set(names)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*hit the cap")  # 8 new tokens cut every answer: the sizes, not the page
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY) + sorted(PYTHON_CHECKS))
 def test_the_documented_block_runs(name, workspaces):
     where = workspaces(name)
     expected = {  # what each block's commands leave behind
@@ -170,6 +188,7 @@ def test_the_documented_block_runs(name, workspaces):
         "report": ["reports/gp_l/curves.png"],
         "tool-config": ["city.yaml", "data/virl/harbor/route_infos.json"],
         "pretrain-small": ["checkpoints/my-base/config.json", "checkpoints/my-base/lit_sftrl_base.json"],
+        "environment": [],
     }[name]
     missing = [path for path in expected if not (where / path).exists()]
     assert not missing, f"block {name!r} left no {missing}"
@@ -194,7 +213,7 @@ def test_a_renamed_flag_fails_its_block(name, flag, renamed, tmp_path, monkeypat
 def test_a_marker_without_a_bash_fence_is_refused(tmp_path):
     page = tmp_path / "page.md"
     page.write_text("<!-- runnable: lost -->\n\n```bash\nlit-sftrl --help\n```\n")
-    with pytest.raises(ValueError, match="page.md:1: a runnable marker must be followed by a ```bash fence"):
+    with pytest.raises(ValueError, match="page.md:1: a runnable marker must be followed by a ```bash or"):
         collect([page], root=tmp_path)
 
 
