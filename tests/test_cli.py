@@ -15,9 +15,10 @@ from lit_sftrl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/ holds LightningCLI configs, plus the tools' own: each of those is run by the test named here.
-TOOL_CONFIGS = {"pretrain_base": "lit-sftrl make-tiny --pretrain (tests/test_pretrain.py)"}
+TOOL_CONFIGS = {"pretrain_base": "lit-sftrl pretrain --config (tests/test_pretrain.py)"}
 CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.stem not in TOOL_CONFIGS)
-COMMANDS = ("fit", "validate", "test", "make-tiny", "make-city", "export", "report")  # predict is not offered
+# predict is not offered
+COMMANDS = ("fit", "validate", "test", "make-tiny", "pretrain", "make-city", "export", "report")
 
 
 def subprocess_env() -> dict[str, str]:

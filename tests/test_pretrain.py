@@ -1,4 +1,4 @@
-"""``lit-sftrl make-tiny --pretrain``: a few real optimizer steps through the CLI, reproducible from the seed."""
+"""``lit-sftrl pretrain``: a few real optimizer steps through the CLI, reproducible from the seed."""
 
 from __future__ import annotations
 
@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pytest
 
-from lit_sftrl.pretraining.pretrain import RECORD, SkillBatches, load_config
+from lit_sftrl.pretraining.pretrain import RECORD, PretrainConfig, SkillBatches
 from lit_sftrl.pretraining.skills import IMAGE_SKILLS, SkillsConfig
 
 STEPS = 4
-SMOKE = [f"max_steps={STEPS}", "batch_size=2", "warmup_steps=1", "skills.size=40", "skills.image_share=0.5",
-         "skills.image_size=64", "skills.street_scenes=1", "log_every=1"]
+SMOKE = {"max_steps": STEPS, "batch_size": 2, "warmup_steps": 1, "log_every": 1}
+SMOKE_SKILLS = {"size": 40, "image_share": 0.5, "image_size": 64, "street_scenes": 1}
+SMOKE_FLAGS = [*(a for key, value in SMOKE.items() for a in (f"--base.{key}", str(value))),
+               *(a for key, value in SMOKE_SKILLS.items() for a in (f"--base.skills.{key}", str(value)))]
+
+
+def smoke_config(**changes) -> PretrainConfig:
+    return PretrainConfig(**SMOKE, skills=SkillsConfig(**SMOKE_SKILLS), **changes)
 
 
 @pytest.fixture(autouse=True)
@@ -34,11 +40,11 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     from lit_sftrl.pretraining.probe import probe_skills
 
     # the smoke stream holds both kinds of batch (image and text), so both forward paths are trained
-    stream = iter(SkillBatches(load_config(None, SMOKE).skills, 2, 0))
+    stream = iter(SkillBatches(smoke_config().skills, 2, 0))
     kinds = {next(stream)[0]["skill"] in IMAGE_SKILLS for _ in range(STEPS)}
     assert kinds == {True, False}
 
-    first = run(["make-tiny", "--pretrain", "--out", str(tmp_path / "a"), *sum((["--set", s] for s in SMOKE), [])])
+    first = run(["pretrain", "--base.out", str(tmp_path / "a"), *SMOKE_FLAGS])
     record = json.loads((first / RECORD).read_text())
     assert record["steps"] == STEPS and not record["stopped_by_time"] and record["tokens"] > 0
     assert (first / "pretrain_metrics.csv").read_text().count("\n") >= 2
@@ -52,7 +58,7 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     assert set(scores) == {"compass", "json", "json_keys", "street_image", "street_style"}
     assert all(0.0 <= value <= 1.0 for value in scores.values())
 
-    second = pretrain_base(load_config(None, [*SMOKE, f"out={tmp_path / 'b'}"]))
+    second = pretrain_base(smoke_config(out=str(tmp_path / "b")))
     assert (first / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
     init = tmp_path / "init"
     from lit_sftrl.pretraining.corpus import build_tiny
@@ -64,22 +70,29 @@ def test_smoke_through_the_cli_and_deterministic(tmp_path, capsys):
     assert vocabulary[0] == vocabulary[1]  # the same tokenizer rule: the base and the tiny default share it
 
 
-def test_config_file_and_overrides(tmp_path):
-    config = load_config(Path(__file__).parents[1] / "configs" / "pretrain_base.yaml", ["skills.size=7", "lr=0.5"])
+def test_config_file_and_overrides(tmp_path, capsys):
+    """configs/pretrain_base.yaml is the tool's --config, parsed like every other config: flags override it, a
+    misspelt key is one line naming the nearest, a missing file is refused, and the YAML holds the defaults."""
+    from lit_sftrl.cli import registered_tools, tool_parser
+
+    parser = tool_parser("pretrain", registered_tools()["pretrain"])
+    config = parser.instantiate_classes(parser.parse_args(
+        ["--config", str(Path(__file__).parents[1] / "configs" / "pretrain_base.yaml"), "--base.skills.size", "7",
+         "--base.lr", "0.5"])).base
     assert config.out == "checkpoints/tiny-mllama-base" and config.skills.size == 7 and config.lr == 0.5
     assert config.max_minutes > 0 and config.max_steps > 0
-    with pytest.raises(ValueError, match="unknown pretraining keys"):
-        load_config(None, ["max_step=3"])
-    with pytest.raises(ValueError, match="key=value"):
-        load_config(None, ["max_steps"])
-    with pytest.raises(FileNotFoundError):
-        load_config(tmp_path / "missing.yaml")
+    assert config == PretrainConfig(skills=SkillsConfig(size=7), lr=0.5)  # the file restates the defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--base.max_step", "3"])
+    assert "did you mean --base.max_steps?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
 def test_a_missing_base_says_how_to_build_it(tmp_path):
     from lit_sftrl.models.tiny import resolve_model_path
 
-    with pytest.raises(FileNotFoundError, match="make-tiny --pretrain"):
+    with pytest.raises(FileNotFoundError, match="lit-sftrl pretrain"):
         resolve_model_path(tmp_path / "tiny-mllama-base")
 
 

@@ -1,33 +1,48 @@
-"""The ``lit-sftrl`` command: LightningCLI's fit/validate/test, plus the project's own tools.
+"""The ``lit-sftrl`` command: LightningCLI's fit/validate/test, plus the project's tools, every one parsed by
+jsonargparse with ``--config FILE`` and ``--print_config``.
 
     lit-sftrl fit --config configs/gp_l_sft.yaml [--model.backbone.path DIR] [--trainer.devices 8 ...]
     lit-sftrl make-tiny --family mllama --out checkpoints/tiny-mllama
-    lit-sftrl make-tiny --pretrain        # pretrained base: configs/pretrain_base.yaml -> checkpoints/tiny-mllama-base
+    lit-sftrl pretrain --config configs/pretrain_base.yaml     # the pretrained base -> checkpoints/tiny-mllama-base
     lit-sftrl make-city --style metro --routes 1000 --seed 0 --out data/virl/metro
     lit-sftrl export --ckpt checkpoints/gp_l_sft/checkpoints/last.ckpt --out exported/gp_l_sft
     lit-sftrl report checkpoints/gp_l_sft checkpoints/gp_l_ppo --out reports/gp_l
     lit-sftrl study --config configs/study/gp_l.yaml    # base -> Init -> SFT and RL at matched compute -> report
+
+A tool is a function in :mod:`lit_sftrl.cli.tools` (or anywhere): its signature is its command line and its
+docstring its help, registered in ``TOOLS`` below by one line, as LitGPT registers its commands.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, get_origin
 
 from lit_sftrl.run.quiet import quiet_console
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: validate/test play episodes (and keep transcripts)
-TOOLS_HELP = {
-    "make-tiny": "build a tiny offline model of a VLM family (tokenizer trained on the environments' text)",
-    "make-city": "generate a synthetic V-IRL city in the official route format",
-    "export": "turn an SFT/PPO Lightning checkpoint into a standard Hugging Face directory",
-    "report": "plot success vs FLOPs and Init/SFT/RL bars from run directories",
+LIGHTNING_COMMANDS = {  # no predict: validate/test play episodes (and keep transcripts)
+    "fit": "train: SFT or PPO, as the --config file says",
+    "validate": "evaluate a model on the validation episodes of every variant",
+    "test": "evaluate a model on the paper-sized test episodes of every variant",
 }
+# Commands whose whole config is one dataclass with its own jsonargparse parser (--config, --print_config).
 STUDY_HELP = "the SFT-vs-RL study: Init, then SFT and RL at matched compute, tests, report (resumable)"
+
+
+def registered_tools() -> dict[str, Callable[..., Any]]:
+    """Command name -> the function it runs, one line each. Imported when a tool runs, not for fit/validate/test."""
+    from lit_sftrl.cli.tools import export, make_city, make_tiny, pretrain, report
+
+    return {
+        "make-tiny": make_tiny,
+        "pretrain": pretrain,
+        "make-city": make_city,
+        "export": export,
+        "report": report,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,13 +57,13 @@ def run(argv: list[str] | None = None) -> Any:
     if not argv or argv[0] in ("-h", "--help"):
         print(_overview())
         return None
-    if argv[0] in TOOLS_HELP:
-        return _run_tool(argv[0], argv[1:])
+    if argv[0] in LIGHTNING_COMMANDS:
+        return cli_main(None if from_command_line else argv)
+    if argv[0] in registered_tools():
+        return run_tool(argv[0], argv[1:])
     if argv[0] == "study":
         return _study(argv[1:])
-    if argv[0] not in LIGHTNING_COMMANDS:
-        sys.exit(f"lit-sftrl: unknown command {argv[0]!r}\n\n{_overview()}")
-    return cli_main(None if from_command_line else argv)
+    sys.exit(f"lit-sftrl: unknown command {argv[0]!r}\n\n{_overview()}")
 
 
 def cli_main(argv: list[str] | None) -> Any:
@@ -61,16 +76,11 @@ def cli_main(argv: list[str] | None) -> Any:
 
 
 def _overview() -> str:
-    lines = [
-        "usage: lit-sftrl COMMAND [options]   (lit-sftrl COMMAND --help for a command's options)", "",
-        "training (LightningCLI):",
-    ]
-    lines += [f"  {name:<10} {what}" for name, what in (
-        ("fit", "train: SFT or PPO, as the --config file says"),
-        ("validate", "evaluate a model on the validation episodes of every variant"),
-        ("test", "evaluate a model on the paper-sized test episodes of every variant"),
-    )]
-    lines += ["", "tools:"] + [f"  {name:<10} {what}" for name, what in {**TOOLS_HELP, "study": STUDY_HELP}.items()]
+    lines = ["usage: lit-sftrl COMMAND [options]   (lit-sftrl COMMAND --help for a command's options)", "",
+             "training (LightningCLI):"]
+    lines += [f"  {name:<10} {what}" for name, what in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tools:"] + [f"  {name:<10} {_summary(function)}" for name, function in registered_tools().items()]
+    lines += [f"  {'study':<10} {STUDY_HELP}"]
     return "\n".join(lines)
 
 
@@ -83,14 +93,44 @@ def _study(argv: list[str]) -> Any:
         sys.exit(f"lit-sftrl study: {error}")
 
 
-def _run_tool(name: str, argv: list[str]) -> Any:
-    parser = argparse.ArgumentParser(prog=f"lit-sftrl {name}", description=TOOLS_HELP[name])
-    command: Callable[[argparse.Namespace], Any] = {
-        "make-tiny": _make_tiny, "make-city": _make_city, "export": _export, "report": _report,
-    }[name](parser)
-    args = parser.parse_args(argv)
+def _summary(function: Callable[..., Any]) -> str:
+    return (inspect.getdoc(function) or "").split("\n", 1)[0].rstrip(".")
+
+
+def tool_parser(name: str, function: Callable[..., Any]) -> Any:
+    """The command line of ``function``: ``--config``, ``--print_config`` and one option per parameter, typed and
+    documented by its signature and docstring; a required list parameter (``report``'s runs) is positional."""
+    from jsonargparse import ActionConfigFile
+
+    from lit_sftrl.core.validation import install_yaml_limits
+    from lit_sftrl.run.cli_errors import ShortErrorParser
+
+    install_yaml_limits()  # a tool's --config goes through the same size and alias limits as fit's
+    # No abbreviations: argparse would read a misspelt --base.max_step as --base.max_steps without a word.
+    parser = ShortErrorParser(prog=f"lit-sftrl {name}", description=_summary(function), default_env=False,
+                              allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options (--print_config "
+                        "writes one)")
+    positional = [p for p in inspect.signature(function).parameters.values()
+                  if p.default is inspect.Parameter.empty and get_origin(_annotation(function, p.name)) is list]
+    for parameter in positional:
+        annotation = _annotation(function, parameter.name)
+        parser.add_argument(parameter.name, nargs="+", type=annotation.__args__[0],
+                            help=_parameter_doc(function, parameter.name))
+    parser.add_function_arguments(function, skip={p.name for p in positional}, as_positional=False)
+    return parser
+
+
+def run_tool(name: str, argv: list[str]) -> Any:
+    """Parse ``argv`` for tool ``name`` and run it; a mistake the user can fix ends in one line."""
+    function = registered_tools()[name]
+    parser = tool_parser(name, function)
+    config = parser.parse_args(argv)
+    config.pop("config", None)
+    settings = parser.instantiate_classes(config)
+    arguments = {key: settings[key] for key in inspect.signature(function).parameters}
     try:
-        path = command(args)
+        path = function(**arguments)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         sys.exit(f"lit-sftrl {name}: {error}")
     except OSError as error:
@@ -103,72 +143,14 @@ def _run_tool(name: str, argv: list[str]) -> Any:
     return path
 
 
-def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
-    from lit_sftrl.models.tiny import FAMILIES, SIZES
+def _annotation(function: Callable[..., Any], name: str) -> Any:
+    import typing
 
-    parser.add_argument("--family", choices=FAMILIES, default="mllama")
-    parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny ~4M parameters, small ~20M")
-    parser.add_argument("--seed", type=int, default=None, help="default 0 (with --pretrain: the config's)")
-    parser.add_argument("--out", type=Path, help="model directory (with --pretrain: default from the config)")
-    parser.add_argument("--pretrain", action="store_true", help="then fit it on the skills corpus: a pretrained base")
-    parser.add_argument("--config", type=Path, help="with --pretrain: YAML (default configs/pretrain_base.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --pretrain: override a "
-                        "config key, e.g. --set max_steps=100 --set skills.size=500")
-
-    def command(args: argparse.Namespace) -> Path:
-        if args.pretrain:
-            from lit_sftrl.pretraining.pretrain import load_config, pretrain_base
-
-            given = {"out": args.out, "seed": args.seed, "family": args.family, "size": args.size}
-            given = [f"{key}={value}" for key, value in given.items() if value is not None]
-            return pretrain_base(load_config(args.config, given + args.set))
-        if args.out is None:
-            raise ValueError("--out is required (without --pretrain)")
-        from lit_sftrl.pretraining.corpus import build_tiny
-
-        return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed or 0)
-
-    return command
+    return typing.get_type_hints(function)[name]
 
 
-def _make_city(parser: argparse.ArgumentParser) -> Callable:
-    from lit_sftrl.envs.city import STYLES
+def _parameter_doc(function: Callable[..., Any], name: str) -> str:
+    from docstring_parser import parse
 
-    parser.add_argument("--style", choices=sorted(STYLES), required=True)
-    parser.add_argument("--routes", type=int, required=True, help="number of routes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
-
-    def command(args: argparse.Namespace) -> Path:
-        from lit_sftrl.envs.city import make_city
-
-        return make_city(args.out, style=args.style, num_routes=args.routes, seed=args.seed)
-
-    return command
-
-
-def _export(parser: argparse.ArgumentParser) -> Callable:
-    parser.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint of an SFT or PPO run")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--adapter-only", action="store_true", help="save the LoRA adapter instead of merging it")
-
-    def command(args: argparse.Namespace) -> Path:
-        from lit_sftrl.models.export import export_checkpoint
-
-        return export_checkpoint(args.ckpt, args.out, merge_lora=not args.adapter_only)
-
-    return command
-
-
-def _report(parser: argparse.ArgumentParser) -> Callable:
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (checkpoints/<run>)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smooth", type=int, default=0, help="Savitzky-Golay window (0 = off; order 3)")
-
-    def command(args: argparse.Namespace) -> Path:
-        from lit_sftrl.report import make_report
-
-        return make_report(args.runs, args.out, smooth=args.smooth)
-
-    return command
+    return next((p.description for p in parse(inspect.getdoc(function) or "").params if p.arg_name == name), "")
 

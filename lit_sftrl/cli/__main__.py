@@ -1,4 +1,4 @@
-"""``python -m lit_sftrl.cli``: the same as the ``lit-sftrl`` console script."""
+"""``python -m lit_sftrl.cli``: the ``lit-sftrl`` command without its console script."""
 
 from lit_sftrl.cli import main
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,12 @@ class SftRlCLI(LightningCLI):
         the merge turned the model into the base PolicyModule ("No `training_step()` method defined") and would
         override the config's backbone with the stored one. The config is the source of truth here; the weights,
         optimizer, schedule and data position come from the checkpoint when the trainer restores it.
+
+        The one private LightningCLI method this class overrides: no public hook runs between parsing and that
+        merge, and the checkpoint's ``hyper_parameters`` are the export contract (``models/export.py``), so they
+        stay. tests/test_lightning_cli_contract.py pins the stock behaviour this relies on (the method exists, runs
+        before ``before_instantiate_classes`` and merges ``hyper_parameters``): when Lightning changes it, that
+        test fails and this override can go.
         """
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -112,9 +120,11 @@ class SftRlCLI(LightningCLI):
             if mismatch:
                 sys.exit(f"lit-sftrl {subcommand}: {mismatch}; nothing was run")
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand holding the run directory's lock (one writer at a time), its orphan temporary
-        checkpoints of a killed run removed first. Only global rank 0 locks: the other ranks are the same run."""
+    @contextmanager
+    def _run_directory(self, subcommand: str) -> Iterator[None]:
+        """Hold the run directory's lock (one writer at a time) while the subcommand runs, its orphan temporary
+        checkpoints of a killed run removed first; a fit into another run's directory is refused here. Only
+        global rank 0 locks: the other ranks are the same run."""
         lock = None
         if self.trainer.global_rank == 0:
             run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -128,7 +138,7 @@ class SftRlCLI(LightningCLI):
                 remove_orphan_temporaries(lock.run_dir)
                 if subcommand == "fit":
                     self._refuse_a_previous_run(lock.run_dir)
-            super()._run_subcommand(subcommand)
+            yield
         finally:
             if lock is not None:
                 lock.release()
@@ -168,7 +178,6 @@ class SftRlCLI(LightningCLI):
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:
         self._check_last_checkpoint()
-        self.log_whole_config()
 
     def before_validate(self) -> None:
         self._check_last_checkpoint()
@@ -187,23 +196,28 @@ class SftRlCLI(LightningCLI):
             sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
                      "Resume from another checkpoint with --ckpt_path PATH.")
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        # Checkpoints are read with weights_only=True only (a pickle naming other code would run it); the
-        # option is checked in config_problems, so this pins what the trainer's own restore does.
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "weights_only" in kwargs:
-            kwargs["weights_only"] = True
-        return kwargs
-
+    # LightningCLI runs these methods in place of the trainer's (tests/test_lightning_cli_contract.py pins it): each
+    # holds the run directory and reads checkpoints with weights_only=True only (a pickle naming other code would
+    # run it; config_problems refuses --weights_only false, this pins what the trainer's own restore does).
     def fit(self, model: Any, **kwargs: Any) -> None:
-        """``trainer.fit`` (LightningCLI runs this method in its place): a run that repeated non-finite losses
-        stopped ends, from the shell, with its message (which names the checkpoint it saved), not a traceback."""
-        try:
-            self.trainer.fit(model, **kwargs)
-        except (FloatingPointError, validation.LimitExceeded, validation.DataError, DiskFull) as error:
-            if not self._command_line:
-                raise
-            sys.exit(f"lit-sftrl fit: {error}")
+        """``trainer.fit``: a run that repeated non-finite losses stopped ends, from the shell, with its message
+        (which names the checkpoint it saved), not a traceback."""
+        with self._run_directory("fit"):
+            self.log_whole_config()
+            try:
+                self.trainer.fit(model, **{**kwargs, "weights_only": True})
+            except (FloatingPointError, validation.LimitExceeded, validation.DataError, DiskFull) as error:
+                if not self._command_line:
+                    raise
+                sys.exit(f"lit-sftrl fit: {error}")
+
+    def validate(self, model: Any, **kwargs: Any) -> None:
+        with self._run_directory("validate"):
+            self.trainer.validate(model, **{**kwargs, "weights_only": True})
+
+    def test(self, model: Any, **kwargs: Any) -> None:
+        with self._run_directory("test"):
+            self.trainer.test(model, **{**kwargs, "weights_only": True})
 
 
 def checkpoint_problems(config: Any) -> list[tuple[str, str]]:

@@ -22,8 +22,15 @@ __all__ = [
 
 @dataclass
 class LoraSettings:
-    """LoRA adapter (peft). ``target_modules=None`` targets the language model's attention and MLP linear layers
-    only (never the vision tower); a string is a regex over full module names, a list names module suffixes."""
+    """LoRA adapter (peft).
+
+    Args:
+        r: rank of the adapter's matrices.
+        alpha: scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: dropout on the adapter's input.
+        target_modules: ``None`` targets the language model's attention and MLP linear layers only (never the
+            vision tower); a string is a regex over full module names, a list names module suffixes.
+    """
 
     r: int = 16
     alpha: int = 32
@@ -38,19 +45,29 @@ class LoraSettings:
 class BackboneConfig:
     """How to load and adapt the model.
 
-    ``path``: a local Hugging Face directory. A missing directory named ``tiny-<family>[-small]`` (family
-    ``mllama`` or ``llava``) is built on first use; any other missing path is a FileNotFoundError.
-    ``quantization`` (bitsandbytes ``nf4`` or ``int8``) needs ``lora`` (QLoRA): quantised weights are frozen.
-    ``reference`` chooses how reference log-probs (for a KL term) are obtained: ``auto`` = under LoRA the
-    adapter-disabled model (free), under full fine-tuning a frozen copy of the weights at ``path`` loaded on the
-    first request; ``eager`` = the same but the copy is loaded at construction; ``none`` = requests raise.
-    The reference is always the model at ``path`` (what was loaded before any adapter or training).
-    ``cache_conversations``: during multi-turn rollouts keep each conversation's keys and values between its
-    turns and prefill only the new tokens (full-attention models; text prompts, and Mllama's image prompts while
-    the image is unchanged). Memory per environment: 2 x layers x kv_heads x head_dim x conversation tokens x
-    bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
-    ``max_tokens``: the most tokens one training sample (prompt + answer) may have; a longer one stops the run
-    with a message before the forward pass that would exhaust the memory.
+    Args:
+        path: a local Hugging Face directory (or a ``.gguf`` file of a text LM). A missing directory named
+            ``tiny-<family>[-small]`` (family ``mllama`` or ``llava``) is built on first use; any other missing
+            path is a FileNotFoundError.
+        dtype: the weights' dtype (paper: ``bfloat16``).
+        lora: a LoRA adapter to train instead of the full weights; ``None`` = full fine-tuning.
+        quantization: bitsandbytes ``nf4`` or ``int8`` base weights; needs ``lora`` (QLoRA): quantised weights
+            are frozen.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
+        freeze_vision: keep the vision tower's weights fixed.
+        value_head: add PPO's value head (switched on by the PPO module itself).
+        value_head_hidden: width of the value head's hidden layer.
+        reference: how reference log-probs (for a KL term) are obtained: ``auto`` = under LoRA the
+            adapter-disabled model (free), under full fine-tuning a frozen copy of the weights at ``path`` loaded
+            on the first request; ``eager`` = the same but the copy is loaded at construction; ``none`` =
+            requests raise. The reference is always the model at ``path`` (what was loaded before any adapter or
+            training).
+        cache_conversations: during multi-turn rollouts keep each conversation's keys and values between its
+            turns and prefill only the new tokens (full-attention models; text prompts, and Mllama's image prompts
+            while the image is unchanged). Memory per environment: 2 x layers x kv_heads x head_dim x
+            conversation tokens x bytes per value (Llama-3.2-11B in bf16: ~160 kB per token).
+        max_tokens: the most tokens one training sample (prompt + answer) may have; a longer one stops the run
+            with a message before the forward pass that would exhaust the memory.
     """
 
     path: str = "checkpoints/tiny-mllama"
@@ -71,8 +88,14 @@ class BackboneConfig:
 
 @dataclass
 class SamplingConfig:
-    """Sampling settings. ``temperature=0`` is greedy; ``top_p`` truncates the sampling distribution only (the
-    returned log-probs are under the untruncated temperature-scaled distribution)."""
+    """Sampling settings.
+
+    Args:
+        temperature: softmax temperature; 0 is greedy.
+        top_p: nucleus sampling; truncates the sampling distribution only (the returned log-probs are under the
+            untruncated temperature-scaled distribution).
+        max_new_tokens: the most tokens of one answer (paper: 512).
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0

@@ -85,6 +85,6 @@ def model_card(ckpt: str | Path, checkpoint: dict[str, Any], flops: float, merge
     lines += ["", "## How it was made", "", "```"]
     if config_path is not None:
         lines.append(f"lit-sftrl fit --config {shlex.quote(str(config_path))}")
-    adapter = "" if merge_lora else " --adapter-only"
+    adapter = "" if merge_lora else " --adapter_only true"
     lines += [f"lit-sftrl export --ckpt {shlex.quote(str(ckpt))} --out OUT{adapter}", "```", ""]
     return "\n".join(lines)

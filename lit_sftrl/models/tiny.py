@@ -106,7 +106,7 @@ def resolve_model_path(path: str | os.PathLike, corpus: Iterable[str] | None = N
     base = parse_tiny_name(path.name.removesuffix("-base")) if path.name.endswith("-base") else None
     if base is not None:  # the pretrained base takes ~30 CPU minutes: built on request, never on first use
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist: build the pretrained base with "
-                                f"`lit-sftrl make-tiny --pretrain --family {base[0]} --size {base[1]} --out {path}`")
+                                f"`lit-sftrl pretrain --base.family {base[0]} --base.size {base[1]} --base.out {path}`")
     if parsed is None:
         raise FileNotFoundError(
             f"model directory {str(path)!r} does not exist (nothing is downloaded: point `path` at a local Hugging "

@@ -1,4 +1,4 @@
-"""``lit-sftrl make-tiny --pretrain``: the tiny model, then a plain Lightning fit on the skills corpus.
+"""``lit-sftrl pretrain``: the tiny model, then a plain Lightning fit on the skills corpus.
 
 The base is the tiny default (same builder, same tokenizer rule, same initial weights for the same seed) after
 causal-LM training on :mod:`lit_sftrl.pretraining.skills`: answers only, as in SFT, through the project's own
@@ -18,31 +18,33 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from itertools import count
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_sftrl.pretraining.skills import IMAGE_SKILLS, SkillsConfig, item_skill, skill_item
 
-DEFAULT_CONFIG = "configs/pretrain_base.yaml"
 RECORD = "lit_sftrl_base.json"
 
 
 @dataclass
 class PretrainConfig:
-    """One pretraining run (every key of ``configs/pretrain_base.yaml``).
+    """One pretraining run: the ``base`` of ``lit-sftrl pretrain`` (``configs/pretrain_base.yaml`` holds the defaults).
 
     Args:
         out: the base model directory to write (left untouched when it exists).
-        family, size, seed: the tiny model built first (as ``make-tiny``); ``seed`` also seeds the batches.
+        family: the tiny model built first (as ``make-tiny --family``).
+        size: its size (as ``make-tiny --size``).
+        seed: its initial weights (as ``make-tiny --seed``); also seeds the batches.
         skills: the corpus (size, image share, mix).
         batch_size: conversations per optimizer step.
-        lr, warmup_steps, min_lr_ratio: AdamW peak learning rate, linear warm-up, cosine floor.
+        lr: AdamW peak learning rate.
+        warmup_steps: linear warm-up steps.
+        min_lr_ratio: the cosine decay's floor, a share of ``lr``.
         max_steps: optimizer steps (the cosine schedule spans them).
         max_minutes: wall-clock cap on the fit; 0 = none.
         threads: torch intra-op threads (1 is fastest for tiny models on a shared machine).
@@ -62,33 +64,6 @@ class PretrainConfig:
     max_minutes: float = 35.0
     threads: int = 1
     log_every: int = 25
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PretrainConfig:
-    """The YAML at ``path`` (default: the project's) with ``key=value`` overrides (``skills.size=500``)."""
-    data: dict[str, Any] = {}
-    path = Path(path or DEFAULT_CONFIG)
-    if path.exists():
-        data = yaml.safe_load(path.read_text()) or {}
-    elif path != Path(DEFAULT_CONFIG):
-        raise FileNotFoundError(f"pretraining config {str(path)!r} does not exist")
-    for override in overrides or []:
-        key, sep, value = override.partition("=")
-        if not sep:
-            raise ValueError(f"override {override!r} must look like key=value (e.g. max_steps=100)")
-        target = data
-        *parents, last = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[last] = yaml.safe_load(value)
-    known = {f.name for f in fields(PretrainConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown pretraining keys {sorted(unknown)}; known: {sorted(known)}")
-    skills = data.pop("skills", {}) or {}
-    if "weights" in skills:
-        skills["weights"] = tuple(skills["weights"])
-    return PretrainConfig(**data, skills=SkillsConfig(**skills))
 
 
 class SkillBatches(IterableDataset):

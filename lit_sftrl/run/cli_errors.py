@@ -51,7 +51,7 @@ def short_message(message: str, options: list[str]) -> str:
         near = _nearest(name.split(".")[-1], _fields(classes[-1])) if classes else None
         hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near}?" if near else ""
         return f"{key}: no such setting{hint}"
-    unrecognized = re.search(r"Unrecognized arguments: (--[^\s=]+)", message)
+    unrecognized = re.search(r"Unrecognized arguments: (--[^\s=]+)", message, re.IGNORECASE)  # 4.48: lower case
     if unrecognized:
         near = _nearest(unrecognized.group(1), options)
         return f"unrecognized argument {unrecognized.group(1)}" + (f"; did you mean {near}?" if near else "")
