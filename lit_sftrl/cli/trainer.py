@@ -26,7 +26,9 @@ from lit_sftrl.run.run_dir import (
     RunConfigCallback,
     RunDirectoryBusy,
     RunDirectoryLock,
+    changed_settings,
     clear_run_directory,
+    keep_previous_config,
     place_in_run_directory,
     previous_run_files,
     remove_orphan_temporaries,
@@ -127,6 +129,7 @@ class SftRlCLI(LightningCLI):
                 remove_orphan_temporaries(lock.run_dir)
                 if subcommand == "fit":
                     self._refuse_a_previous_run(lock.run_dir)
+                    self._refuse_a_changed_config(lock.run_dir)
             super()._run_subcommand(subcommand)
         finally:
             if lock is not None:
@@ -139,11 +142,49 @@ class SftRlCLI(LightningCLI):
         if not previous or self._get(self.config, "ckpt_path"):
             return
         if self._get(self.config, "overwrite"):
-            clear_run_directory(run_dir)
+            try:
+                clear_run_directory(run_dir)
+            except ValueError as error:
+                sys.exit(f"lit-sftrl fit: {error}")
             return
         sys.exit(f"lit-sftrl fit: run directory {str(run_dir)!r} already holds a run ({', '.join(previous[:4])}): "
                  "resume it with --ckpt_path last, choose another --trainer.default_root_dir, or replace it with "
                  "--overwrite true; nothing was run")
+
+    def _refuse_a_changed_config(self, run_dir: Path) -> None:
+        """A resume whose config differs from the run's saved one in anything that changes what is trained (another
+        task, batch size, backbone, LoRA...) trained on silently and replaced the run's config.yaml: refused with
+        the differing keys, unless ``--allow_config_change true``, which keeps the old config beside the new."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if not ckpt_path:
+            return
+        saved_path = run_dir / "config.yaml"
+        if ckpt_path not in CKPT_PATH_KEYWORDS and not saved_path.is_file():  # a checkpoint of another run directory
+            saved_path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+        if not saved_path.is_file():
+            return
+        try:
+            saved = validation.read_yaml_file(saved_path)
+        except (OSError, ValueError) as error:
+            sys.exit(f"lit-sftrl fit: the run's config {saved_path} cannot be read ({error}); nothing was run")
+        import yaml
+
+        parser = self._parser(self.subcommand)
+        current = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+        changes = changed_settings(saved if isinstance(saved, dict) else {}, current)
+        if not changes:
+            return
+        if not self._get(self.config, "allow_config_change"):
+            shown = "\n".join(f"  {change}" for change in changes[:20])
+            more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+            sys.exit(f"lit-sftrl fit: --ckpt_path {ckpt_path} resumes a run whose config ({saved_path}) differs in "
+                     f"what it trains; nothing was run:\n{shown}{more}\nResume with the run's own config "
+                     f"(--config {saved_path}), or add --allow_config_change true to train on under the new one "
+                     "(the old config is kept beside it)")
+        if saved_path.parent == run_dir:
+            kept = keep_previous_config(run_dir)
+            print(f"lit-sftrl fit: resuming under a changed config ({len(changes)} settings); the run's previous "
+                  f"config is kept as {kept}", file=sys.stderr)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -163,6 +204,9 @@ class SftRlCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit into a run directory that holds another run: delete that run's files first")
+        parser.add_argument("--allow_config_change", type=bool, default=False,
+                            help="resume (--ckpt_path) under a config that differs from the run's saved one in what "
+                                 "it trains; the old config.yaml is kept as config-before-resume-N.yaml")
 
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:
@@ -175,21 +219,40 @@ class SftRlCLI(LightningCLI):
     before_test = before_validate
 
     def _check_last_checkpoint(self) -> None:
+        """Resolve ``--ckpt_path last`` to a whole file, or refuse naming one. When the ``last.ckpt`` write failed
+        (a full disk: its message says "resume with --ckpt_path last"), Lightning found no last checkpoint, warned
+        and trained from step 0 beside the run's other checkpoints: the newest whole one is resumed instead."""
+        self._resume_from = None
         if self._get(self.config, "ckpt_path") != "last":
             return
         path = last_checkpoint(self.trainer)
-        if path is None:  # Lightning warns and starts from scratch
+        if path is not None:
+            try:
+                check_lightning_checkpoint(path)
+                return
+            except (FileNotFoundError, ValueError) as error:
+                whole = newest_whole_checkpoint(self.trainer, exclude=path)
+                instead = f"--ckpt_path {whole}" if whole else "--ckpt_path PATH"
+                sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
+                         f"Resume from the newest whole checkpoint with {instead}.")
+        saved = run_checkpoints(self.trainer)
+        if not saved:  # a new run: Lightning warns and starts from scratch
             return
-        try:
-            check_lightning_checkpoint(path)
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
-                     "Resume from another checkpoint with --ckpt_path PATH.")
+        whole = newest_whole_checkpoint(self.trainer)
+        if whole is None:
+            names = ", ".join(str(p) for p in saved[:4])
+            sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: the run has no last checkpoint and none of its "
+                     f"checkpoints reads back whole ({names}); nothing was run")
+        print(f"lit-sftrl {self.subcommand}: --ckpt_path last: no last checkpoint (its write failed?); resuming from "
+              f"the newest whole one, {whole}", file=sys.stderr)
+        self._resume_from = whole
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         # Checkpoints are read with weights_only=True only (a pickle naming other code would run it); the
         # option is checked in config_problems, so this pins what the trainer's own restore does.
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if getattr(self, "_resume_from", None):
+            kwargs["ckpt_path"] = self._resume_from
         if "weights_only" in kwargs:
             kwargs["weights_only"] = True
         return kwargs
@@ -262,6 +325,26 @@ def last_checkpoint(trainer: Any) -> str | None:
             candidates |= set(find(trainer))
     existing = [path for path in candidates if path and os.path.isfile(path)]
     return max(existing, key=os.path.getmtime) if existing else None
+
+
+def run_checkpoints(trainer: Any) -> list[Path]:
+    """Every ``*.ckpt`` file in the run's checkpoint folders, newest first."""
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    files = {path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt") if path.is_file()}
+    return sorted(files, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def newest_whole_checkpoint(trainer: Any, exclude: str | None = None) -> str | None:
+    """The newest of the run's checkpoints that reads back whole; None when there is none."""
+    for path in run_checkpoints(trainer):
+        if exclude and path.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            check_lightning_checkpoint(path)
+        except (FileNotFoundError, ValueError):
+            continue
+        return str(path)
+    return None
 
 
 # A VLM leaves parameters unused on many batches (the vision tower and cross-attention layers on text-only
