@@ -78,6 +78,9 @@ class SftRlCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except RecursionError:  # jsonargparse follows `config:` keys without a cycle check
             sys.exit("lit-sftrl: a config file includes itself (directly or through another one); nothing was run")
+        except validation.YamlLimitExceeded as error:  # a config file over the size limit, refused before reading
+            print(f"lit-sftrl: {error}; nothing was run", file=sys.stderr)
+            sys.exit(2)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

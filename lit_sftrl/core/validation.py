@@ -22,6 +22,11 @@ class LimitExceeded(ValueError):
     """Data beyond a limit the config states (tokens per sample, image pixels...): the run stops with one line."""
 
 
+class YamlLimitExceeded(LimitExceeded):
+    """A YAML text over the size or alias-expansion limit. Not a ``yaml.YAMLError``: jsonargparse drops those for
+    command-line values and keeps the text as a string, so the reason would be lost."""
+
+
 Rule = Callable[[Any], "str | None"]  # None when the value is fine, otherwise what is wrong
 
 
@@ -174,6 +179,9 @@ MAX_YAML_CHARS = 1 << 20  # a config is a few KB; anything near this size is a m
 MAX_YAML_NODES = 100_000  # nodes after alias expansion: nested aliases ("billion laughs") grow exponentially
 
 
+_unlimited_yaml_load: Callable[[str], Any] | None = None  # jsonargparse's own loader, once the limits wrap it
+
+
 def limited_yaml_load(stream: str) -> Any:
     """jsonargparse's YAML loader behind two limits: the text's size, and its size once aliases are expanded
     (checked on the composed node graph, where an alias is one shared node, before anything is built)."""
@@ -181,12 +189,12 @@ def limited_yaml_load(stream: str) -> Any:
     from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
 
     if isinstance(stream, str) and len(stream) > MAX_YAML_CHARS:
-        raise yaml.YAMLError(f"a config of {len(stream):,} characters is refused (the limit is {MAX_YAML_CHARS:,})")
+        raise YamlLimitExceeded(f"a config of {len(stream):,} characters is refused (the limit is {MAX_YAML_CHARS:,})")
     if isinstance(stream, str) and "*" in stream:
         node = yaml.compose(stream, Loader=get_yaml_default_loader())
         if node is not None and _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"a config whose aliases expand to more than {MAX_YAML_NODES:,} values is refused")
-    return yaml_load(stream)
+            raise YamlLimitExceeded(f"a config whose aliases expand to more than {MAX_YAML_NODES:,} values is refused")
+    return (_unlimited_yaml_load or yaml_load)(stream)
 
 
 def read_yaml_file(path: str | os.PathLike) -> Any:
@@ -201,7 +209,7 @@ def read_yaml_file(path: str | os.PathLike) -> Any:
         text = file.read(MAX_YAML_CHARS + 1)
     try:
         return limited_yaml_load(text)
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, YamlLimitExceeded) as error:
         raise ValueError(f"{path}: {str(error).splitlines()[0]}") from None
 
 
@@ -227,7 +235,31 @@ def _expanded_nodes(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> i
 
 
 def install_yaml_limits() -> None:
-    from jsonargparse import set_loader
+    """Put every YAML jsonargparse parses behind :func:`limited_yaml_load`: config files (``set_loader``) and
+    command-line values (``--data.init_args.task.env_kwargs '...'`` goes through the module's ``yaml_load``
+    directly: an alias bomb there ran 88 s and took 4 GB), and check a config file's size before reading it."""
+    global _unlimited_yaml_load
+    from jsonargparse import _loaders_dumpers, _paths, set_loader
     from jsonargparse._loaders_dumpers import get_loader_exceptions
 
-    set_loader("yaml", limited_yaml_load, get_loader_exceptions("yaml"))
+    set_loader("yaml", limited_yaml_load, (*get_loader_exceptions("yaml"), YamlLimitExceeded))
+    if _unlimited_yaml_load is None:
+        _unlimited_yaml_load = _loaders_dumpers.yaml_load
+        _loaders_dumpers.yaml_load = limited_yaml_load
+        _paths.Path.get_content = _size_checked(_paths.Path.get_content)
+
+
+def _size_checked(get_content: Callable[..., str]) -> Callable[..., str]:
+    """jsonargparse's ``Path.get_content``, refusing a local file over :data:`MAX_YAML_CHARS` bytes before reading
+    it (a 3 GB ``--config`` was read whole, then refused by its length)."""
+    import functools
+
+    @functools.wraps(get_content)
+    def checked(self: Any, mode: str = "r") -> str:
+        local = not (self._std_io or self._is_url or self._is_fsspec)
+        if local and (size := os.stat(self._absolute).st_size) > MAX_YAML_CHARS:
+            raise YamlLimitExceeded(f"{self._relative}: a config of {size:,} bytes is refused without reading it "
+                                 f"(the limit is {MAX_YAML_CHARS:,})")
+        return get_content(self, mode)
+
+    return checked

@@ -51,6 +51,9 @@ def short_message(message: str, options: list[str]) -> str:
         near = _nearest(name.split(".")[-1], _fields(classes[-1])) if classes else None
         hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near}?" if near else ""
         return f"{key}: no such setting{hint}"
+    limit = re.search(r"(a config [^\n]* is refused[^\n]*)", message)  # core.validation's YAML limits
+    if limit:
+        return f"{path}: {limit.group(1)}" if path else limit.group(1)
     unrecognized = re.search(r"Unrecognized arguments: (--[^\s=]+)", message)
     if unrecognized:
         near = _nearest(unrecognized.group(1), options)
