@@ -62,3 +62,85 @@ def test_the_run_config_read_on_resume_is_size_checked(tmp_path):
         file.truncate(MAX_YAML_CHARS + 1)
     with pytest.raises(ValueError, match="is refused"):
         read_yaml_file(big)
+
+
+# ----------------------------------------------------------------------------------------------- items 6, 7: sizes
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model construction fails the test: these refusals must come before the model is built."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr("lit_sftrl.training.policy.Backbone", refuse)
+
+
+def test_max_new_tokens_has_a_ceiling_refused_before_the_model_is_built(no_model, alarm):
+    from lit_sftrl.cli import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", "configs/gp_l_ppo.yaml", "--model.init_args.sampling.max_new_tokens", "1000000000"])
+    message = str(exit_info.value.code)
+    assert "model.sampling.max_new_tokens: must be at most 32,768 (its ceiling), got 1,000,000,000" in message
+
+
+def _llava(tmp_path, turn: str = "Colour?", image: str | None = "red.png"):
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 12), (255, 0, 0)).save(tmp_path / "red.png")
+    entries = [{"conversations": [{"from": "human", "value": "Say 1."}, {"from": "gpt", "value": "1"}]},
+               {"image": image, "conversations": [{"from": "human", "value": turn}, {"from": "gpt", "value": "red"}]}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(entries))
+    return data
+
+
+def _sft_fit(tmp_path, model_dir, *extra: str):
+    from bench import kill_resume
+    from lit_sftrl.cli import run
+
+    config = kill_resume.write_config(tmp_path / "run", model_dir, 1, 1)
+    return run(["fit", "--config", str(config), *extra])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir_factory):
+    return tiny_dir_factory("mllama")
+
+
+def test_a_long_turn_is_refused_by_its_length_before_tokenising_and_before_the_model(tmp_path, model_dir, no_model,
+                                                                                     alarm):
+    data = _llava(tmp_path, turn="x" * 2_000_000)  # the old code tokenised it whole during training
+    with pytest.raises(SystemExit) as exit_info:
+        _sft_fit(tmp_path, model_dir, "--data.init_args.llava_json", str(data))
+    message = str(exit_info.value.code)
+    assert f"{data}[1]: turn 0 has 2,000,000 characters, more than the limit of 100,000 (max_turn_chars)" in message
+
+
+def test_an_image_file_over_its_byte_limit_is_refused(tmp_path, model_dir, no_model):
+    data = _llava(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        _sft_fit(tmp_path, model_dir, "--data.init_args.llava_json", str(data),
+                 "--data.init_args.max_image_bytes", "10")
+    assert "(max_image_bytes)" in str(exit_info.value.code) and f"{data}[1]" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize("kind", ["PNG", "JPEG"])
+def test_a_truncated_image_is_refused_when_the_data_is_read_naming_file_and_sample(tmp_path, model_dir, no_model,
+                                                                                   kind):
+    """The header of a cut-short file reads fine; the run used to die mid-training ("image file is truncated")."""
+    import numpy as np
+    from PIL import Image
+
+    whole = tmp_path / f"noise.{kind.lower()}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, kind)
+    cut = tmp_path / f"cut.{kind.lower()}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+    data = _llava(tmp_path, image=cut.name)
+    with pytest.raises(SystemExit) as exit_info:
+        _sft_fit(tmp_path, model_dir, "--data.init_args.llava_json", str(data))
+    message = str(exit_info.value.code)
+    assert f"{data}[1]: image {str(cut)!r} is damaged or truncated" in message, message

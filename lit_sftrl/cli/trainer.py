@@ -402,6 +402,15 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     llava_json = _get(data, "llava_json")
     if llava_json and not Path(llava_json).exists():
         problems.append(("data.llava_json", f"{llava_json!r} does not exist"))
+    elif llava_json:  # every sample and image checked now, not when the first batch draws it after the model is built
+        from lit_sftrl.data.llava_data import checked_llava_json
+
+        limits = {key: _get(data, key) for key in ("max_image_pixels", "max_image_bytes", "max_turn_chars")}
+        try:
+            checked_llava_json(llava_json, _get(data, "image_folder"),
+                               **{key: value for key, value in limits.items() if value is not None})
+        except (OSError, ValueError) as error:
+            problems.append(("data.llava_json", str(error)))
     return problems
 
 

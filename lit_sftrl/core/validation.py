@@ -67,6 +67,19 @@ POSITIVE = in_range(0.0, math.inf, low_open=True, high_open=True)
 NONNEGATIVE = in_range(0.0, math.inf, high_open=True)
 FRACTION = in_range(0.0, 1.0)
 
+# The ceilings of the sizes that allocate memory in proportion, far above anything the paper or these configs
+# use; docs/reliability.md lists them. Checked on the parsed config, before any model is built.
+CEILINGS: dict[str, int] = {
+    "max_new_tokens": 32_768,  # tokens generated per answer (the paper: 512); sets the key/value cache's length
+    "max_tokens": 262_144,  # tokens in one training sample
+    "max_turn_chars": 1_000_000,  # characters in one turn of a data file, checked before it is tokenised
+    "max_image_bytes": 1 << 30,  # bytes of one image file, checked (os.stat) before it is opened
+    "max_image_pixels": 400_000_000,  # pixels one image may declare in its header
+    "batch_size": 4_096, "num_envs": 4_096, "rollout_steps": 65_536, "micro_batch_size": 4_096,
+    "minibatch_size": 1 << 20, "image_size": 4_096, "value_head_hidden": 65_536, "max_milestones": 100_000,
+    "val_episodes": 1_000_000, "test_episodes": 1_000_000, "image_tokens": 65_536,
+}
+
 # Field name -> rule, for every config dataclass and module argument of the project (PPO's included). A None
 # value passes where the field is optional (the default then applies).
 RULES: dict[str, Rule] = {
@@ -78,6 +91,7 @@ RULES: dict[str, Rule] = {
     "micro_batch_size": positive_int, "r": positive_int, "alpha": positive_int, "value_head_hidden": positive_int,
     "max_nonfinite_losses": positive_int, "warmup_steps": nonnegative_int, "num_workers": nonnegative_int,
     "max_tokens": positive_int, "max_image_pixels": positive_int, "max_milestones": positive_int,
+    "max_turn_chars": positive_int, "max_image_bytes": positive_int,
     # rates
     "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION,
     "dropout": in_range(0.0, 1.0, high_open=True), "temperature": NONNEGATIVE,
@@ -86,6 +100,18 @@ RULES: dict[str, Rule] = {
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
     "thought_coef": FRACTION, "value_lr_scale": POSITIVE, "buffer_ratio": NONNEGATIVE, "image_tokens": nonnegative_int,
 }
+
+
+def with_ceiling(rule: Rule, ceiling: int) -> Rule:
+    """``rule``, and no larger than ``ceiling``."""
+
+    def checked(value: Any) -> str | None:
+        return rule(value) or (f"must be at most {ceiling:,} (its ceiling), got {value:,}" if value > ceiling else None)
+
+    return checked
+
+
+RULES.update({name: with_ceiling(RULES[name], ceiling) for name, ceiling in CEILINGS.items()})
 FINITE = in_range(-math.inf, math.inf, low_open=True, high_open=True)
 
 

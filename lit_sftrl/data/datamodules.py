@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from lit_sftrl.core.seeding import stream_rng, stream_seed
 from lit_sftrl.core.validation import check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
-from lit_sftrl.data.llava_data import read_llava_json
+from lit_sftrl.data.llava_data import MAX_TURN_CHARS, checked_llava_json
 from lit_sftrl.data.tasks import TaskConfig
-from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, load_rgb
+from lit_sftrl.envs.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, load_rgb
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
 PAPER_TEST_EPISODES = {"gp": 234, "virl": 48, "virl_visual_ood": 18}
@@ -222,10 +222,11 @@ class ExpertSource:
 class LlavaSource:
     """SFT samples from a released LLaVA-style JSON file, drawn uniformly with replacement."""
 
-    def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
-        # Images checked (folder, file type, header's pixel count) here, decoded when a batch draws them.
-        self.conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
-        self.max_image_pixels = max_image_pixels
+    def __init__(self, path: str, image_folder: str | None, **limits: int) -> None:
+        # Images checked (folder, file type, size, header's pixel count, whole data) here, decoded when a batch
+        # draws them; turns checked for length before anything tokenises them.
+        self.conversations = checked_llava_json(path, image_folder, **limits)
+        self.max_image_pixels = limits.get("max_image_pixels", MAX_IMAGE_PIXELS)
 
     def batch(self, rng: np.random.Generator, size: int) -> list[Conversation]:
         drawn = [self.conversations[i] for i in rng.integers(len(self.conversations), size=size)]
@@ -243,7 +244,10 @@ class SFTDataModule(EpisodeDataModule):
         llava_json: read samples from this LLaVA-style JSON file instead of playing the environment.
         image_folder: folder that the JSON's image paths are relative to (default: the JSON's folder).
         max_image_pixels: the most pixels an image of the JSON may declare in its file header, checked before
-            anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels).
+            anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels; ceiling 400 M).
+        max_image_bytes: the largest image file of the JSON, checked before it is opened (64 MiB; ceiling 1 GiB).
+        max_turn_chars: the most characters in one turn of the JSON, checked before it is tokenised (100,000;
+            ceiling 1,000,000). Every image is also verified whole when the file is read.
         num_workers: dataloader worker processes.
         seed: seed of the training stream.
         evaluation: the fixed validation/test episodes.
@@ -257,20 +261,24 @@ class SFTDataModule(EpisodeDataModule):
         llava_json: str | None = None,
         image_folder: str | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_turn_chars: int = MAX_TURN_CHARS,
         num_workers: int = 0,
         seed: int = 0,
         evaluation: EvalConfig | None = None,
     ) -> None:
         super().__init__(task, evaluation, seed)
         check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers,
-                     max_image_pixels=max_image_pixels)
+                     max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes, max_turn_chars=max_turn_chars)
         self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
         self.llava_json, self.image_folder, self.max_image_pixels = llava_json, image_folder, max_image_pixels
+        self.llava_limits = {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes,
+                             "max_turn_chars": max_turn_chars}
         self.batches_consumed = 0
 
     def train_dataloader(self) -> DataLoader:
         if self.llava_json:
-            source = LlavaSource(self.llava_json, self.image_folder, self.max_image_pixels)
+            source = LlavaSource(self.llava_json, self.image_folder, **self.llava_limits)
         else:
             source = ExpertSource(self.task, self.multi_turn)
         rank = self.trainer.global_rank if self.trainer else 0
