@@ -144,3 +144,58 @@ def test_a_truncated_image_is_refused_when_the_data_is_read_naming_file_and_samp
         _sft_fit(tmp_path, model_dir, "--data.init_args.llava_json", str(data))
     message = str(exit_info.value.code)
     assert f"{data}[1]: image {str(cut)!r} is damaged or truncated" in message, message
+
+
+# ----------------------------------------------------------------------------------------------- item 4: routes
+
+
+def test_milestone_info_of_unclosed_braces_is_split_in_linear_time():
+    """300,000 "{" took 412 s in the old block regex; now the text is scanned once."""
+    import time
+
+    from lit_sftrl.envs.routes import RouteDataError, parse_milestone_blocks
+
+    start = time.perf_counter()
+    assert parse_milestone_blocks("{" * 300_000) == []
+    assert parse_milestone_blocks('{\n"a": "' + " " * 5_000 + 'x\n}') == [{}]  # no competing whitespace runs
+    with pytest.raises(RouteDataError, match="more than task.max_milestones=500"):
+        parse_milestone_blocks("{}" * 200_000)  # refused at block 501, not after splitting all of them
+    assert time.perf_counter() - start < 2.0
+
+
+def test_a_hostile_route_file_is_refused_in_one_line_before_the_model_is_built(tmp_path, no_model, alarm):
+    """Through the CLI: the route folder is read (and refused, naming the route) before any model exists."""
+    import json
+
+    from lit_sftrl.cli import run
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    route = {"start_place": {"relocated_geocode": [40.0, -73.0]}, "route_results": {"geocode_list": [[40.0, -73.0]]},
+             "milestone_info": "{}" * 1_000}
+    (folder / "route_infos.json").write_text(json.dumps([[route], 1]))
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", "configs/virl_l_sft.yaml", "--data.init_args.task.routes", str(folder)])
+    message = str(exit_info.value.code)
+    assert "data.task.routes: route 0 milestone_info: more than task.max_milestones=500" in message, message
+
+
+def test_a_small_pickle_of_shared_nested_lists_is_refused_quickly(tmp_path):
+    """5 KB that stands for 200^5 values once anything walks it (the old reader expanded it to 6.5 GB)."""
+    import pickle
+    import time
+
+    from lit_sftrl.envs.routes import load_pano_mapping
+
+    value = ["pano"]
+    for _ in range(5):
+        value = [value] * 200
+    path = tmp_path / "gps_pano_mapping.pkl"
+    path.write_bytes(pickle.dumps({(40.0, -73.0): value}))
+    assert path.stat().st_size < 6_000
+    start = time.perf_counter()
+    with pytest.raises(pickle.UnpicklingError, match="more than one place|deeper than"):
+        load_pano_mapping(path)
+    assert time.perf_counter() - start < 1.0
+    path.write_bytes(pickle.dumps({(40.0, -73.0): "pano-1", (40.1, -73.1): "pano-2"}))
+    assert load_pano_mapping(path) == {(40.0, -73.0): "pano-1", (40.1, -73.1): "pano-2"}

@@ -399,6 +399,10 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             problems.append(
                 (key, f"route folder {folder!r} does not exist and is not named after a synthetic city style")
             )
+        elif folder in task.route_folders() and (Path(folder) / "route_infos.json").exists():
+            problem = _route_folder_problem(folder, task)
+            if problem:
+                problems.append((key, problem))
     llava_json = _get(data, "llava_json")
     if llava_json and not Path(llava_json).exists():
         problems.append(("data.llava_json", f"{llava_json!r} does not exist"))
@@ -412,6 +416,22 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
         except (OSError, ValueError) as error:
             problems.append(("data.llava_json", str(error)))
     return problems
+
+
+def _route_folder_problem(folder: str, task: TaskConfig) -> str | None:
+    """Read a route folder (routes, and the panorama mapping where the task shows images) as its environments will,
+    so that what is wrong with it is one line now, not a traceback after the model is built."""
+    import pickle
+
+    from lit_sftrl.envs.routes import load_route_folder
+
+    try:
+        routes = load_route_folder(folder, task.max_milestones, task.max_image_pixels)
+        if task.is_visual and routes.has_mapping:
+            routes.nearest(routes.routes[0].start)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        return str(error)
+    return None
 
 
 def _routes_available(folder: str) -> bool:
