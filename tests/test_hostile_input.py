@@ -199,3 +199,77 @@ def test_a_small_pickle_of_shared_nested_lists_is_refused_quickly(tmp_path):
     assert time.perf_counter() - start < 1.0
     path.write_bytes(pickle.dumps({(40.0, -73.0): "pano-1", (40.1, -73.1): "pano-2"}))
     assert load_pano_mapping(path) == {(40.0, -73.0): "pano-1", (40.1, -73.1): "pano-2"}
+
+
+# ----------------------------------------------------------------------------------------------- item 9: one line
+
+
+def _from_the_shell(monkeypatch, capsys, *argv: str) -> str:
+    """Run ``lit-sftrl ARGV`` as the console script does; return what it printed on failure (stderr and the exit
+    message), which must be short."""
+    import sys
+
+    from lit_sftrl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lit-sftrl", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    code = exit_info.value.code
+    text = (capsys.readouterr().err + (code if isinstance(code, str) else "")).strip()
+    assert "Traceback" not in text and len(text.splitlines()) <= 2, text
+    return text
+
+
+def test_refusals_from_the_shell_are_one_line(tmp_path, monkeypatch, capsys, tiny_dir_factory, no_model):
+    import json
+
+    assert "model.optim.lr: expected a float, got 'nan' (a finite number is needed)" in _from_the_shell(
+        monkeypatch, capsys, "fit", "--config", "configs/gp_l_sft.yaml", "--model.init_args.optim.lr", "nan")
+
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file: export writes a model folder" in _from_the_shell(
+        monkeypatch, capsys, "export", "--ckpt", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "a_file"))
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert "already exists: nothing was written" in _from_the_shell(
+        monkeypatch, capsys, "make-tiny", "--out", str(tmp_path / "full"))
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"image": "../../etc/passwd", "conversations": [
+        {"from": "human", "value": "?"}, {"from": "gpt", "value": "!"}]}]))
+    assert "points outside its folder" in _from_the_shell(
+        monkeypatch, capsys, "fit", "--config", "configs/gp_l_sft.yaml", "--data.init_args.llava_json", str(data),
+        "--model.init_args.backbone.path", str(tiny_dir_factory("mllama")),
+        "--trainer.default_root_dir", str(tmp_path / "run"))
+
+
+def test_ckpt_path_hpc_checks_the_file_it_resolves_to(tmp_path, monkeypatch, capsys, tiny_dir_factory):
+    from test_security import hostile_checkpoint
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _, marker = hostile_checkpoint(run_dir, "hpc_ckpt_1.ckpt")
+    text = _from_the_shell(monkeypatch, capsys, "fit", "--config", "configs/gp_l_sft.yaml", "--ckpt_path", "hpc",
+                           "--model.init_args.backbone.path", str(tiny_dir_factory("mllama")),
+                           "--trainer.default_root_dir", str(run_dir))
+    assert "--ckpt_path hpc" in text and "could run code" in text and "hpc_ckpt_1.ckpt" in text, text
+    assert not marker.exists()
+
+
+def test_an_unexpected_failure_is_one_line_and_its_traceback_is_behind_verbose(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lit_sftrl.cli import main
+
+    gguf = tmp_path / "model.gguf"  # a GGUF header and nothing else
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    argv = ["fit", "--config", "configs/gp_l_sft.yaml", "--model.init_args.backbone.path", str(gguf),
+            "--trainer.default_root_dir", str(tmp_path / "run")]
+    text = _from_the_shell(monkeypatch, capsys, *argv)
+    assert str(gguf) in text and "--verbose" in text, text
+    monkeypatch.setattr(sys, "argv", ["lit-sftrl", *argv[:-1], str(tmp_path / "second"), "--verbose"])
+    with pytest.raises(Exception) as error:  # the exception itself, for its traceback
+        main()
+    assert not isinstance(error.value, SystemExit) and str(gguf) in str(error.value)

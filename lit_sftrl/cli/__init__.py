@@ -26,9 +26,29 @@ TOOLS_HELP = {
 }
 
 
+VERBOSE_ENV = "LIT_SFTRL_VERBOSE"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``lit-sftrl``); its return value is the process's exit status, so it returns None."""
-    run(argv)
+    """Console entry point (``lit-sftrl``); its return value is the process's exit status, so it returns None.
+
+    Whatever goes wrong ends in one line naming the problem; the traceback behind it is printed with ``--verbose``
+    (anywhere on the command line) or ``LIT_SFTRL_VERBOSE=1``. The expected refusals say what to do; anything else
+    is reported as unexpected, its type and message on that line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if "--verbose" in args:
+        args.remove("--verbose")
+        sys.argv[1:] = args if argv is None else sys.argv[1:]
+    try:
+        run(None if argv is None else args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # noqa: BLE001 - the one place every other failure is turned into a line
+        if verbose:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        sys.exit(f"lit-sftrl: {type(error).__name__}: {first} (the traceback: add --verbose or set {VERBOSE_ENV}=1)")
 
 
 def run(argv: list[str] | None = None) -> Any:
@@ -75,13 +95,7 @@ def _run_tool(name: str, argv: list[str]) -> Any:
     args = parser.parse_args(argv)
     try:
         path = command(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        sys.exit(f"lit-sftrl {name}: {error}")
-    except OSError as error:
-        from lit_sftrl.core.disk import DiskFull
-
-        if not isinstance(error, DiskFull):
-            raise
+    except (OSError, ValueError) as error:  # missing or existing paths, a file where a folder goes, a full disk
         sys.exit(f"lit-sftrl {name}: {error}")
     print(f"wrote {path}")
     return path
@@ -108,6 +122,9 @@ def _make_tiny(parser: argparse.ArgumentParser) -> Callable:
             return pretrain_base(load_config(args.config, given + args.set))
         if args.out is None:
             raise ValueError("--out is required (without --pretrain)")
+        if args.out.exists():  # make_tiny keeps an existing folder as it is: "wrote DIR" would be untrue
+            raise FileExistsError(f"--out {str(args.out)!r} already exists: nothing was written (choose a new folder, "
+                                  "or delete that one)")
         from lit_sftrl.pretraining.corpus import build_tiny
 
         return build_tiny(args.out, family=args.family, size=args.size, seed=args.seed or 0)
@@ -138,6 +155,10 @@ def _export(parser: argparse.ArgumentParser) -> Callable:
 
     def command(args: argparse.Namespace) -> Path:
         from lit_sftrl.models.export import export_checkpoint
+
+        if args.out.exists() and not args.out.is_dir():
+            raise FileExistsError(f"--out {str(args.out)!r} is a file: export writes a model folder; nothing was "
+                                  "written")
 
         return export_checkpoint(args.ckpt, args.out, merge_lora=not args.adapter_only)
 

@@ -226,6 +226,14 @@ class SftRlCLI(LightningCLI):
         (a full disk: its message says "resume with --ckpt_path last"), Lightning found no last checkpoint, warned
         and trained from step 0 beside the run's other checkpoints: the newest whole one is resumed instead."""
         self._resume_from = None
+        if self._get(self.config, "ckpt_path") == "hpc":  # Lightning's newest <run>/hpc_ckpt_N.ckpt, checked the same
+            path = getattr(self.trainer._checkpoint_connector, "_hpc_resume_path", None)
+            try:
+                if path:
+                    check_lightning_checkpoint(path)
+            except (FileNotFoundError, ValueError) as error:
+                sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path hpc: {error}; nothing was run")
+            return
         if self._get(self.config, "ckpt_path") != "last":
             return
         path = last_checkpoint(self.trainer)
