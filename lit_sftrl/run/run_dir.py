@@ -226,7 +226,8 @@ RESUME_NEUTRAL_KEYS = (
     "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.limit_val_batches",
     "trainer.limit_test_batches", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
     "trainer.num_sanity_val_steps", "trainer.enable_checkpointing", "trainer.profiler", "trainer.plugins",
-    "model.eval_sampling", "model.save_transcripts", "model.optim.lr", "data.evaluation", "data.num_workers",
+    "model.eval_sampling", "model.save_transcripts", "model.max_nonfinite_losses", "model.optim.lr",
+    "data.evaluation", "data.num_workers",
 )
 
 
