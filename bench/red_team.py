@@ -13,7 +13,6 @@ those of issue 31 and a few of the earlier reliability work (tests/test_security
 from __future__ import annotations
 
 import argparse
-import builtins
 import json
 import os
 import pickle
@@ -54,14 +53,18 @@ class Result:
 # ----------------------------------------------------------------------------------------------- the cases
 
 
-class _RunsCode:
-    """Unpickling this runs ``exec`` on a line that creates ``marker``: a checkpoint that runs code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",))
+def _code_checkpoint(path: Path, marker: Path) -> None:
+    """Write a checkpoint whose pickle runs ``exec`` (creating ``marker``) when loaded without weights_only.
+    Written by a child process: this one stays small, so the cases' children (forked from it) start small too."""
+    code = (
+        "import builtins, sys, torch\n"
+        "class RunsCode:\n"
+        "    def __reduce__(self):\n"
+        "        return (builtins.exec, (f'open({sys.argv[2]!r}, \"w\").close()',))\n"
+        "torch.save({'state_dict': {}, 'global_step': 1,\n"
+        "            'hyper_parameters': {'backbone': {'path': 'x'}, 'extra': RunsCode()}}, sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), str(marker)], check=True)
 
 
 def _alias_bomb() -> str:
@@ -135,10 +138,9 @@ def long_turn(scratch: Path, tiny: Callable[[], Path]) -> list[str]:
 
 
 def truncated_png(scratch: Path, tiny: Callable[[], Path]) -> list[str]:
-    import numpy as np
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(scratch / "a.png")
+    code = ("import sys, numpy as np; from PIL import Image; noise = np.random.default_rng(0).integers("
+            "0, 255, (256, 256, 3), dtype=np.uint8); Image.fromarray(noise).save(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(scratch / "a.png")], check=True)
     (scratch / "cut.png").write_bytes((scratch / "a.png").read_bytes()[:100_000])
     data = _llava(scratch, image="cut.png")
     return _sft(tiny(), scratch / "run", "--data.init_args.llava_json", str(data))
@@ -171,26 +173,21 @@ def shared_list_pickle(scratch: Path, tiny: Callable[[], Path]) -> list[str]:
         value = [value] * 200
     (folder / "gps_pano_mapping.pkl").write_bytes(pickle.dumps({(40.0, -73.0): value}))  # ~5 KB
     (folder / "street_views").mkdir()
+    whole = scratch / "ood_routes"  # the same route with a plain mapping: only the hostile folder is refused
+    shutil.copytree(folder, whole)
+    (whole / "gps_pano_mapping.pkl").write_bytes(pickle.dumps({(40.0, -73.0): "pano"}))
     return ["fit", "--config", str(REPO / "configs/virl_vl_sft.yaml"), "--data.init_args.task.routes", str(folder),
-            "--data.init_args.task.ood_routes", str(folder)]
+            "--data.init_args.task.ood_routes", str(whole)]
 
 
 def code_checkpoint(scratch: Path, tiny: Callable[[], Path]) -> list[str]:
-    import torch
-
-    torch.save({"state_dict": {}, "global_step": 1,
-                "hyper_parameters": {"backbone": {"path": "x"}, "extra": _RunsCode(scratch / "ran")}},
-               scratch / "hostile.ckpt")
+    _code_checkpoint(scratch / "hostile.ckpt", scratch / "ran")
     return _sft(tiny(), scratch / "run", "--ckpt_path", str(scratch / "hostile.ckpt"))
 
 
 def code_checkpoint_hpc(scratch: Path, tiny: Callable[[], Path]) -> list[str]:
-    import torch
-
     (scratch / "run").mkdir()
-    torch.save({"state_dict": {}, "global_step": 1,
-                "hyper_parameters": {"backbone": {"path": "x"}, "extra": _RunsCode(scratch / "ran")}},
-               scratch / "run" / "hpc_ckpt_1.ckpt")
+    _code_checkpoint(scratch / "run" / "hpc_ckpt_1.ckpt", scratch / "ran")
     return _sft(tiny(), scratch / "run", "--ckpt_path", "hpc")
 
 
