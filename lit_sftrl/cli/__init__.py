@@ -45,9 +45,29 @@ def registered_tools() -> dict[str, Callable[..., Any]]:
     }
 
 
+VERBOSE_ENV = "LIT_SFTRL_VERBOSE"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point (``lit-sftrl``); its return value is the process's exit status, so it returns None."""
-    run(argv)
+    """Console entry point (``lit-sftrl``); its return value is the process's exit status, so it returns None.
+
+    Whatever goes wrong ends in one line naming the problem; the traceback behind it is printed with ``--verbose``
+    (anywhere on the command line) or ``LIT_SFTRL_VERBOSE=1``. The expected refusals say what to do; anything else
+    is reported as unexpected, its type and message on that line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in args or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+    if "--verbose" in args:
+        args.remove("--verbose")
+        sys.argv[1:] = args if argv is None else sys.argv[1:]
+    try:
+        run(None if argv is None else args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:  # noqa: BLE001 - the one place every other failure is turned into a line
+        if verbose:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        sys.exit(f"lit-sftrl: {type(error).__name__}: {first} (the traceback: add --verbose or set {VERBOSE_ENV}=1)")
 
 
 def run(argv: list[str] | None = None) -> Any:
@@ -131,13 +151,7 @@ def run_tool(name: str, argv: list[str]) -> Any:
     arguments = {key: settings[key] for key in inspect.signature(function).parameters}
     try:
         path = function(**arguments)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        sys.exit(f"lit-sftrl {name}: {error}")
-    except OSError as error:
-        from lit_sftrl.core.disk import DiskFull
-
-        if not isinstance(error, DiskFull):
-            raise
+    except (OSError, ValueError) as error:  # missing or existing paths, a file where a folder goes, a full disk
         sys.exit(f"lit-sftrl {name}: {error}")
     print(f"wrote {path}")
     return path

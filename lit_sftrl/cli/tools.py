@@ -26,6 +26,9 @@ def make_tiny(out: Path, family: Family = "mllama", size: Size = "tiny", seed: i
         size: ``tiny`` (~4 M parameters) or ``small`` (~20 M).
         seed: seed of the initial weights.
     """
+    if out.exists():  # build_tiny keeps an existing folder as it is: "wrote DIR" would be untrue
+        raise FileExistsError(f"--out {str(out)!r} already exists: nothing was written (choose a new folder, or "
+                              "delete that one)")
     from lit_sftrl.pretraining.corpus import build_tiny
 
     return build_tiny(out, family=family, size=size, seed=seed)
@@ -66,6 +69,8 @@ def export(ckpt: Path, out: Path, adapter_only: bool = False) -> Path:
     """
     from lit_sftrl.models.export import export_checkpoint
 
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file: export writes a model folder; nothing was written")
     return export_checkpoint(ckpt, out, merge_lora=not adapter_only)
 
 

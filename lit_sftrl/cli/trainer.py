@@ -29,7 +29,9 @@ from lit_sftrl.run.run_dir import (
     RunConfigCallback,
     RunDirectoryBusy,
     RunDirectoryLock,
+    changed_settings,
     clear_run_directory,
+    keep_previous_config,
     place_in_run_directory,
     previous_run_files,
     remove_orphan_temporaries,
@@ -79,6 +81,9 @@ class SftRlCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except RecursionError:  # jsonargparse follows `config:` keys without a cycle check
             sys.exit("lit-sftrl: a config file includes itself (directly or through another one); nothing was run")
+        except validation.YamlLimitExceeded as error:  # a config file over the size limit, refused before reading
+            print(f"lit-sftrl: {error}; nothing was run", file=sys.stderr)
+            sys.exit(2)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -138,6 +143,7 @@ class SftRlCLI(LightningCLI):
                 remove_orphan_temporaries(lock.run_dir)
                 if subcommand == "fit":
                     self._refuse_a_previous_run(lock.run_dir)
+                    self._refuse_a_changed_config(lock.run_dir)
             yield
         finally:
             if lock is not None:
@@ -150,11 +156,49 @@ class SftRlCLI(LightningCLI):
         if not previous or self._get(self.config, "ckpt_path"):
             return
         if self._get(self.config, "overwrite"):
-            clear_run_directory(run_dir)
+            try:
+                clear_run_directory(run_dir)
+            except ValueError as error:
+                sys.exit(f"lit-sftrl fit: {error}")
             return
         sys.exit(f"lit-sftrl fit: run directory {str(run_dir)!r} already holds a run ({', '.join(previous[:4])}): "
                  "resume it with --ckpt_path last, choose another --trainer.default_root_dir, or replace it with "
                  "--overwrite true; nothing was run")
+
+    def _refuse_a_changed_config(self, run_dir: Path) -> None:
+        """A resume whose config differs from the run's saved one in anything that changes what is trained (another
+        task, batch size, backbone, LoRA...) trained on silently and replaced the run's config.yaml: refused with
+        the differing keys, unless ``--allow_config_change true``, which keeps the old config beside the new."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if not ckpt_path:
+            return
+        saved_path = run_dir / "config.yaml"
+        if ckpt_path not in CKPT_PATH_KEYWORDS and not saved_path.is_file():  # a checkpoint of another run directory
+            saved_path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+        if not saved_path.is_file():
+            return
+        try:
+            saved = validation.read_yaml_file(saved_path)
+        except (OSError, ValueError) as error:
+            sys.exit(f"lit-sftrl fit: the run's config {saved_path} cannot be read ({error}); nothing was run")
+        import yaml
+
+        parser = self._parser(self.subcommand)
+        current = yaml.safe_load(parser.dump(self.config[self.subcommand], skip_none=False))
+        changes = changed_settings(saved if isinstance(saved, dict) else {}, current)
+        if not changes:
+            return
+        if not self._get(self.config, "allow_config_change"):
+            shown = "\n".join(f"  {change}" for change in changes[:20])
+            more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+            sys.exit(f"lit-sftrl fit: --ckpt_path {ckpt_path} resumes a run whose config ({saved_path}) differs in "
+                     f"what it trains; nothing was run:\n{shown}{more}\nResume with the run's own config "
+                     f"(--config {saved_path}), or add --allow_config_change true to train on under the new one "
+                     "(the old config is kept beside it)")
+        if saved_path.parent == run_dir:
+            kept = keep_previous_config(run_dir)
+            print(f"lit-sftrl fit: resuming under a changed config ({len(changes)} settings); the run's previous "
+                  f"config is kept as {kept}", file=sys.stderr)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -174,6 +218,9 @@ class SftRlCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="fit into a run directory that holds another run: delete that run's files first")
+        parser.add_argument("--allow_config_change", type=bool, default=False,
+                            help="resume (--ckpt_path) under a config that differs from the run's saved one in what "
+                                 "it trains; the old config.yaml is kept as config-before-resume-N.yaml")
 
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:
@@ -185,27 +232,58 @@ class SftRlCLI(LightningCLI):
     before_test = before_validate
 
     def _check_last_checkpoint(self) -> None:
+        """Resolve ``--ckpt_path last`` to a whole file, or refuse naming one. When the ``last.ckpt`` write failed
+        (a full disk: its message says "resume with --ckpt_path last"), Lightning found no last checkpoint, warned
+        and trained from step 0 beside the run's other checkpoints: the newest whole one is resumed instead."""
+        self._resume_from = None
+        if self._get(self.config, "ckpt_path") == "hpc":  # Lightning's newest <run>/hpc_ckpt_N.ckpt, checked the same
+            path = getattr(self.trainer._checkpoint_connector, "_hpc_resume_path", None)
+            try:
+                if path:
+                    check_lightning_checkpoint(path)
+            except (FileNotFoundError, ValueError) as error:
+                sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path hpc: {error}; nothing was run")
+            return
         if self._get(self.config, "ckpt_path") != "last":
             return
         path = last_checkpoint(self.trainer)
-        if path is None:  # Lightning warns and starts from scratch
+        if path is not None:
+            try:
+                check_lightning_checkpoint(path)
+                return
+            except (FileNotFoundError, ValueError) as error:
+                whole = newest_whole_checkpoint(self.trainer, exclude=path)
+                instead = f"--ckpt_path {whole}" if whole else "--ckpt_path PATH"
+                sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
+                         f"Resume from the newest whole checkpoint with {instead}.")
+        saved = run_checkpoints(self.trainer)
+        if not saved:  # a new run: Lightning warns and starts from scratch
             return
-        try:
-            check_lightning_checkpoint(path)
-        except (FileNotFoundError, ValueError) as error:
-            sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: {error}; nothing was run. "
-                     "Resume from another checkpoint with --ckpt_path PATH.")
+        whole = newest_whole_checkpoint(self.trainer)
+        if whole is None:
+            names = ", ".join(str(p) for p in saved[:4])
+            sys.exit(f"lit-sftrl {self.subcommand}: --ckpt_path last: the run has no last checkpoint and none of its "
+                     f"checkpoints reads back whole ({names}); nothing was run")
+        print(f"lit-sftrl {self.subcommand}: --ckpt_path last: no last checkpoint (its write failed?); resuming from "
+              f"the newest whole one, {whole}", file=sys.stderr)
+        self._resume_from = whole
 
     # LightningCLI runs these methods in place of the trainer's (tests/test_lightning_cli_contract.py pins it): each
     # holds the run directory and reads checkpoints with weights_only=True only (a pickle naming other code would
     # run it; config_problems refuses --weights_only false, this pins what the trainer's own restore does).
+    def _trainer_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What the trainer's own method gets: checkpoints read with weights_only=True only, and the newest whole
+        checkpoint in place of ``last`` when the last one's write failed (``_parse_ckpt_path``)."""
+        resume_from = getattr(self, "_resume_from", None)
+        return {**kwargs, "weights_only": True, **({"ckpt_path": resume_from} if resume_from else {})}
+
     def fit(self, model: Any, **kwargs: Any) -> None:
         """``trainer.fit``: a run that repeated non-finite losses stopped ends, from the shell, with its message
         (which names the checkpoint it saved), not a traceback."""
         with self._run_directory("fit"):
             self.log_whole_config()
             try:
-                self.trainer.fit(model, **{**kwargs, "weights_only": True})
+                self.trainer.fit(model, **self._trainer_kwargs(kwargs))
             except (FloatingPointError, validation.LimitExceeded, validation.DataError, DiskFull) as error:
                 if not self._command_line:
                     raise
@@ -213,11 +291,11 @@ class SftRlCLI(LightningCLI):
 
     def validate(self, model: Any, **kwargs: Any) -> None:
         with self._run_directory("validate"):
-            self.trainer.validate(model, **{**kwargs, "weights_only": True})
+            self.trainer.validate(model, **self._trainer_kwargs(kwargs))
 
     def test(self, model: Any, **kwargs: Any) -> None:
         with self._run_directory("test"):
-            self.trainer.test(model, **{**kwargs, "weights_only": True})
+            self.trainer.test(model, **self._trainer_kwargs(kwargs))
 
 
 def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
@@ -277,6 +355,26 @@ def last_checkpoint(trainer: Any) -> str | None:
             candidates |= set(find(trainer))
     existing = [path for path in candidates if path and os.path.isfile(path)]
     return max(existing, key=os.path.getmtime) if existing else None
+
+
+def run_checkpoints(trainer: Any) -> list[Path]:
+    """Every ``*.ckpt`` file in the run's checkpoint folders, newest first."""
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    files = {path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt") if path.is_file()}
+    return sorted(files, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def newest_whole_checkpoint(trainer: Any, exclude: str | None = None) -> str | None:
+    """The newest of the run's checkpoints that reads back whole; None when there is none."""
+    for path in run_checkpoints(trainer):
+        if exclude and path.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            check_lightning_checkpoint(path)
+        except (FileNotFoundError, ValueError):
+            continue
+        return str(path)
+    return None
 
 
 # A VLM leaves parameters unused on many batches (the vision tower and cross-attention layers on text-only
@@ -342,13 +440,44 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             problems.append(
                 (key, f"route folder {folder!r} does not exist and is not named after a synthetic city style")
             )
-    for key in ("llava_json", "messages"):
-        path = _get(data, key)
-        if path and not Path(path).exists():
-            problems.append((f"data.{key}", f"{path!r} does not exist"))
-    if _get(data, "llava_json") and _get(data, "messages"):
+        elif folder in task.route_folders() and (Path(folder) / "route_infos.json").exists():
+            problem = _route_folder_problem(folder, task)
+            if problem:
+                problems.append((key, problem))
+    messages = _get(data, "messages")
+    if messages and not Path(messages).exists():
+        problems.append(("data.messages", f"{messages!r} does not exist"))
+    if _get(data, "llava_json") and messages:
         problems.append(("data.messages", "data.llava_json names training data too: give one of the two"))
+    llava_json = _get(data, "llava_json")
+    if llava_json and not Path(llava_json).exists():
+        problems.append(("data.llava_json", f"{llava_json!r} does not exist"))
+    elif llava_json:  # every sample and image checked now, not when the first batch draws it after the model is built
+        from lit_sftrl.data.llava_data import checked_llava_json
+
+        limits = {key: _get(data, key) for key in ("max_image_pixels", "max_image_bytes", "max_turn_chars")}
+        try:
+            checked_llava_json(llava_json, _get(data, "image_folder"),
+                               **{key: value for key, value in limits.items() if value is not None})
+        except (OSError, ValueError) as error:
+            problems.append(("data.llava_json", str(error)))
     return problems
+
+
+def _route_folder_problem(folder: str, task: TaskConfig) -> str | None:
+    """Read a route folder (routes, and the panorama mapping where the task shows images) as its environments will,
+    so that what is wrong with it is one line now, not a traceback after the model is built."""
+    import pickle
+
+    from lit_sftrl.envs.routes import load_route_folder
+
+    try:
+        routes = load_route_folder(folder, task.max_milestones, task.max_image_pixels)
+        if task.is_visual and routes.has_mapping:
+            routes.nearest(routes.routes[0].start)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        return str(error)
+    return None
 
 
 def _routes_available(folder: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,11 @@ class LimitExceeded(ValueError):
 
 class DataError(ValueError):
     """A training data file the config names holds a record that cannot be used: the run stops with one line."""
+
+
+class YamlLimitExceeded(LimitExceeded):
+    """A YAML text over the size or alias-expansion limit. Not a ``yaml.YAMLError``: jsonargparse drops those for
+    command-line values and keeps the text as a string, so the reason would be lost."""
 
 
 Rule = Callable[[Any], "str | None"]  # None when the value is fine, otherwise what is wrong
@@ -65,6 +71,19 @@ POSITIVE = in_range(0.0, math.inf, low_open=True, high_open=True)
 NONNEGATIVE = in_range(0.0, math.inf, high_open=True)
 FRACTION = in_range(0.0, 1.0)
 
+# The ceilings of the sizes that allocate memory in proportion, far above anything the paper or these configs
+# use; docs/reliability.md lists them. Checked on the parsed config, before any model is built.
+CEILINGS: dict[str, int] = {
+    "max_new_tokens": 32_768,  # tokens generated per answer (the paper: 512); sets the key/value cache's length
+    "max_tokens": 262_144,  # tokens in one training sample
+    "max_turn_chars": 1_000_000,  # characters in one turn of a data file, checked before it is tokenised
+    "max_image_bytes": 1 << 30,  # bytes of one image file, checked (os.stat) before it is opened
+    "max_image_pixels": 400_000_000,  # pixels one image may declare in its header
+    "batch_size": 4_096, "num_envs": 4_096, "rollout_steps": 65_536, "micro_batch_size": 4_096,
+    "minibatch_size": 1 << 20, "image_size": 4_096, "value_head_hidden": 65_536, "max_milestones": 100_000,
+    "val_episodes": 1_000_000, "test_episodes": 1_000_000, "image_tokens": 65_536,
+}
+
 # Field name -> rule, for every config dataclass and module argument of the project (PPO's included). A None
 # value passes where the field is optional (the default then applies).
 RULES: dict[str, Rule] = {
@@ -76,6 +95,7 @@ RULES: dict[str, Rule] = {
     "micro_batch_size": positive_int, "r": positive_int, "alpha": positive_int, "value_head_hidden": positive_int,
     "max_nonfinite_losses": positive_int, "warmup_steps": nonnegative_int, "num_workers": nonnegative_int,
     "max_tokens": positive_int, "max_image_pixels": positive_int, "max_milestones": positive_int,
+    "max_turn_chars": positive_int, "max_image_bytes": positive_int,
     # rates
     "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION,
     "dropout": in_range(0.0, 1.0, high_open=True), "temperature": NONNEGATIVE,
@@ -84,6 +104,18 @@ RULES: dict[str, Rule] = {
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
     "thought_coef": FRACTION, "value_lr_scale": POSITIVE, "buffer_ratio": NONNEGATIVE, "image_tokens": nonnegative_int,
 }
+
+
+def with_ceiling(rule: Rule, ceiling: int) -> Rule:
+    """``rule``, and no larger than ``ceiling``."""
+
+    def checked(value: Any) -> str | None:
+        return rule(value) or (f"must be at most {ceiling:,} (its ceiling), got {value:,}" if value > ceiling else None)
+
+    return checked
+
+
+RULES.update({name: with_ceiling(RULES[name], ceiling) for name, ceiling in CEILINGS.items()})
 FINITE = in_range(-math.inf, math.inf, low_open=True, high_open=True)
 
 
@@ -177,6 +209,9 @@ MAX_YAML_CHARS = 1 << 20  # a config is a few KB; anything near this size is a m
 MAX_YAML_NODES = 100_000  # nodes after alias expansion: nested aliases ("billion laughs") grow exponentially
 
 
+_unlimited_yaml_load: Callable[[str], Any] | None = None  # jsonargparse's own loader, once the limits wrap it
+
+
 def limited_yaml_load(stream: str) -> Any:
     """jsonargparse's YAML loader behind two limits: the text's size, and its size once aliases are expanded
     (checked on the composed node graph, where an alias is one shared node, before anything is built)."""
@@ -184,12 +219,28 @@ def limited_yaml_load(stream: str) -> Any:
     from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
 
     if isinstance(stream, str) and len(stream) > MAX_YAML_CHARS:
-        raise yaml.YAMLError(f"a config of {len(stream):,} characters is refused (the limit is {MAX_YAML_CHARS:,})")
+        raise YamlLimitExceeded(f"a config of {len(stream):,} characters is refused (the limit is {MAX_YAML_CHARS:,})")
     if isinstance(stream, str) and "*" in stream:
         node = yaml.compose(stream, Loader=get_yaml_default_loader())
         if node is not None and _expanded_nodes(node, {}, set()) > MAX_YAML_NODES:
-            raise yaml.YAMLError(f"a config whose aliases expand to more than {MAX_YAML_NODES:,} values is refused")
-    return yaml_load(stream)
+            raise YamlLimitExceeded(f"a config whose aliases expand to more than {MAX_YAML_NODES:,} values is refused")
+    return (_unlimited_yaml_load or yaml_load)(stream)
+
+
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """A YAML file under the same limits, its size checked (``os.stat``) before a byte is read: a 3 GB file named
+    as a config used to be read whole before the size check. Raises ValueError naming the file."""
+    import yaml
+
+    size = os.stat(path).st_size
+    if size > MAX_YAML_CHARS:
+        raise ValueError(f"{path}: a YAML file of {size:,} bytes is refused (the limit is {MAX_YAML_CHARS:,})")
+    with open(path, encoding="utf-8", errors="replace") as file:
+        text = file.read(MAX_YAML_CHARS + 1)
+    try:
+        return limited_yaml_load(text)
+    except (yaml.YAMLError, YamlLimitExceeded) as error:
+        raise ValueError(f"{path}: {str(error).splitlines()[0]}") from None
 
 
 def _expanded_nodes(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> int:
@@ -214,7 +265,31 @@ def _expanded_nodes(node: Any, sizes: dict[int, int], open_nodes: set[int]) -> i
 
 
 def install_yaml_limits() -> None:
-    from jsonargparse import set_loader
+    """Put every YAML jsonargparse parses behind :func:`limited_yaml_load`: config files (``set_loader``) and
+    command-line values (``--data.init_args.task.env_kwargs '...'`` goes through the module's ``yaml_load``
+    directly: an alias bomb there ran 88 s and took 4 GB), and check a config file's size before reading it."""
+    global _unlimited_yaml_load
+    from jsonargparse import _loaders_dumpers, _paths, set_loader
     from jsonargparse._loaders_dumpers import get_loader_exceptions
 
-    set_loader("yaml", limited_yaml_load, get_loader_exceptions("yaml"))
+    set_loader("yaml", limited_yaml_load, (*get_loader_exceptions("yaml"), YamlLimitExceeded))
+    if _unlimited_yaml_load is None:
+        _unlimited_yaml_load = _loaders_dumpers.yaml_load
+        _loaders_dumpers.yaml_load = limited_yaml_load
+        _paths.Path.get_content = _size_checked(_paths.Path.get_content)
+
+
+def _size_checked(get_content: Callable[..., str]) -> Callable[..., str]:
+    """jsonargparse's ``Path.get_content``, refusing a local file over :data:`MAX_YAML_CHARS` bytes before reading
+    it (a 3 GB ``--config`` was read whole, then refused by its length)."""
+    import functools
+
+    @functools.wraps(get_content)
+    def checked(self: Any, mode: str = "r") -> str:
+        local = not (self._std_io or self._is_url or self._is_fsspec)
+        if local and (size := os.stat(self._absolute).st_size) > MAX_YAML_CHARS:
+            raise YamlLimitExceeded(f"{self._relative}: a config of {size:,} bytes is refused without reading it "
+                                 f"(the limit is {MAX_YAML_CHARS:,})")
+        return get_content(self, mode)
+
+    return checked

@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from lit_sftrl.core.seeding import stream_rng, stream_seed
 from lit_sftrl.core.validation import DataError, check_values, validate
 from lit_sftrl.data.episodes import EvalEpisodes, RolloutSpec
-from lit_sftrl.data.llava_data import read_llava_json
+from lit_sftrl.data.llava_data import MAX_TURN_CHARS, checked_llava_json
 from lit_sftrl.data.messages import decode_image, read_messages
 from lit_sftrl.data.tasks import TaskConfig
-from lit_sftrl.envs.images import MAX_IMAGE_PIXELS
+from lit_sftrl.envs.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 Conversation = dict[str, Any]  # {"messages": [...ending with the assistant turn], "image": ndarray | None}
 AssistantTurns = Literal["all", "last"]  # which assistant turns of a conversation SFT trains on
@@ -245,10 +245,12 @@ class FileSource:
 class LlavaSource(FileSource):
     """SFT samples from a released LLaVA-style JSON file (:mod:`lit_sftrl.data.llava_data`)."""
 
-    def __init__(self, path: str, image_folder: str | None, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def __init__(self, path: str, image_folder: str | None, **limits: int) -> None:
+        # Images checked (folder, file type, size, header's pixel count, whole data) when the file is read, decoded
+        # when a batch draws them; turns checked for length before anything tokenises them.
         with data_errors():
-            conversations = read_llava_json(path, image_folder, lazy=True, max_image_pixels=max_image_pixels)
-        super().__init__(conversations, max_image_pixels)
+            conversations = checked_llava_json(path, image_folder, **limits)
+        super().__init__(conversations, limits.get("max_image_pixels", MAX_IMAGE_PIXELS))
 
 
 class MessagesSource(FileSource):
@@ -285,7 +287,11 @@ class SFTDataModule(EpisodeDataModule):
             earlier ones are then context, as the wrong answers of a revision conversation must be). Default: ``all``
             for ``messages`` data, ``last`` for expert play and LLaVA-style files.
         max_image_pixels: the most pixels an image of the data may declare in its file header, checked before
-            anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels).
+            anything is decoded (40 M by default: a 140 KB PNG can declare 432 MB of pixels; ceiling 400 M).
+        max_image_bytes: the largest image file of a LLaVA-style JSON, checked before it is opened (64 MiB;
+            ceiling 1 GiB).
+        max_turn_chars: the most characters in one turn of a LLaVA-style JSON, checked before it is tokenised
+            (100,000; ceiling 1,000,000). Every image is also verified whole when the file is read.
         num_workers: dataloader worker processes.
         seed: seed of the training stream.
         evaluation: the fixed validation/test episodes.
@@ -301,24 +307,28 @@ class SFTDataModule(EpisodeDataModule):
         messages: str | None = None,
         assistant_turns: AssistantTurns | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_turn_chars: int = MAX_TURN_CHARS,
         num_workers: int = 0,
         seed: int = 0,
         evaluation: EvalConfig | None = None,
     ) -> None:
         super().__init__(task, evaluation, seed)
         check_values("data.", batch_size=batch_size, multi_turn=multi_turn, num_workers=num_workers,
-                     max_image_pixels=max_image_pixels)
+                     max_image_pixels=max_image_pixels, max_image_bytes=max_image_bytes, max_turn_chars=max_turn_chars)
         self.batch_size, self.multi_turn, self.num_workers = batch_size, multi_turn, num_workers
         if llava_json and messages:
             raise ValueError("data.llava_json and data.messages both name training data: give one")
         self.llava_json, self.image_folder, self.max_image_pixels = llava_json, image_folder, max_image_pixels
         self.messages = messages
         self.assistant_turns = assistant_turns or ("all" if messages else "last")
+        self.llava_limits = {"max_image_pixels": max_image_pixels, "max_image_bytes": max_image_bytes,
+                             "max_turn_chars": max_turn_chars}
         self.batches_consumed = 0
 
     def train_dataloader(self) -> DataLoader:
         if self.llava_json:
-            source = LlavaSource(self.llava_json, self.image_folder, self.max_image_pixels)
+            source = LlavaSource(self.llava_json, self.image_folder, **self.llava_limits)
         elif self.messages:
             source = MessagesSource(self.messages, self.max_image_pixels)
         else:

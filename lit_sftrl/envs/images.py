@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 40_000_000  # ~8K x 5K: far above any model input or panorama used here, 120 MB decoded
+MAX_IMAGE_BYTES = 64 << 20  # a compressed file of that many pixels is far smaller; checked before opening
 
 
 def confined_file(folder: str | os.PathLike, name: str | os.PathLike, where: str, kind: str = "file") -> Path:
@@ -34,8 +35,17 @@ def confined_file(folder: str | os.PathLike, name: str | os.PathLike, where: str
     return path
 
 
-def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    """Width and height from the file's header (nothing decoded); refused when over ``max_pixels`` or unreadable."""
+def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                       max_bytes: int = MAX_IMAGE_BYTES) -> tuple[int, int]:
+    """Width and height from the file's header (nothing decoded); refused when the file is over ``max_bytes``
+    (checked before it is opened), the header over ``max_pixels``, or unreadable."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as error:
+        raise ValueError(f"{where}: cannot read image {str(path)!r} ({error.strerror or error})") from None
+    if size > max_bytes:
+        raise ValueError(f"{where}: image {str(path)!r} is {size:,} bytes, more than the limit of {max_bytes:,} "
+                         "(max_image_bytes)")
     try:
         with Image.open(path) as handle:
             width, height = handle.size
@@ -45,6 +55,22 @@ def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MA
         raise ValueError(f"{where}: image {str(path)!r} is {width} x {height} pixels, more than the limit of "
                          f"{max_pixels:,} (max_image_pixels)")
     return width, height
+
+
+def check_image_whole(path: str | os.PathLike, where: str) -> None:
+    """Refuse an image whose data is damaged or cut short: PNG chunks are checked against their CRCs
+    (``verify``), other formats are decoded (``verify`` passes a truncated JPEG). Call after
+    :func:`check_image_header`, which bounds what decoding can cost. A truncated file used to pass the header
+    check and kill the run mid-training ("image file is truncated"), naming neither file nor sample."""
+    try:
+        with Image.open(path) as handle:
+            png = handle.format == "PNG"
+            handle.verify()
+        if not png:
+            with Image.open(path) as handle:
+                handle.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{where}: image {str(path)!r} is damaged or truncated ({error})") from None
 
 
 @lru_cache(maxsize=256)

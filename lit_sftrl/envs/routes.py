@@ -43,6 +43,8 @@ ROUTES_FILE = "route_infos.json"
 MAPPING_FILE = "gps_pano_mapping.pkl"
 VIEWS_DIR = "street_views"
 MAX_MILESTONES = 500  # per route; the official routes have fewer than 30 (10,000 blocks exhausted memory)
+MAX_FILE_BYTES = 256 << 20  # route_infos.json and the pano mapping, checked (os.stat) before either is read
+MAX_LINE_CHARS = 10_000  # one line of a milestone block; the official ones are under 300
 
 Geocode = tuple[float, float]
 
@@ -96,9 +98,11 @@ def offset_geocode(origin: Geocode, east_m: float, north_m: float) -> Geocode:
 
 # ------------------------------------------------------------------------------------------ route records
 
-_BLOCK = re.compile(r"\{(.*?)\}", re.DOTALL)
-_LINE = re.compile(r'^\s*"(?P<key>[^"]+)"\s*:\s*"(?P<value>.*)"\s*,?\s*$')
-_HEADING = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(?:\(\s*([a-z]+)\s*\))?\s*$", re.IGNORECASE)
+# Applied to stripped text with fullmatch, so that no two whitespace runs compete for the same characters: each
+# runs in linear time on any input. (The brace blocks were split by the regex \{(.*?)\}, which takes quadratic
+# time on a text of unclosed braces: 300,000 of them took 412 s.)
+_LINE = re.compile(r'"(?P<key>[^"]+)"\s*:\s*"(?P<value>.*)"')
+_HEADING = re.compile(r"(-?\d+(?:\.\d+)?)(?:\s*\(\s*([a-z]+)\s*\))?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -121,22 +125,31 @@ class Route:
     destination: str
 
 
-def parse_milestone_blocks(text: str) -> list[dict[str, str]]:
-    """Split ``milestone_info`` into one ``{key: value}`` dict per brace block."""
-    blocks = []
-    for body in _BLOCK.findall(text):
+def parse_milestone_blocks(text: str, max_blocks: int = MAX_MILESTONES, where: str = "milestone_info") -> list[
+        dict[str, str]]:
+    """Split ``milestone_info`` into one ``{key: value}`` dict per brace block (a block runs from a ``{`` to the
+    next ``}``), refusing more than ``max_blocks`` blocks as soon as there are, and any line over
+    :data:`MAX_LINE_CHARS`, before it is parsed."""
+    blocks, start = [], 0
+    while (opening := text.find("{", start)) >= 0 and (closing := text.find("}", opening + 1)) >= 0:
+        if len(blocks) == max_blocks:
+            raise RouteDataError(f"{where}: more than task.max_milestones={max_blocks} milestone blocks")
         fields = {}
-        for line in body.splitlines():
-            match = _LINE.match(line)
+        for line in text[opening + 1 : closing].splitlines():
+            if len(line) > MAX_LINE_CHARS:
+                raise RouteDataError(f"{where}: a line of {len(line):,} characters (the limit is {MAX_LINE_CHARS:,})")
+            line = line.strip()
+            match = _LINE.fullmatch(line[:-1].rstrip() if line.endswith(",") else line)
             if match:
                 fields[match.group("key").strip()] = match.group("value").strip()
         blocks.append(fields)
+        start = closing + 1
     return blocks
 
 
 def _parse_milestone(fields: dict[str, str], where: str) -> Milestone:
     raw = fields.get("to_next_intersection_heading")
-    match = _HEADING.match(raw or "")
+    match = _HEADING.fullmatch((raw or "").strip())
     if match is None:
         raise RouteDataError(f"{where}: to_next_intersection_heading {raw!r} is not like '177 (south)'")
     heading = _finite(float(match.group(1)), f"{where} to_next_intersection_heading") % 360.0
@@ -170,13 +183,13 @@ def parse_route(raw: Any, index: int, max_milestones: int = MAX_MILESTONES) -> R
         geocodes = tuple(
             _geocode(g, f"{where} geocode_list[{i}]") for i, g in enumerate(raw["route_results"]["geocode_list"])
         )
-        blocks = parse_milestone_blocks(raw["milestone_info"])
+        blocks = parse_milestone_blocks(raw["milestone_info"], max_milestones, f"{where} milestone_info")
         init = _finite(float(raw.get("init_heading") or 0.0), f"{where} init_heading")  # 0/missing: random
         destination = str((raw.get("dest_place") or {}).get("name", "the destination"))
+    except RouteDataError:
+        raise
     except (KeyError, TypeError, AttributeError, ValueError) as error:
         raise RouteDataError(f"{where}: missing or malformed field ({type(error).__name__}: {error})") from None
-    if len(blocks) > max_milestones:
-        raise RouteDataError(f"{where}: {len(blocks)} milestone blocks, more than task.max_milestones={max_milestones}")
     if not geocodes or len(blocks) != len(geocodes):
         raise RouteDataError(
             f"{where}: {len(blocks)} milestone blocks for {len(geocodes)} geocodes; expected one per geocode"
@@ -185,8 +198,16 @@ def parse_route(raw: Any, index: int, max_milestones: int = MAX_MILESTONES) -> R
     return Route(index, start, init % 360.0 if init else None, geocodes, milestones, destination)
 
 
+def check_file_size(path: Path, limit: int = MAX_FILE_BYTES) -> None:
+    """Refuse a route-folder file over ``limit`` bytes before reading it."""
+    size = path.stat().st_size
+    if size > limit:
+        raise RouteDataError(f"{path}: {size:,} bytes, more than the limit of {limit:,}")
+
+
 def read_routes(path: Path, max_milestones: int = MAX_MILESTONES) -> tuple[Route, ...]:
     try:
+        check_file_size(path)
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise RouteDataError(f"cannot read {path}: {error}") from None
@@ -201,9 +222,17 @@ def read_routes(path: Path, max_milestones: int = MAX_MILESTONES) -> tuple[Route
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain data only: a downloaded pickle must not be able to run code."""
+    """Unpickles plain data only: a downloaded pickle must not be able to run code, nor stand for more data than it
+    holds. Besides the allowed types, :meth:`load` refuses a result nested deeper than ``max_depth``, with more than
+    ``max_items`` values, or in which one list, dict or tuple is reached twice: pickle's memo lets a 5 KB file
+    refer to one list from 200 places, five levels deep, which anything that walks the result (``str``, a
+    comparison, a copy) expands to gigabytes."""
 
     ALLOWED = frozenset({"dict", "tuple", "list", "float", "int", "str"})
+
+    def __init__(self, file: Any, max_depth: int = 3, max_items: int = 10_000_000) -> None:
+        super().__init__(file)
+        self.max_depth, self.max_items = max_depth, max_items
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in self.ALLOWED:
@@ -212,19 +241,50 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"refusing to load {module}.{name}: the pano mapping may only hold dict, tuple, list, float, int and str"
         )
 
+    def load(self) -> Any:
+        data = super().load()
+        self._check_tree(data)
+        return data
+
+    def _check_tree(self, root: Any) -> None:
+        """Walk the result once (each container is visited at most once, so this is linear in the file)."""
+        seen: set[int] = set()
+        stack, items = [(root, 0)], 0
+        while stack:
+            node, depth = stack.pop()
+            items += 1
+            if items > self.max_items:
+                raise pickle.UnpicklingError(f"holds more than {self.max_items:,} values")
+            if not isinstance(node, (list, tuple, dict)):
+                continue
+            if depth >= self.max_depth:
+                raise pickle.UnpicklingError(f"nests containers deeper than {self.max_depth} levels")
+            if id(node) in seen:
+                raise pickle.UnpicklingError(f"refers to one {type(node).__name__} from more than one place")
+            seen.add(id(node))
+            children = [v for pair in node.items() for v in pair] if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
+
 
 def load_pano_mapping(path: Path) -> dict[Geocode, str]:
-    """Read ``gps_pano_mapping.pkl`` with :class:`RestrictedUnpickler` and check its shape."""
+    """Read ``gps_pano_mapping.pkl`` (its size checked first) with :class:`RestrictedUnpickler` and check its
+    shape: ``{(lat, lng): panorama id}``."""
     if not path.is_file():
         raise FileNotFoundError(f"pano mapping {path} is missing (image modality needs it)")
+    check_file_size(path)
     with path.open("rb") as handle:
         try:
             data = RestrictedUnpickler(handle).load()
-        except pickle.UnpicklingError as error:
-            raise pickle.UnpicklingError(f"{path}: {error}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as error:
+            raise pickle.UnpicklingError(f"{path}: {error or type(error).__name__}") from None
     if not isinstance(data, dict):
         raise RouteDataError(f"{path}: expected a dict (lat, lng) -> panorama id, got {type(data).__name__}")
-    return {_geocode(key, f"{path} key"): str(value) for key, value in data.items()}
+    mapping = {}
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise RouteDataError(f"{path}: panorama ids must be strings, got a {type(value).__name__}")
+        mapping[_geocode(key, f"{path} key")] = value
+    return mapping
 
 
 # ------------------------------------------------------------------------------------------ perspective

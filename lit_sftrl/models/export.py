@@ -53,7 +53,10 @@ def _torch_load(path: Path, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(_SAFE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error) and "not an allowed global" not in str(error).lower():
+        # Any refusal of torch's weights-only unpickler (a global, an operand or a class it does not allow) is a
+        # pickle asking for more than data, not damage: said so, instead of "truncated or corrupted".
+        text = str(error).lower()
+        if not any(sign in text for sign in ("unsupported global", "not an allowed global", "weights only load")):
             raise
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         name = f" ({found.group(1)})" if found else ""

@@ -8,6 +8,7 @@ flushed to disk, and ``os.replace`` (atomic within one filesystem) puts it in pl
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,19 +29,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
         if "://" in str(path):  # remote storage: keep Lightning's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        advice = "free some space, then resume with --ckpt_path last (earlier checkpoints are whole)"
-        try:
-            with space_checked(path.parent, f"writing checkpoint {path}", advice):
-                with open(temporary, "wb") as file:
-                    torch.save(checkpoint, file)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_atomically(Path(path), lambda file: torch.save(checkpoint, file))
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    advice = "free some space, then resume with --ckpt_path last (earlier checkpoints are whole)"
+    try:
+        with space_checked(path.parent, f"writing checkpoint {path}", advice):
+            with open(temporary, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -52,15 +57,50 @@ class RunCheckpoint(ModelCheckpoint):
     here the state after the last completed optimizer step becomes ``last.ckpt``.
     """
 
+    # A module whose training step is a whole update (PPO: rollout, then several optimizer steps) sets
+    # ``redo_interrupted_update = True``: an interrupted update cannot be saved half done (its first optimizer steps
+    # taken, its episodes advanced), so the state after the last finished update is kept in memory (the bytes of
+    # the checkpoint Lightning would write then) and becomes last.ckpt on Ctrl-C; the resume redoes the update.
+    # Not kept when larger than this: Ctrl-C then saves nothing and the last periodic checkpoint stands.
+    MAX_UPDATE_SNAPSHOT_BYTES = 4 << 30
+    _update_snapshot: tuple[int, bytes] | None = None  # (finished updates, checkpoint bytes)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if getattr(pl_module, "redo_interrupted_update", False) and self.save_last:
+            self._update_snapshot = None
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            size = sum(t.nbytes for t in _tensors(checkpoint))
+            if size <= self.MAX_UPDATE_SNAPSHOT_BYTES:
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                self._update_snapshot = (trainer.current_epoch + 1, buffer.getvalue())
+
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if (
             isinstance(exception, KeyboardInterrupt) and self.save_last
             and not self._should_skip_saving_checkpoint(trainer)
         ):
+            if getattr(pl_module, "redo_interrupted_update", False):
+                self._save_last_finished_update(trainer)
+                return
             with _as_if_saved_at_batch_end(trainer):
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.last_model_path}; "
                            "resume with --ckpt_path last")
+
+    def _save_last_finished_update(self, trainer: Any) -> None:
+        if self._update_snapshot is None:
+            rank_zero_info("interrupted before an update of this run finished: nothing saved (a half-done update "
+                           "cannot be resumed exactly); the run's earlier checkpoints, if any, are unchanged")
+            return
+        updates, data = self._update_snapshot
+        path = Path(self.last_model_path or self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST))
+        if trainer.is_global_zero:
+            write_atomically(path, lambda file: file.write(data))
+        self.last_model_path = str(path)
+        rank_zero_info(f"interrupted in update {updates + 1}: saved the state after update {updates} to {path}; "
+                       "--ckpt_path last redoes the interrupted update")
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
@@ -93,6 +133,17 @@ def _as_if_saved_at_batch_end(trainer: Any) -> Iterator[None]:
         for progress, values in zip((total, current), saved[0]):
             vars(progress).update(values)
         loop._batches_that_stepped = saved[1]
+
+
+def _tensors(node: Any) -> Iterator[torch.Tensor]:
+    if isinstance(node, torch.Tensor):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _tensors(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _tensors(value)
 
 
 def use_configured_optimizer_settings(checkpoint: dict[str, Any], groups: list[dict[str, Any]]) -> None:

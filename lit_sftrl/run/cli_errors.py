@@ -51,6 +51,9 @@ def short_message(message: str, options: list[str]) -> str:
         near = _nearest(name.split(".")[-1], _fields(classes[-1])) if classes else None
         hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near}?" if near else ""
         return f"{key}: no such setting{hint}"
+    limit = re.search(r"(a config [^\n]* is refused[^\n]*)", message)  # core.validation's YAML limits
+    if limit:
+        return f"{path}: {limit.group(1)}" if path else limit.group(1)
     unrecognized = re.search(r"Unrecognized arguments: (--[^\s=]+)", message, re.IGNORECASE)  # 4.48: lower case
     if unrecognized:
         near = _nearest(unrecognized.group(1), options)
@@ -58,6 +61,12 @@ def short_message(message: str, options: list[str]) -> str:
     choice = re.search(r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: (\S+)", message)
     if choice:
         return f"{path or 'a setting'}: {choice.group(2)!r} is not one of {choice.group(1)}"
+    expected = [found for found in re.findall(r"Expected a <class '(\w+)'>\. Got value: (.*)", message)
+                if found[0] != "NoneType"]
+    if expected:  # the innermost type error, e.g. `--model.init_args.optim.lr nan`
+        kind, value = expected[-1][0], expected[-1][1].strip()
+        finite = " (a finite number is needed)" if value.lower().lstrip("+-.") in ("nan", "inf", "infinity") else ""
+        return f"{path or 'a setting'}: expected a {kind}, got {value!r}{finite}"
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     noise = (r"(- )?(Expected a <class 'NoneType'>|Subtypes:|Errors:|Given value|"
              r"Does not validate against any of the Union|- Problem with given)")

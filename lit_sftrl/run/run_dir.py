@@ -154,10 +154,117 @@ def previous_run_files(run_dir: str | os.PathLike) -> list[str]:
                   if p.name != LOCK_FILE and not (p.is_dir() and not p.is_symlink() and not any(p.iterdir())))
 
 
+# What a run writes into its directory, by name: the only things ``--overwrite true`` may delete. Files at the top
+# (configs, logs), and folders whose every entry matches their patterns (wandb's folder is the logger's own).
+RUN_FILES = ("config.yaml", "config-*.yaml", "metrics.csv", "hparams.yaml", "events.out.tfevents.*", LOCK_FILE)
+RUN_FOLDERS = {
+    "checkpoints": ("*.ckpt", *TEMPORARY_PATTERNS),
+    "eval": ("*.json", "*.transcripts.jsonl", ".*.tmp", ".*.tmp-*"),
+    "wandb": ("*",),
+}
+DISTRIBUTED_CHECKPOINT_FILES = ("*.distcp", "meta.pt", ".metadata")  # inside a checkpoints/<name>.ckpt/ folder
+
+
+def foreign_files(run_dir: str | os.PathLike) -> list[str]:
+    """Entries of ``run_dir`` that no run writes (``.ssh``, ``Documents``, a repository's sources...), as paths
+    relative to it; symbolic links count as foreign, whatever their name (deleting through one reaches elsewhere)."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_dir() and entry.name in RUN_FOLDERS:
+            foreign += [f"{entry.name}/{name}" for name in _foreign_in(entry, RUN_FOLDERS[entry.name])]
+        elif not (entry.is_file() and any(entry.match(pattern) for pattern in RUN_FILES)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _foreign_in(folder: Path, patterns: tuple[str, ...]) -> list[str]:
+    if patterns == ("*",):
+        return []
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_dir() and folder.name == "checkpoints" and entry.suffix == ".ckpt":
+            if any(inner.is_symlink() or not any(inner.match(p) for p in DISTRIBUTED_CHECKPOINT_FILES)
+                   for inner in entry.iterdir()):
+                foreign.append(entry.name + "/")
+        elif not (entry.is_file() and any(entry.match(pattern) for pattern in patterns)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
 def clear_run_directory(run_dir: str | os.PathLike) -> None:
-    """Delete a previous run's files (``--overwrite true``); call only while holding the lock."""
+    """Delete a previous run's files (``--overwrite true``); call only while holding the lock. A folder that holds
+    anything a run does not write is refused, nothing deleted: ``--trainer.default_root_dir .`` or ``~`` with
+    ``--overwrite true`` used to wipe a repository or a home folder."""
     import shutil
 
+    foreign = foreign_files(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        raise ValueError(f"--overwrite true deletes only a run's own files, and {str(run_dir)!r} also holds {shown}: "
+                         "choose a run directory of its own (or move those away); nothing was deleted")
     for name in previous_run_files(run_dir):
         path = Path(run_dir) / name
-        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------- resuming a run
+
+# Settings that do not change what a resumed run trains: where and how often it logs, evaluates and checkpoints,
+# where it stops (``--trainer.max_steps 2`` on a resume is how a run is trained longer), and the learning rate
+# (the documented way on after a non-finite stop; ``use_configured_optimizer_settings`` applies it on purpose).
+# Keys are dotted without ``init_args``; a prefix covers everything below it.
+RESUME_NEUTRAL_KEYS = (
+    "config", "ckpt_path", "overwrite", "allow_config_change", "trainer.default_root_dir", "trainer.logger",
+    "trainer.callbacks", "trainer.max_steps", "trainer.max_epochs", "trainer.max_time", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.limit_val_batches",
+    "trainer.limit_test_batches", "trainer.val_check_interval", "trainer.check_val_every_n_epoch",
+    "trainer.num_sanity_val_steps", "trainer.enable_checkpointing", "trainer.profiler", "trainer.plugins",
+    "model.eval_sampling", "model.save_transcripts", "model.max_nonfinite_losses", "model.optim.lr",
+    "data.evaluation", "data.num_workers",
+)
+
+
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config as ``{dotted.key: value}``, ``init_args`` levels left out (``model.optim.lr``, as users write
+    it); a list is one value."""
+    flat: dict[str, Any] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = prefix if key == "init_args" else f"{prefix}{key}."
+            flat |= flat_config(value, dotted)
+        return flat
+    return {prefix.rstrip("."): node}
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two configs (as :func:`flat_config` writes them), those in
+    :data:`RESUME_NEUTRAL_KEYS` aside, each as ``key: old -> new``."""
+    old, new = flat_config(saved), flat_config(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == neutral or key.startswith(neutral + ".") for neutral in RESUME_NEUTRAL_KEYS):
+            continue
+        before, after = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def keep_previous_config(run_dir: str | os.PathLike) -> Path | None:
+    """Move ``config.yaml`` aside as ``config-before-resume-<n>.yaml`` (the fit then writes the new one), so a run
+    resumed under another config records both; returns where it went."""
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        return None
+    number = 1
+    while (kept := config.with_name(f"config-before-resume-{number}.yaml")).exists():
+        number += 1
+    os.replace(config, kept)
+    return kept

@@ -151,6 +151,8 @@ class PPOModule(PolicyModule):
         save_transcripts: write each evaluation's transcripts (prompt, answer, feedback, reward per attempt).
     """
 
+    redo_interrupted_update = True  # Ctrl-C saves the state after the last finished update (RunCheckpoint)
+
     def __init__(
         self,
         backbone: BackboneConfig | None = None,
