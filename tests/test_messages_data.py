@@ -100,6 +100,18 @@ def test_content_parts_and_images_stored_in_a_dataset_are_read_without_writing_b
         read_messages(tmp_path / "hf", max_image_pixels=100)
 
 
+def test_a_truncated_image_is_refused_when_the_data_is_read(data_folder):
+    """Its header reads fine: without a whole check the run would die mid-training, naming neither file nor line."""
+    import numpy as np
+
+    whole = data_folder / "imgs" / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(whole)
+    (data_folder / "imgs" / "cut.png").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cut = [{"messages": CONVERSATION, "images": ["imgs/cut.png"]}]
+    with pytest.raises(ValueError, match=r"sft.jsonl:1: image .*cut.png' is damaged or truncated"):
+        read_messages(write_jsonl(data_folder / "sft.jsonl", cut), lazy=True)
+
+
 def test_an_image_path_that_leaves_the_data_folder_is_refused(data_folder):
     Image.new("RGB", (4, 4)).save(data_folder.parent / "outside.png")
     escaping = [{"messages": CONVERSATION, "images": ["../outside.png"]}]

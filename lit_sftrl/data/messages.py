@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lit_sftrl.envs.images import MAX_IMAGE_PIXELS, check_image_header, confined_file, load_rgb
+from lit_sftrl.envs.images import (
+    MAX_IMAGE_PIXELS,
+    check_image_header,
+    check_image_whole,
+    confined_file,
+    load_rgb,
+)
 
 ROLES = ("system", "user", "assistant")
 JSONL_SUFFIXES = (".jsonl",)
@@ -150,6 +156,7 @@ def _image(entry: Any, folder: Path, where: str, lazy: bool, max_pixels: int) ->
     data = entry.get("bytes") if isinstance(entry, dict) else None
     if data is not None:
         check_image_header(StoredImage(data), where, max_pixels)
+        check_image_whole(StoredImage(data), where)  # a cut-short image refused now, not mid-training
         return data if lazy else decode_image(data, max_pixels)
     name = entry.get("path") if isinstance(entry, dict) else entry
     if not isinstance(name, str):
@@ -157,6 +164,7 @@ def _image(entry: Any, folder: Path, where: str, lazy: bool, max_pixels: int) ->
                          f"in the dataset, got {type(entry).__name__}")
     image_path = confined_file(folder, name, where, kind="image")
     check_image_header(image_path, where, max_pixels)
+    check_image_whole(image_path, where)
     return str(image_path) if lazy else load_rgb(str(image_path), max_pixels)
 
 

@@ -7,6 +7,7 @@ forever; ``../../`` in a data file reaches anywhere on the disk. Each is refused
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from functools import lru_cache
@@ -35,12 +36,13 @@ def confined_file(folder: str | os.PathLike, name: str | os.PathLike, where: str
     return path
 
 
-def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MAX_IMAGE_PIXELS,
+def check_image_header(path: str | os.PathLike | io.BytesIO, where: str, max_pixels: int = MAX_IMAGE_PIXELS,
                        max_bytes: int = MAX_IMAGE_BYTES) -> tuple[int, int]:
-    """Width and height from the file's header (nothing decoded); refused when the file is over ``max_bytes``
-    (checked before it is opened), the header over ``max_pixels``, or unreadable."""
+    """Width and height from the file's header (nothing decoded); refused when the file (or the bytes of an image
+    stored in a dataset) is over ``max_bytes`` (checked before it is opened), the header over ``max_pixels``, or
+    unreadable."""
     try:
-        size = os.stat(path).st_size
+        size = path.getbuffer().nbytes if isinstance(path, io.BytesIO) else os.stat(path).st_size
     except OSError as error:
         raise ValueError(f"{where}: cannot read image {str(path)!r} ({error.strerror or error})") from None
     if size > max_bytes:
@@ -57,7 +59,7 @@ def check_image_header(path: str | os.PathLike, where: str, max_pixels: int = MA
     return width, height
 
 
-def check_image_whole(path: str | os.PathLike, where: str) -> None:
+def check_image_whole(path: str | os.PathLike | io.BytesIO, where: str) -> None:
     """Refuse an image whose data is damaged or cut short: PNG chunks are checked against their CRCs
     (``verify``), other formats are decoded (``verify`` passes a truncated JPEG). Call after
     :func:`check_image_header`, which bounds what decoding can cost. A truncated file used to pass the header
@@ -67,6 +69,8 @@ def check_image_whole(path: str | os.PathLike, where: str) -> None:
             png = handle.format == "PNG"
             handle.verify()
         if not png:
+            if isinstance(path, io.BytesIO):
+                path.seek(0)
             with Image.open(path) as handle:
                 handle.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
