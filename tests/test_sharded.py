@@ -25,7 +25,8 @@ PPO = ["--config", str(REPO / "configs/gp_l_ppo.yaml"), "--data.init_args.num_en
        "--data.init_args.rollout_steps", "4", "--model.init_args.ppo.ppo_epochs", "1",
        "--model.init_args.ppo.minibatch_size", "4", "--model.init_args.ppo.micro_batch_size", "2",
        "--model.init_args.sampling.max_new_tokens", "8", *QUIET]
-SFT = ["--config", str(REPO / "configs/gp_l_sft.yaml"), "--data.init_args.batch_size", "2", *QUIET]
+SFT = ["--config", str(REPO / "configs/gp_l_sft.yaml"), "--data.init_args.batch_size", "2",
+       "--trainer.log_every_n_steps", "1", *QUIET]
 PPO_STATS = ["train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl", "train/reward"]
 
 pytestmark = pytest.mark.slow
