@@ -6,7 +6,11 @@ Memory is counted per device for the strategy the trainer config names:
 - **replicated** (DDP, ``auto``): every device holds the weights, gradients and optimizer state;
 - **zero2** (DeepSpeed stage 2, what the paper ran): weights replicated, gradients and optimizer state sharded;
 - **sharded** (FSDP2 through ``ModelParallelStrategy``, DeepSpeed stage 3): all three sharded, plus the layers
-  all-gathered during a forward (this layer and the next one, prefetched).
+  all-gathered during a forward (this layer and the next one, prefetched); lit-sftrl's rollouts gather the whole
+  model on every rank (:func:`lit_sftrl.training.sharding.whole_weights`), in the compute dtype.
+
+The peak is the state held throughout plus the larger phase: the update (activations, gathered layers) or the
+rollout (KV cache, and under sharding the whole weights).
 
 What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` measures the tiny case):
 
@@ -48,6 +52,9 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq
 GIB = 1024**3
 # Values saved per token of a decoder layer for its backward (see the module docstring), in units of the widths.
 SAVED_PER_TOKEN = {"hidden": 6, "kv": 3, "intermediate": 4}
+# Rows that exist only during one phase of an update: the peak holds the larger phase, not both.
+UPDATE_ROWS = ("layers all-gathered", "activations")
+ROLLOUT_ROWS = ("rollout: whole weights", "rollout KV cache")
 
 
 @dataclass
@@ -107,11 +114,11 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        """The peak: the state held throughout, plus the larger of the update's activations and the rollout's KV
-        cache (a rollout's caches are freed before the update that follows it)."""
-        transient = {"activations", "rollout KV cache"}
-        state = sum(value for name, value in self.rows.items() if name not in transient)
-        return state + max(self.rows.get("activations", 0.0), self.rows.get("rollout KV cache", 0.0))
+        """The peak: the state held throughout, plus the larger of the update's and the rollout's transient memory
+        (a rollout's caches and gathered weights are freed before the update that follows it)."""
+        phases = [sum(self.rows.get(name, 0.0) for name in names) for names in (UPDATE_ROWS, ROLLOUT_ROWS)]
+        state = sum(value for name, value in self.rows.items() if name not in UPDATE_ROWS + ROLLOUT_ROWS)
+        return state + max(phases)
 
     def table(self) -> str:
         s = self.settings
@@ -123,8 +130,8 @@ class MemoryPlan:
             "  per device:",
         ]
         lines += [f"    {name:<26} {value / GIB:9.2f} GiB" for name, value in self.rows.items()]
-        lines += [f"    {'peak':<26} {self.total / GIB:9.2f} GiB   (state + the larger of activations and "
-                  "KV cache)",
+        lines += [f"    {'peak':<26} {self.total / GIB:9.2f} GiB   (state + the larger of the update's and the "
+                  "rollout's rows)",
                   f"  FLOPs of one update (all devices): {self.flops_per_update:.3e}"]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -198,7 +205,7 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
     rows: dict[str, float] = {"weights": (weights + adapter_bytes) / shards}
     notes = []
     if s.sharding == "sharded":
-        rows["weights all-gathered"] = 2 * _largest_layer_parameters(model) * DTYPE_BYTES[s.compute_dtype]
+        rows["layers all-gathered"] = 2 * _largest_layer_parameters(model) * DTYPE_BYTES[s.compute_dtype]
     rows["gradients"] = trainable * trainable_bytes / state_shards
     rows["optimizer (AdamW)"] = ADAMW_STATES * trainable * trainable_bytes / state_shards
     if s.kind == "ppo":
@@ -210,6 +217,8 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
             notes.append("KL reference under LoRA: the adapter disabled (a second adapter when init_from)")
     rows["activations"] = _activation_bytes(model, text, vision, backbone, s)
     if s.rollout_slots:
+        if s.sharding == "sharded":  # lit_sftrl.training.sharding.whole_weights: every rank decodes at its own pace
+            rows["rollout: whole weights"] = parameters * DTYPE_BYTES[s.compute_dtype]
         rows["rollout KV cache"] = _kv_cache_bytes(text, vision, backbone, s)
     flops = FlopsCounter(parameters)
     sequence = s.prompt_tokens + s.answer_tokens + (_image_tokens(vision) if s.images else 0)
