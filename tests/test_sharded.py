@@ -95,3 +95,15 @@ def test_sharded_sft_matches_ddp_and_starts_sharded_ppo(tmp_path, tiny_dir_facto
     after = read_lightning_checkpoint(ppo / "checkpoints" / "last.ckpt", mmap=True)["flops"]
     assert after["initial"] == pytest.approx(start["initial"] + 6 * start["num_parameters"] * start["train_tokens"]
                                              + 2 * start["num_parameters"] * start["inference_tokens"])
+
+
+def test_sharded_ppo_with_lora_and_kl_reference_matches_ddp(tmp_path, tiny_dir_factory):
+    """LoRA adapters sharded with their frozen base weights; the KL reference is the adapter disabled."""
+    lora = ["--model.init_args.backbone.path", str(tiny_dir_factory("mllama")), "--trainer.max_epochs", "2",
+            "--model.init_args.backbone.lora.r", "4", "--model.init_args.backbone.lora.alpha", "8",
+            "--model.init_args.backbone.lora.dropout", "0.0", "--model.init_args.ppo.kl_coef", "0.1"]
+    sharded = fit(tmp_path / "fsdp", *PPO, *lora, *FSDP_CPU)
+    ddp = fit(tmp_path / "ddp", *PPO, *lora, *DDP_CPU)
+    keys = [*PPO_STATS, "train/kl_to_reference", "train/rollout_tokens"]
+    assert_close(rows(sharded, keys), rows(ddp, keys))
+    assert rows(sharded, keys)[-1]["train/kl_to_reference"] > 0  # the adapter moved away from the reference
