@@ -9,6 +9,8 @@ absolute 1e-5 (relative 1e-4) on every logged loss and statistic, identical roll
 from __future__ import annotations
 
 import csv
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +53,18 @@ def assert_close(sharded: list[dict[str, float]], reference: list[dict[str, floa
             assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (key, ours, theirs)
 
 
-def test_sharded_ppo_matches_ddp_resumes_exactly_and_exports(tmp_path, tiny_dir_factory):
+def test_sharded_ppo_matches_ddp_resumes_exactly_exports_and_inits(tmp_path, tiny_dir_factory):
+    from lit_sftrl.core.compute import FlopsCounter
     from lit_sftrl.models.backbone import Backbone, BackboneConfig
-    from lit_sftrl.models.export import export_checkpoint, load_backbone_from_lightning_checkpoint
+    from lit_sftrl.models.export import (
+        UnsafeCheckpointError,
+        check_lightning_checkpoint,
+        export_checkpoint,
+        inherited_flops,
+        load_backbone_from_lightning_checkpoint,
+        load_weights_for_init,
+        read_lightning_checkpoint,
+    )
 
     model = ["--model.init_args.backbone.path", str(tiny_dir_factory("mllama"))]
     sharded = fit(tmp_path / "fsdp", *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "2")
@@ -77,6 +88,24 @@ def test_sharded_ppo_matches_ddp_resumes_exactly_and_exports(tmp_path, tiny_dir_
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
     exported = Backbone(BackboneConfig(path=str(export_checkpoint(last, tmp_path / "export")), value_head=True))
     assert all(torch.equal(exported.trainable_state_dict()[k], ours[k]) for k in ours)
+
+    # init_from the sharded checkpoint into an unsharded run: its weights (value head apart) and its FLOPs.
+    single = Backbone(BackboneConfig(path=str(tiny_dir_factory("mllama")), value_head=True))
+    load_weights_for_init(single, last)
+    assert all(torch.equal(v, ours[k]) for k, v in single.trainable_state_dict().items() if "value_head" not in k)
+    assert inherited_flops(last) == FlopsCounter(**read_lightning_checkpoint(last, mmap=True)["flops"]).total > 0
+
+    # The index torch unpickles as is: one that names any other code is refused before anything reads it.
+    crafted = tmp_path / "crafted.ckpt"
+    shutil.copytree(last, crafted)
+    (crafted / ".metadata").write_bytes(pickle.dumps(Harmless()))
+    with pytest.raises(UnsafeCheckpointError, match="builtins.print"):
+        check_lightning_checkpoint(crafted)
+
+
+class Harmless:
+    def __reduce__(self):
+        return print, ("a pickle that calls a function",)
 
 
 def test_sharded_sft_matches_ddp_and_starts_sharded_ppo(tmp_path, tiny_dir_factory):

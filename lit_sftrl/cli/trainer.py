@@ -15,7 +15,7 @@ from lit_sftrl.core import validation
 from lit_sftrl.core.disk import DiskFull
 from lit_sftrl.data.datamodules import EpisodeDataModule
 from lit_sftrl.data.tasks import TaskConfig
-from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
+from lit_sftrl.models.export import check_lightning_checkpoint, is_distributed_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
@@ -228,7 +228,10 @@ def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
         if not path or path in CKPT_PATH_KEYWORDS or not Path(path).exists():
             continue
         try:
-            check_model_directory(path) if Path(path).is_dir() or is_gguf(path) else check_lightning_checkpoint(path)
+            if (Path(path).is_dir() and not is_distributed_checkpoint(path)) or is_gguf(path):
+                check_model_directory(path)
+            else:  # a checkpoint file, or a sharded run's checkpoint directory
+                check_lightning_checkpoint(path)
         except (FileNotFoundError, ValueError) as error:
             problems.append((key, str(error)))
     return problems
@@ -293,7 +296,7 @@ def last_checkpoint(trainer: Any) -> str | None:
         find = getattr(callback, "_find_last_checkpoints", None)
         if find is not None:
             candidates |= set(find(trainer))
-    existing = [path for path in candidates if path and os.path.isfile(path)]
+    existing = [path for path in candidates if path and (os.path.isfile(path) or is_distributed_checkpoint(path))]
     return max(existing, key=os.path.getmtime) if existing else None
 
 

@@ -124,11 +124,45 @@ def is_distributed_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / DISTRIBUTED_RECORD).is_file() and (path / ".metadata").is_file()
 
 
+class _IndexUnpickler(pickle.Unpickler):
+    """torch reads a distributed checkpoint's index (``.metadata``) with plain ``pickle.load``, which would run
+    whatever code a crafted file names. This reads it first naming only what torch's own index holds (its
+    checkpoint metadata classes, sizes, dtypes, layouts, memory formats, paths), so a file naming anything else is
+    refused before torch (or Lightning's resume) opens it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                  ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                                  ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                 (torch.dtype, torch.layout, torch.memory_format)))
+        )
+        if not allowed:
+            raise UnsafeCheckpointError(f"its index names {module}.{name}, which loading would run")
+        return super().find_class(module, name)
+
+
+def _check_distributed_index(path: Path) -> None:
+    index = path / ".metadata"
+    try:
+        with index.open("rb") as handle:
+            _IndexUnpickler(handle).load()
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"checkpoint {str(path)!r} is refused: {error}; lit-sftrl never writes such "
+                                    "files") from None
+    except Exception as error:  # cut short, not a pickle
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted (its index: {_first_line(error)})"
+                         ) from None
+
+
 def _read_distributed_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
     """A distributed checkpoint as one Lightning checkpoint dict, in this process (no process group): its record,
     and with ``weights`` its whole ``state_dict`` gathered from every shard (the optimizer state is not read).
     Its state_dict holds the whole module (a sharded run saves every weight, trainable or not), under the same
     ``"backbone."`` names as a single-process checkpoint's trainable weights."""
+    _check_distributed_index(path)
     checkpoint = _read_safely(path / DISTRIBUTED_RECORD)
     if not weights:
         checkpoint["state_dict"] = {}
@@ -265,7 +299,7 @@ def inherited_flops(path: str | Path) -> float:
     path = Path(path)
     if is_gguf(path):
         return 0.0  # a base model
-    if path.is_dir():
+    if path.is_dir() and not is_distributed_checkpoint(path):
         record = path / EXPORT_RECORD
         return float(json.loads(record.read_text()).get("flops") or 0.0) if record.exists() else 0.0
     return _checkpoint_flops(read_lightning_checkpoint(path))
@@ -279,7 +313,7 @@ def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
     their plain Hugging Face names; quantised targets can take LoRA weights only.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_distributed_checkpoint(path):
         check_model_directory(path)
         if (path / "adapter_config.json").exists():
             _load_adapter_dir(backbone, path)
