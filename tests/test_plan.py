@@ -59,6 +59,11 @@ def test_the_same_run_unsharded_does_not_fit_80_gb():
     assert replicated.rows["optimizer (AdamW)"] == pytest.approx(8 * sharded.rows["optimizer (AdamW)"])
     lora = plan_run(LLAMA_11B, BackboneConfig(path=str(LLAMA_11B), dtype="bfloat16", lora=LoraSettings()), settings)
     assert lora.total < 80 * GIB and lora.trainable < 0.01 * lora.parameters
+    # The KL reference: free under LoRA (the adapter disabled); a whole frozen copy under full fine-tuning.
+    with_kl = PlanSettings(**{**vars(settings), "sharding": "sharded", "kl_reference": True})
+    assert plan_run(LLAMA_11B, backbone, with_kl).rows["KL reference"] == pytest.approx(4 * replicated.parameters)
+    lora_kl = plan_run(LLAMA_11B, BackboneConfig(path=str(LLAMA_11B), lora=LoraSettings()), with_kl)
+    assert lora_kl.rows["KL reference"] == 0
 
 
 def test_ppo_under_deepspeed_is_refused_in_one_line_naming_fsdp(tmp_path, monkeypatch):

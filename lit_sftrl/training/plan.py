@@ -24,8 +24,8 @@ What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` 
   layer's logits over the scored positions in the compute dtype, plus their fp32 log-softmax and its gradient;
 - the rollout's KV cache: every slot's conversation (prompt and answer) in the self-attention layers, and for
   Mllama the image's keys and values in the cross-attention layers;
-- the KL reference: free under LoRA (the adapter disabled), a frozen copy of the weights (sharded like them)
-  under full fine-tuning.
+- the KL reference: free under LoRA (the adapter disabled), a frozen copy of the weights under full fine-tuning,
+  whole on every device (lit-sftrl does not shard it).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
         head = text.hidden_size * (value_head_hidden or 256) + 2 * (value_head_hidden or 256) + 1
         rows["value head"] = head * 4 * (2 + ADAMW_STATES)  # fp32 weights, gradients, AdamW states; replicated
     if s.kl_reference:
-        rows["KL reference"] = 0.0 if backbone.lora is not None else weights / shards
+        rows["KL reference"] = 0.0 if backbone.lora is not None else weights  # a frozen copy, never sharded
         if backbone.lora is not None:
             notes.append("KL reference under LoRA: the adapter disabled (a second adapter when init_from)")
     rows["activations"] = _activation_bytes(model, text, vision, backbone, s)
