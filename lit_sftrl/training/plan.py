@@ -210,7 +210,7 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
     rows["optimizer (AdamW)"] = ADAMW_STATES * trainable * trainable_bytes / state_shards
     if s.kind == "ppo":
         head = text.hidden_size * (value_head_hidden or 256) + 2 * (value_head_hidden or 256) + 1
-        rows["value head"] = head * 4 * (2 + ADAMW_STATES)  # fp32 weights, gradients, AdamW states; replicated
+        rows["value head"] = head * 4 * (2 + ADAMW_STATES)  # fp32 weights, gradients, AdamW; small: counted whole
     if s.kl_reference:
         rows["KL reference"] = 0.0 if backbone.lora is not None else weights  # a frozen copy, never sharded
         if backbone.lora is not None:
