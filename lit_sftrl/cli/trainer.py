@@ -18,7 +18,7 @@ from lit_sftrl.core.disk import DiskFull
 from lit_sftrl.data.datamodules import EpisodeDataModule
 from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.envs.contract import ContractError
-from lit_sftrl.models.export import check_lightning_checkpoint, read_lightning_checkpoint
+from lit_sftrl.models.export import check_lightning_checkpoint, is_distributed_checkpoint, read_lightning_checkpoint
 from lit_sftrl.models.loading import check_model_directory, is_gguf
 from lit_sftrl.models.tiny import TINY_NAME
 from lit_sftrl.run.checkpoint_io import AtomicCheckpointIO
@@ -91,6 +91,12 @@ class SftRlCLI(LightningCLI):
         if problems:
             lines = "\n".join(f"  {key}: {message}" for key, message in problems)
             sys.exit(f"lit-sftrl {self.subcommand}: the config has problems, nothing was run:\n{lines}")
+        refusal = strategy_refusal(config)
+        if refusal:
+            sys.exit(f"lit-sftrl {self.subcommand}: {refusal}; nothing was run")
+        if config.get("dry_run"):  # config.json is all the plan reads: the weights need not be there
+            print_plan(config)
+            sys.exit(0)
         unreadable = checkpoint_problems(config)
         if unreadable:
             lines = "\n".join(f"  {key}: {message}" for key, message in unreadable)
@@ -221,6 +227,11 @@ class SftRlCLI(LightningCLI):
         parser.add_argument("--allow_config_change", type=bool, default=False,
                             help="resume (--ckpt_path) under a config that differs from the run's saved one in what "
                                  "it trains; the old config.yaml is kept as config-before-resume-N.yaml")
+        parser.add_argument("--dry_run", type=bool, default=False,
+                            help="print the run's memory per device and FLOPs per update (from the model's "
+                                 "config.json alone, no weights) and stop")
+        parser.add_argument("--dry_run_prompt_tokens", type=int, default=1024,
+                            help="with --dry_run: text tokens of the longest prompt the plan assumes")
 
     # LightningCLI calls before_<subcommand> once the trainer exists: only then does "--ckpt_path last" name a file.
     def before_fit(self) -> None:
@@ -310,10 +321,35 @@ def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
         if not path or path in CKPT_PATH_KEYWORDS or not Path(path).exists():
             continue
         try:
-            check_model_directory(path) if Path(path).is_dir() or is_gguf(path) else check_lightning_checkpoint(path)
+            if (Path(path).is_dir() and not is_distributed_checkpoint(path)) or is_gguf(path):
+                check_model_directory(path)
+            else:  # a checkpoint file, or a sharded run's checkpoint directory
+                check_lightning_checkpoint(path)
         except (FileNotFoundError, ValueError) as error:
             problems.append((key, str(error)))
     return problems
+
+
+def strategy_refusal(config: Any) -> str | None:
+    """A strategy the module cannot train under, named before any model is built: PPO steps its optimizer
+    several times inside one Lightning step (manual optimisation), which DeepSpeed's engine does not support."""
+    from lit_sftrl.training.plan import uses_deepspeed
+
+    model_class = str(_get(config, "model.class_path") or "")
+    if model_class.endswith("PPOModule") and uses_deepspeed(_get(config, "trainer.strategy")):
+        return ("PPO does not run under DeepSpeed (it is for SFT); shard PPO with FSDP2 instead: "
+                "--config configs/strategies/fsdp.yaml")
+    return None
+
+
+def print_plan(config: Any) -> None:
+    """``--dry_run``: the plan of :mod:`lit_sftrl.training.plan` for this config, from config.json alone."""
+    from lit_sftrl.training.plan import plan_run, settings_from_config
+
+    backbone, settings, strategy = settings_from_config(config, int(config.get("dry_run_prompt_tokens") or 1024))
+    model = config.model.init_args if "init_args" in config.model else config.model
+    plan = plan_run(backbone.path, backbone, settings, value_head_hidden=_get(model, "backbone.value_head_hidden"))
+    print(f"{plan.table()}\n  strategy: {strategy}, precision: {config.trainer.get('precision')}")
 
 
 def run_kind_mismatch(path: str, model_class_path: str) -> str | None:
@@ -353,7 +389,7 @@ def last_checkpoint(trainer: Any) -> str | None:
         find = getattr(callback, "_find_last_checkpoints", None)
         if find is not None:
             candidates |= set(find(trainer))
-    existing = [path for path in candidates if path and os.path.isfile(path)]
+    existing = [path for path in candidates if path and (os.path.isfile(path) or is_distributed_checkpoint(path))]
     return max(existing, key=os.path.getmtime) if existing else None
 
 

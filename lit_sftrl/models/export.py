@@ -73,6 +73,8 @@ def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[s
     directory and pickle read back) before a run starts, whatever the checkpoint's size.
     """
     path = Path(path)
+    if is_distributed_checkpoint(path):
+        return _read_distributed_checkpoint(path, weights=not mmap)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
@@ -93,6 +95,11 @@ def check_lightning_checkpoint(path: str | Path, crc_limit: int = CRC_CHECK_LIMI
     ``torch.save`` writes; a truncated file has lost its directory), every member's CRC intact (files up to
     ``crc_limit`` bytes), and a Lightning checkpoint of lit-sftrl once unpickled (tensors mapped, not read)."""
     path = Path(path)
+    if is_distributed_checkpoint(path):  # its record (meta.pt) here; the shards when read (a missing one names it)
+        checkpoint = _read_distributed_checkpoint(path, weights=False)
+        if "backbone" not in (checkpoint.get("hyper_parameters") or {}):
+            raise ValueError(f"checkpoint {str(path)!r} has no hyper_parameters['backbone']: not written by lit-sftrl?")
+        return
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if not zipfile.is_zipfile(path):
@@ -108,6 +115,84 @@ def check_lightning_checkpoint(path: str | Path, crc_limit: int = CRC_CHECK_LIMI
         if bad is not None:
             raise ValueError(f"checkpoint {str(path)!r} is corrupted (its part {bad!r} fails the CRC check)")
     read_lightning_checkpoint(path, mmap=True)
+
+
+DISTRIBUTED_RECORD = "meta.pt"  # what Lightning writes beside the shards: everything but weights and optimizer
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """A sharded run's checkpoint (``ModelParallelStrategy``): a directory of shards (``__<rank>_0.distcp``), their
+    index (``.metadata``) and the rest of the Lightning checkpoint (``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / DISTRIBUTED_RECORD).is_file() and (path / ".metadata").is_file()
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """torch reads a distributed checkpoint's index (``.metadata``) with plain ``pickle.load``, which would run
+    whatever code a crafted file names. This reads it first naming only what torch's own index holds (its
+    checkpoint metadata classes, sizes, dtypes, layouts, memory formats, paths), so a file naming anything else is
+    refused before torch (or Lightning's resume) opens it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (
+            module.startswith("torch.distributed.checkpoint.")
+            or (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                  ("collections", "OrderedDict"), ("pathlib", "PosixPath"),
+                                  ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}
+            or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                 (torch.dtype, torch.layout, torch.memory_format)))
+        )
+        if not allowed:
+            raise UnsafeCheckpointError(f"its index names {module}.{name}, which loading would run")
+        return super().find_class(module, name)
+
+
+def _check_distributed_index(path: Path) -> None:
+    index = path / ".metadata"
+    try:
+        with index.open("rb") as handle:
+            _IndexUnpickler(handle).load()
+    except UnsafeCheckpointError as error:
+        raise UnsafeCheckpointError(f"checkpoint {str(path)!r} is refused: {error}; lit-sftrl never writes such "
+                                    "files") from None
+    except Exception as error:  # cut short, not a pickle
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted (its index: {_first_line(error)})"
+                         ) from None
+
+
+def _read_distributed_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
+    """A distributed checkpoint as one Lightning checkpoint dict, in this process (no process group): its record,
+    and with ``weights`` its whole ``state_dict`` gathered from every shard (the optimizer state is not read).
+    Its state_dict holds the whole module (a sharded run saves every weight, trainable or not), under the same
+    ``"backbone."`` names as a single-process checkpoint's trainable weights."""
+    _check_distributed_index(path)
+    checkpoint = _read_safely(path / DISTRIBUTED_RECORD)
+    if not weights:
+        checkpoint["state_dict"] = {}
+        return checkpoint
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(state, storage_reader=FileSystemReader(path), no_dist=True,
+                         planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}))
+    except Exception as error:  # a missing or cut shard
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({_first_line(error)})") from None
+    checkpoint["state_dict"] = {k: v for k, v in state["state_dict"].items() if k.startswith(PREFIX)}
+    return checkpoint
+
+
+def _read_safely(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        return _torch_load(path)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as error:
+        raise ValueError(f"checkpoint {str(path)!r} is truncated or corrupted ({_first_line(error)})") from None
 
 
 def _first_line(error: Exception, limit: int = 160) -> str:
@@ -217,7 +302,7 @@ def inherited_flops(path: str | Path) -> float:
     path = Path(path)
     if is_gguf(path):
         return 0.0  # a base model
-    if path.is_dir():
+    if path.is_dir() and not is_distributed_checkpoint(path):
         record = path / EXPORT_RECORD
         return float(json.loads(record.read_text()).get("flops") or 0.0) if record.exists() else 0.0
     return _checkpoint_flops(read_lightning_checkpoint(path))
@@ -231,7 +316,7 @@ def load_weights_for_init(backbone: Backbone, path: str | Path) -> None:
     their plain Hugging Face names; quantised targets can take LoRA weights only.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_distributed_checkpoint(path):
         check_model_directory(path)
         if (path / "adapter_config.json").exists():
             _load_adapter_dir(backbone, path)

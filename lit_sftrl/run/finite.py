@@ -23,10 +23,16 @@ DEVICE_SNAPSHOT_FRACTION = 0.1  # trainable share of all parameters up to which 
 def trainable_weights_finite(backbone: Any) -> bool:
     """True when every trainable parameter is finite; one device sync whatever the number of tensors (the
     largest magnitude of each, stacked: a NaN or inf anywhere makes it non-finite, and no sum can overflow)."""
-    params = [p.detach() for p in backbone.parameters() if p.requires_grad and p.numel()]
+    # Sharded (FSDP2 DTensors), each rank checks its own shard: the callers decide across ranks.
+    params = [_local(p.detach()) for p in backbone.parameters() if p.requires_grad]
+    params = [p for p in params if p.numel()]
     if not params:
         return True
     return bool(torch.isfinite(torch.stack([p.abs().amax().float() for p in params])).all())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class LastFiniteState:

@@ -34,6 +34,7 @@ from lit_sftrl.run.finite import (
 from lit_sftrl.run.progress import eval_attempts
 from lit_sftrl.training.evaluation import EpisodeMetrics, summary_line, write_results
 from lit_sftrl.training.rollout import RolloutEngine
+from lit_sftrl.training.sharding import initialise_optimizer_state, shard_backbone, whole_weights
 from lit_sftrl.training.transcripts import EpisodeTranscript, transcript_path, write_transcripts
 
 
@@ -130,6 +131,9 @@ class PolicyModule(L.LightningModule):
             self.flops.initial = inherited_flops(self.init_from)
             if self.uses_reference:  # the KL anchors at the run it starts from, not at the base model
                 self.backbone.anchor_reference()
+        if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard once the weights are in place
+            bf16 = "bf16" in str(self.trainer.precision) and self.trainer.strategy.root_device.type == "cuda"
+            shard_backbone(self.backbone, self.device_mesh["data_parallel"], bf16=bf16)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(
@@ -138,6 +142,10 @@ class PolicyModule(L.LightningModule):
         total = self.total_optimizer_steps()
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.optim.factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        if self.device_mesh is not None:  # a distributed checkpoint needs optimizer state for every parameter
+            initialise_optimizer_state(self.trainer.optimizers)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups (each may set its own ``lr``); the schedule scales every group alike."""
@@ -206,13 +214,16 @@ class PolicyModule(L.LightningModule):
             raise FloatingPointError(
                 nonfinite_weights_message(self.global_step, None, last_saved_checkpoint(self.trainer))
             )
-        checkpoint["state_dict"] = pack_state(self.backbone)
+        # Sharded (FSDP2), the strategy's own state_dict stays: every rank writes its shards of the whole module
+        # into a distributed checkpoint, which the strategy loads back into the sharded module itself.
+        if self.device_mesh is None:
+            checkpoint["state_dict"] = pack_state(self.backbone)
         checkpoint["flops"] = self.flops.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = unpack_state(checkpoint["state_dict"])
-        self.backbone.load_trainable_state_dict(state)
+        if self.device_mesh is None:  # sharded, the strategy has loaded the weights already
+            self.backbone.load_trainable_state_dict(unpack_state(checkpoint["state_dict"]))
         use_configured_optimizer_settings(checkpoint, [  # a resume takes the config's learning rate
             {"lr": group.get("lr", self.optim.lr), "weight_decay": self.optim.weight_decay, "betas": self.optim.betas}
             for group in self.parameter_groups()
@@ -242,7 +253,8 @@ class PolicyModule(L.LightningModule):
         self._eval_task = chunk.task
         engine = RolloutEngine(self.backbone, self.eval_sampling, keep_transcripts=self.save_transcripts)
         before = dict(self.backbone.cap_counts)
-        results = engine.evaluate(envs, chunk.episodes, on_attempts=eval_attempts(self._trainer))
+        with whole_weights(self.backbone):  # sharded: each rank plays its episodes at its own pace
+            results = engine.evaluate(envs, chunk.episodes, on_attempts=eval_attempts(self._trainer))
         for key in self._eval_cap:
             self._eval_cap[key] += self.backbone.cap_counts[key] - before[key]
         if chunk.variant not in self.eval_metrics:

@@ -32,6 +32,7 @@ from lit_sftrl.training.evaluation import EpisodeMetrics
 from lit_sftrl.training.micro_batches import PaddingMeter, attempt_lengths, by_length
 from lit_sftrl.training.policy import OptimConfig, PolicyModule
 from lit_sftrl.training.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
+from lit_sftrl.training.sharding import same_count_on_every_rank, whole_weights
 
 
 @dataclass
@@ -218,7 +219,10 @@ class PPOModule(PolicyModule):
         def seed_for(env_index: int, k: int) -> int:
             return stream_seed("ppo_sampling", spec.seed, spec.rank, update, env_index * 2**20 + k)
 
-        with torch.no_grad(), phase(self._trainer, "rollout", spec.rollout_steps, "attempts") as bar:
+        with (
+            torch.no_grad(), whole_weights(self.backbone),
+            phase(self._trainer, "rollout", spec.rollout_steps, "attempts") as bar,
+        ):
             rollout = engine.collect(self._pool, spec.rollout_steps, seed_for, on_attempts=bar.advance)
             if self.ppo.kl_coef:
                 self._reference_logprobs(rollout.attempts)
@@ -281,17 +285,25 @@ class PPOModule(PolicyModule):
             order = torch.randperm(len(attempts), generator=generator).tolist()
             for minibatch in _chunks(order, per_rank):
                 finite = True
-                for micro in padding.split(minibatch, self.ppo.micro_batch_size):
+                micro_batches = padding.split(minibatch, self.ppo.micro_batch_size)
+                # Every forward/backward is a collective (gradient all-reduce, sharded weights' all-gathers): a rank
+                # with fewer micro-batches than another runs extra ones, repeating its first, that weigh nothing.
+                count = same_count_on_every_rank(self.trainer.strategy, len(micro_batches))
+                for index in range(count):
+                    real = index < len(micro_batches)
+                    micro = micro_batches[index] if real else micro_batches[0]
                     loss, stats, n = self._micro_batch_loss(
                         [attempts[i] for i in micro], old_logprob=old_logprob[micro], old_values=old_values[micro],
                         advantages=advantages[micro], returns=returns[micro],
                     )
-                    tokens += n
-                    advance(len(micro))
                     finite = self.loss_is_finite(loss)
                     if not finite:
                         break
-                    self.manual_backward(loss * len(micro) / len(minibatch))
+                    self.manual_backward(loss * (len(micro) / len(minibatch) if real else 0.0))
+                    if not real:
+                        continue
+                    tokens += n
+                    advance(len(micro))
                     for key, value in stats.items():  # micro-batches differ in size: weigh by attempts
                         totals[key] = totals.get(key, 0.0) + float(value) * len(micro)
                     weight += len(micro)
