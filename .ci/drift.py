@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "constraints.txt"
 TORCH = "torch==2.13.0"  # installed first, as in the README: a looser requirement pulls a multi-GB CUDA build
-EXTRAS = "test,docs"
+EXTRAS = "test,docs,bench"
 LOCK_HEADER = """\
 # The exact versions the test suite last passed with (torch is installed first, as the README says, and is not
 # listed). Regenerate: python .ci/drift.py --write-lock   (a fresh venv, the newest allowed versions, the suite)
