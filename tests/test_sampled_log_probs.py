@@ -62,3 +62,18 @@ def test_scoring_goes_through_the_chunked_form(tiny_dir_factory, monkeypatch):
     assert len(calls) == 1 and [len(lp) for lp in scores.token_logprobs] == [3, 1]
     scores.logprob_sum.sum().backward()  # gradients flow through the custom backward into the model
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_the_chunked_form_adds_less_peak_memory_than_the_plain_one():
+    """bench/scoring_memory.py at a third of SmolLM2's vocabulary, each form in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    shape = ["--batch", "16", "--tokens", "65", "--hidden", "64", "--vocab", "16384"]
+    peaks = {}
+    for form in ("plain", "chunked"):
+        out = subprocess.run([sys.executable, "-m", "bench.scoring_memory", "--form", form, *shape],
+                             check=True, capture_output=True, text=True).stdout
+        peaks[form] = json.loads(out.splitlines()[-1])["added_peak_mb"]
+    assert peaks["chunked"] < 0.7 * peaks["plain"], peaks

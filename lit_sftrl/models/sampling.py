@@ -21,61 +21,68 @@ def masked_log_probs(logits: torch.Tensor, temperature: float, suppressed: torch
     return torch.log_softmax(scaled.masked_fill(suppressed.to(scaled.device), _MASKED), dim=-1)
 
 
-ROWS_PER_CHUNK = 256  # positions whose full-vocabulary distribution exists at once (x 49k vocab x 4 B = 50 MB)
+# Vocabulary entries expanded at once (4 MB in fp32: 21 positions of a 49k vocabulary). Measured (bench/
+# scoring_memory.py): chunks of 16 MB and more added more peak RSS, not less: glibc serves blocks under its mmap
+# threshold (up to 32 MB) from the heap, and freed ones there fragment rather than return to the system.
+ELEMENTS_PER_CHUNK = 2**20
 
 
 def sampled_log_probs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, suppressed: torch.Tensor,
-    rows_per_chunk: int = ROWS_PER_CHUNK,
+    rows_per_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log-prob of each target token, entropy)`` under :func:`masked_log_probs`, both [...] fp32 for
     ``logits`` [..., V] and ``targets`` [...], without a full-vocabulary log-softmax of the whole batch.
 
     The plain form keeps ~5 fp32 tensors of the logits' size alive (the scaled and masked logits, the
     log-softmax, its exponential, their product), most of them until the backward pass. Here a chunk of
-    ``rows_per_chunk`` positions is expanded at a time, in the forward and again in the backward: what stays is
+    ``rows_per_chunk`` positions (default: :data:`ELEMENTS_PER_CHUNK` entries' worth) is expanded at a time, in
+    the forward and again in the backward: what stays is
     the logits themselves, plus per position the log-normaliser and the entropy (as TRL's selective log-softmax
     and Liger's fused losses do, and with the entropy's gradient too, for ``entropy_coef``).
     """
-    return _SampledLogProbs.apply(logits, targets, temperature if temperature > 0 else 1.0, suppressed,
-                                  rows_per_chunk)
+    rows = rows_per_chunk or max(1, ELEMENTS_PER_CHUNK // logits.shape[-1])
+    return _SampledLogProbs.apply(logits, targets, temperature if temperature > 0 else 1.0, suppressed, rows)
 
 
 class _SampledLogProbs(torch.autograd.Function):
     """With s = logits / T (suppressed tokens masked), p = softmax(s), H = -sum p log p: d log p_y / ds = onehot(y)
-    - p and dH / ds = -p (log p + H); both through 1 / T to the logits."""
+    - p and dH / ds = -p (log p + H); both through 1 / T to the logits. The backward rebuilds log p from the
+    saved log-normaliser: one exponential per entry, as the plain form's backward."""
 
     @staticmethod
-    def _chunk(logits, suppressed, temperature, start, stop):
+    def _scaled(logits, suppressed, temperature, start, stop):
         scaled = logits[start:stop].float() / temperature
-        scaled.masked_fill_(suppressed.to(scaled.device), _MASKED)
-        return torch.log_softmax(scaled, dim=-1)
+        return scaled.masked_fill_(suppressed.to(scaled.device), _MASKED)
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, suppressed, rows_per_chunk):
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
         chosen = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        entropy = torch.empty_like(chosen)
+        entropy, normaliser = torch.empty_like(chosen), torch.empty_like(chosen)
         for start in range(0, flat.shape[0], rows_per_chunk):
             stop = start + rows_per_chunk
-            logp = _SampledLogProbs._chunk(flat, suppressed, temperature, start, stop)
+            logp = _SampledLogProbs._scaled(flat, suppressed, temperature, start, stop)
+            normaliser[start:stop] = torch.logsumexp(logp, dim=-1)
+            logp -= normaliser[start:stop, None]
             chosen[start:stop] = logp.gather(-1, flat_targets[start:stop]).squeeze(-1)
             entropy[start:stop] = -(logp.exp() * logp).sum(-1)
-        ctx.save_for_backward(logits, targets, suppressed, entropy)
+        ctx.save_for_backward(logits, targets, suppressed, entropy, normaliser)
         ctx.temperature, ctx.rows_per_chunk = temperature, rows_per_chunk
         return chosen.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_chosen, grad_entropy):
-        logits, targets, suppressed, entropy = ctx.saved_tensors
+        logits, targets, suppressed, entropy, normaliser = ctx.saved_tensors
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
         grad_chosen, grad_entropy = grad_chosen.reshape(-1, 1), grad_entropy.reshape(-1, 1)
         grad = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows_per_chunk):
             stop = start + ctx.rows_per_chunk
-            logp = _SampledLogProbs._chunk(flat, suppressed, ctx.temperature, start, stop)
-            probs = logp.exp()
-            chunk = -probs * (grad_chosen[start:stop] + grad_entropy[start:stop] * (logp + entropy[start:stop, None]))
+            logp = _SampledLogProbs._scaled(flat, suppressed, ctx.temperature, start, stop)
+            logp -= normaliser[start:stop, None]
+            weight = grad_chosen[start:stop] + grad_entropy[start:stop] * (logp + entropy[start:stop, None])
+            chunk = logp.exp_().neg_() * weight
             chunk.scatter_add_(-1, flat_targets[start:stop], grad_chosen[start:stop])
             grad[start:stop] = chunk.masked_fill_(suppressed.to(chunk.device), 0.0) / ctx.temperature
         return grad.view(logits.shape), None, None, None, None
