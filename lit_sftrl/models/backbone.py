@@ -322,7 +322,7 @@ class Backbone(nn.Module):
             inputs, cache, _ = self._model_inputs([prompts[i] for i in group], group_caches, new_tokens=0)
             with self._eval_mode():
                 _, hidden = self._forward(self.model, inputs, keep=1, capture=True, cache=cache)
-            values[group] = self.value_head(hidden[:, -1]).cpu()
+            values[group] = self.value_head(hidden[:, -1]).float().cpu()  # bf16 under autocast
         return values
 
     # -- reference policy --------------------------------------------------------------------------------------
