@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"policy loss {[round(r['train/policy_loss'], 4) for r in rows]}")
     for phase in ("rollout", "update"):
         fp32, bf16 = (statistics.median(seconds[p][phase]) for p in PRECISIONS)
-        print(f"{phase:>8}: float32 {fp32:.2f} s, bf16-mixed {bf16:.2f} s (median), float32 / bf16 = {fp32 / bf16:.2f}x")
+        print(f"{phase:>8}: float32 {fp32:.2f} s, bf16-mixed {bf16:.2f} s (median), "
+              f"float32 / bf16 = {fp32 / bf16:.2f}x")
 
 
 if __name__ == "__main__":
