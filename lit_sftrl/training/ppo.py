@@ -61,7 +61,8 @@ class PPOConfig:
             :func:`lit_sftrl.training.micro_batches.by_length`). Gradients accumulate up to the mini-batch.
         max_grad_norm: gradient-norm clipping. The paper's config says 0.01, but under its DeepSpeed set-up the
             clipping was never applied.
-        normalize_advantages: normalise advantages over the whole batch across ranks.
+        normalize_advantages: normalise GAE's advantages over the whole batch across ranks (``gae`` only: the
+            critic-free estimators scale their own way).
         thought_coef: weight of the answer's tokens before its action field (``formula`` in GeneralPoints,
             ``action`` in V-IRL) in the answer's log-prob: 1.0 = a plain sum; the paper 0.5.
         value_lr_scale: the value head's learning rate over ``optim.lr`` (paper 1). The head starts fresh: at the
