@@ -76,4 +76,4 @@ def test_the_chunked_form_adds_less_peak_memory_than_the_plain_one():
         out = subprocess.run([sys.executable, "-m", "bench.scoring_memory", "--form", form, *shape],
                              check=True, capture_output=True, text=True).stdout
         peaks[form] = json.loads(out.splitlines()[-1])["added_peak_mb"]
-    assert peaks["chunked"] < 0.7 * peaks["plain"], peaks
+    assert peaks["chunked"] < 0.6 * peaks["plain"], peaks  # measured: 177 MB against 403 MB

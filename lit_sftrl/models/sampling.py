@@ -21,10 +21,10 @@ def masked_log_probs(logits: torch.Tensor, temperature: float, suppressed: torch
     return torch.log_softmax(scaled.masked_fill(suppressed.to(scaled.device), _MASKED), dim=-1)
 
 
-# Vocabulary entries expanded at once (4 MB in fp32: 21 positions of a 49k vocabulary). Measured (bench/
-# scoring_memory.py): chunks of 16 MB and more added more peak RSS, not less: glibc serves blocks under its mmap
-# threshold (up to 32 MB) from the heap, and freed ones there fragment rather than return to the system.
-ELEMENTS_PER_CHUNK = 2**20
+# Vocabulary entries expanded at once: 16 MB in fp32, 85 positions of a 49k vocabulary. Smaller chunks ran up to
+# 1.6x slower (more, smaller kernels); the chunk buffers are allocated once per pass and reused, because a fresh
+# 16 MB block per chunk fragmented glibc's heap (blocks under its 32 MB mmap threshold) and raised the peak.
+ELEMENTS_PER_CHUNK = 2**22
 
 
 def sampled_log_probs(
@@ -48,25 +48,36 @@ def sampled_log_probs(
 class _SampledLogProbs(torch.autograd.Function):
     """With s = logits / T (suppressed tokens masked), p = softmax(s), H = -sum p log p: d log p_y / ds = onehot(y)
     - p and dH / ds = -p (log p + H); both through 1 / T to the logits. The backward rebuilds log p from the
-    saved log-normaliser: one exponential per entry, as the plain form's backward."""
+    saved log-normaliser: one exponential per entry, as the plain form's backward. Each pass reuses one or two
+    chunk-sized buffers: no allocation per chunk, so nothing for the allocator to fragment."""
 
     @staticmethod
-    def _scaled(logits, suppressed, temperature, start, stop):
-        scaled = logits[start:stop].float() / temperature
-        return scaled.masked_fill_(suppressed.to(scaled.device), _MASKED)
+    def _log_probs(flat, suppressed, temperature, start, stop, out, normaliser=None):
+        """log p of rows ``start:stop`` into ``out`` (given the rows' log-normaliser, or computing it)."""
+        out = out[: stop - start]
+        torch.div(flat[start:stop], temperature, out=out)
+        out.masked_fill_(suppressed, _MASKED)
+        if normaliser is None:
+            normaliser = torch.logsumexp(out, dim=-1)
+        out -= normaliser[:, None]
+        return out, normaliser
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, suppressed, rows_per_chunk):
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        suppressed = suppressed.to(logits.device)
         chosen = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         entropy, normaliser = torch.empty_like(chosen), torch.empty_like(chosen)
+        rows = min(rows_per_chunk, flat.shape[0])
+        logp_buffer = torch.empty(rows, flat.shape[1], dtype=torch.float32, device=logits.device)
+        probs_buffer = torch.empty_like(logp_buffer)
         for start in range(0, flat.shape[0], rows_per_chunk):
-            stop = start + rows_per_chunk
-            logp = _SampledLogProbs._scaled(flat, suppressed, temperature, start, stop)
-            normaliser[start:stop] = torch.logsumexp(logp, dim=-1)
-            logp -= normaliser[start:stop, None]
+            stop = min(start + rows_per_chunk, flat.shape[0])
+            logp, normaliser[start:stop] = _SampledLogProbs._log_probs(flat, suppressed, temperature, start, stop,
+                                                                       logp_buffer)
             chosen[start:stop] = logp.gather(-1, flat_targets[start:stop]).squeeze(-1)
-            entropy[start:stop] = -(logp.exp() * logp).sum(-1)
+            probs = torch.exp(logp, out=probs_buffer[: stop - start])
+            entropy[start:stop] = -(probs.mul_(logp)).sum(-1)
         ctx.save_for_backward(logits, targets, suppressed, entropy, normaliser)
         ctx.temperature, ctx.rows_per_chunk = temperature, rows_per_chunk
         return chosen.view(targets.shape), entropy.view(targets.shape)
@@ -77,14 +88,19 @@ class _SampledLogProbs(torch.autograd.Function):
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
         grad_chosen, grad_entropy = grad_chosen.reshape(-1, 1), grad_entropy.reshape(-1, 1)
         grad = torch.empty_like(flat)
+        rows = min(ctx.rows_per_chunk, flat.shape[0])
+        buffer = torch.empty(rows, flat.shape[1], dtype=torch.float32, device=flat.device)
+        weight_buffer = torch.empty_like(buffer)
         for start in range(0, flat.shape[0], ctx.rows_per_chunk):
-            stop = start + ctx.rows_per_chunk
-            logp = _SampledLogProbs._scaled(flat, suppressed, ctx.temperature, start, stop)
-            logp -= normaliser[start:stop, None]
-            weight = grad_chosen[start:stop] + grad_entropy[start:stop] * (logp + entropy[start:stop, None])
-            chunk = logp.exp_().neg_() * weight
+            stop = min(start + ctx.rows_per_chunk, flat.shape[0])
+            logp, _ = _SampledLogProbs._log_probs(flat, suppressed, ctx.temperature, start, stop, buffer,
+                                                  normaliser[start:stop])
+            weight = torch.add(logp, entropy[start:stop, None], out=weight_buffer[: stop - start])
+            weight.mul_(grad_entropy[start:stop]).add_(grad_chosen[start:stop])  # g_y + g_H (log p + H)
+            chunk = logp.exp_().mul_(weight).neg_()  # -p * weight, in the buffer
             chunk.scatter_add_(-1, flat_targets[start:stop], grad_chosen[start:stop])
-            grad[start:stop] = chunk.masked_fill_(suppressed.to(chunk.device), 0.0) / ctx.temperature
+            chunk.masked_fill_(suppressed, 0.0).div_(ctx.temperature)
+            grad[start:stop] = chunk
         return grad.view(logits.shape), None, None, None, None
 
 
