@@ -51,6 +51,16 @@ def test_a_group_plays_one_start_state_with_different_samples_and_only_whole_epi
     assert all(a.value == 0.0 for a in rollout.attempts)  # nothing from a critic
 
 
+def test_a_checkpoint_of_the_other_kind_of_rollout_is_refused_with_one_line():
+    from lit_sftrl.training.rollout import EnvironmentPool
+
+    envs = [make_env_from_spec(TOY_ID, {})]
+    with pytest.raises(ValueError, match="running episodes of a run with ppo.advantage gae"):
+        GroupedEpisodes(envs, 2, lambda g: (g, {}), lambda g, m, k: k, state=[{"episode": 0, "answers": []}])
+    with pytest.raises(ValueError, match="checkpoint is of a critic-free run"):
+        EnvironmentPool(envs, lambda i, n: (n, {}), state={"next_group": 3})
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_critic_free_estimators_raise_the_reward_of_the_toy_task_like_ppo(estimator, tiny, tmp_path):
     """The same toy, learning rate and budget as PPO's test in test_ppo.py, from chance to >= 0.9 of the maximum."""

@@ -134,6 +134,9 @@ class GroupedEpisodes:
         self, envs: Sequence[Any], group_size: int, episode_for: Callable[[int], Episode],
         seed_for: Callable[[int, int, int], int], state: dict[str, int] | None = None,
     ) -> None:
+        if state is not None and not (isinstance(state, dict) and "next_group" in state):
+            raise ValueError("the checkpoint holds running episodes of a run with ppo.advantage gae: resume it with "
+                             "gae, or start a critic-free run from it with --model.init_args.init_from")
         self.envs, self.group_size = list(envs), group_size
         self.episode_for, self.seed_for = episode_for, seed_for
         self.next_group = int(state["next_group"]) if state else 0
@@ -152,6 +155,9 @@ class EnvironmentPool:
 
     def __init__(self, envs: Sequence[Any], episode_for: Callable[[int, int], Episode], state: list | None = None):
         self.envs, self.episode_for = list(envs), episode_for
+        if isinstance(state, dict):
+            raise ValueError("the checkpoint is of a critic-free run (ppo.advantage grpo, rloo or reinforce_pp): "
+                             "resume it with the same estimator, or start a gae run from it with init_from")
         if state is not None and len(state) != len(self.envs):
             raise ValueError(f"the checkpoint's rollout state has {len(state)} environments, this run {len(self.envs)}")
         self.running: list[_Running] = []
