@@ -37,6 +37,7 @@ from lit_sftrl.run.run_dir import (
     remove_orphan_temporaries,
 )
 from lit_sftrl.training.policy import PolicyModule
+from lit_sftrl.training.ppo import PPOConfig
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves to a file itself
 validation.install_yaml_limits()  # every config this CLI reads goes through the size and alias limits
@@ -447,6 +448,13 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
+    ppo = _get(model, "ppo")
+    if ppo is not None:  # settings that must agree with each other (e.g. a group of one under rloo)
+        try:
+            PPOConfig(**vars(ppo))
+        except ValueError as error:
+            key, _, message = str(error).partition(": ")
+            problems.append((f"model.{key}", message))
     fields = _get(data, "task") or {}
     try:  # as_dict: wrappers arrive as a list of Namespaces
         task = TaskConfig(**(fields.as_dict() if hasattr(fields, "as_dict") else dict(fields)))

@@ -13,9 +13,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-Stream = Literal["evaluation", "eval_sampling", "sft_batches", "ppo_episodes", "ppo_sampling", "ppo_shuffle"]
-# Never reorder: a stream's number is part of every key it makes.
-STREAMS: tuple[str, ...] = ("evaluation", "eval_sampling", "sft_batches", "ppo_episodes", "ppo_sampling", "ppo_shuffle")
+Stream = Literal[
+    "evaluation", "eval_sampling", "sft_batches", "ppo_episodes", "ppo_sampling", "ppo_shuffle", "ppo_groups",
+    "ppo_group_sampling",
+]
+# Never reorder: a stream's number is part of every key it makes. ppo_groups / ppo_group_sampling: critic-free
+# estimators' start states (one per group) and the sampling of each member's attempts.
+STREAMS: tuple[str, ...] = (
+    "evaluation", "eval_sampling", "sft_batches", "ppo_episodes", "ppo_sampling", "ppo_shuffle", "ppo_groups",
+    "ppo_group_sampling",
+)
 # Fixed key length per stream (name, seed as two words, then this many indices padded with zeros).
 _INDICES = 4
 _WORD = 2**32

@@ -95,7 +95,7 @@ RULES: dict[str, Rule] = {
     "micro_batch_size": positive_int, "r": positive_int, "alpha": positive_int, "value_head_hidden": positive_int,
     "max_nonfinite_losses": positive_int, "warmup_steps": nonnegative_int, "num_workers": nonnegative_int,
     "max_tokens": positive_int, "max_image_pixels": positive_int, "max_milestones": positive_int,
-    "max_turn_chars": positive_int, "max_image_bytes": positive_int,
+    "max_turn_chars": positive_int, "max_image_bytes": positive_int, "group_size": positive_int,
     # rates
     "lr": POSITIVE, "weight_decay": NONNEGATIVE, "min_lr_ratio": FRACTION,
     "dropout": in_range(0.0, 1.0, high_open=True), "temperature": NONNEGATIVE,

@@ -55,6 +55,7 @@ from lit_sftrl.models.sampling import (
     generation_config,
     masked_log_probs,
     only_generation_config,
+    sampled_log_probs,
     suppressed_token_ids,
 )
 from lit_sftrl.models.value_head import VALUE_HEAD_FILE, ValueHead
@@ -297,10 +298,9 @@ class Backbone(nn.Module):
                 logits, hidden = self._forward(model, batch, keep)
         else:
             logits, hidden = self._forward(self.model, batch, keep, capture=capture)
-        logp = self.log_probs(logits[:, :-1], temperature)
-        targets = batch["input_ids"][:, batch["input_ids"].shape[1] - width :].to(logp.device)
-        chosen = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        targets = batch["input_ids"][:, batch["input_ids"].shape[1] - width :].to(logits.device)
+        # never the whole batch's log-softmax at once: it was the peak of a PPO update's memory
+        chosen, entropy = sampled_log_probs(logits[:, :-1], targets, temperature, self._suppressed_mask)
         starts = [width - len(a) for a in answers]  # packed layout: each answer ends in the last column
         token_lp = [chosen[row, start:] for row, start in enumerate(starts)]
         mean_entropy = [entropy[row, start:].sum() / max(width - start, 1) for row, start in enumerate(starts)]
@@ -322,7 +322,7 @@ class Backbone(nn.Module):
             inputs, cache, _ = self._model_inputs([prompts[i] for i in group], group_caches, new_tokens=0)
             with self._eval_mode():
                 _, hidden = self._forward(self.model, inputs, keep=1, capture=True, cache=cache)
-            values[group] = self.value_head(hidden[:, -1]).cpu()
+            values[group] = self.value_head(hidden[:, -1]).float().cpu()  # bf16 under autocast
         return values
 
     # -- reference policy --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -28,10 +28,17 @@ from lit_sftrl.data.episodes import RolloutSpec
 from lit_sftrl.data.tasks import make_env_from_spec, paper_buffer_ratio
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
 from lit_sftrl.run.progress import phase
+from lit_sftrl.training.advantages import (
+    CRITIC_FREE,
+    attempt_advantages,
+    compute_gae,
+    episode_advantages,
+    episode_returns,
+)
 from lit_sftrl.training.evaluation import EpisodeMetrics
 from lit_sftrl.training.micro_batches import PaddingMeter, attempt_lengths, by_length
 from lit_sftrl.training.policy import OptimConfig, PolicyModule
-from lit_sftrl.training.rollout import Attempt, EnvironmentPool, Rollout, RolloutEngine
+from lit_sftrl.training.rollout import Attempt, EnvironmentPool, GroupedEpisodes, Rollout, RolloutEngine
 from lit_sftrl.training.sharding import same_count_on_every_rank, whole_weights
 
 
@@ -55,11 +62,20 @@ class PPOConfig:
             :func:`lit_sftrl.training.micro_batches.by_length`). Gradients accumulate up to the mini-batch.
         max_grad_norm: gradient-norm clipping. The paper's config says 0.01, but under its DeepSpeed set-up the
             clipping was never applied.
-        normalize_advantages: normalise advantages over the whole batch across ranks.
+        normalize_advantages: normalise GAE's advantages over the whole batch across ranks (``gae`` only: the
+            critic-free estimators scale their own way).
         thought_coef: weight of the answer's tokens before its action field (``formula`` in GeneralPoints,
             ``action`` in V-IRL) in the answer's log-prob: 1.0 = a plain sum; the paper 0.5.
         value_lr_scale: the value head's learning rate over ``optim.lr`` (paper 1). The head starts fresh: at the
             policy's small rate it does not fit the returns in a short run, leaving advantages ~ returns.
+        advantage: the estimator. ``gae`` (the paper's): a value head, GAE over attempts, episodes carried across
+            updates. Critic-free (no value head; whole episodes, each start state played ``group_size`` times per
+            update; every attempt takes its episode's advantage): ``grpo`` (return normalised within its group),
+            ``rloo`` (return minus the mean of the group's other returns), ``reinforce_pp`` (return normalised
+            over the whole batch). See ``docs/concepts/estimators.md``.
+        group_size: episodes per start state under a critic-free estimator (None: 4 for ``grpo``/``rloo``, 1 for
+            ``reinforce_pp``); ``gae`` takes none.
+        scale_by_std: ``grpo`` divides by the group's standard deviation; False is Dr. GRPO's unscaled form.
     """
 
     gamma: float = 0.9
@@ -76,28 +92,31 @@ class PPOConfig:
     normalize_advantages: bool = True
     thought_coef: float = 1.0
     value_lr_scale: float = 1.0
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    group_size: int | None = None
+    scale_by_std: bool = True
 
     def __post_init__(self) -> None:
         validate(self, "ppo")
+        if self.advantage not in ("gae", *CRITIC_FREE):
+            raise ValueError(f"ppo.advantage: must be one of gae, {', '.join(CRITIC_FREE)}, got {self.advantage!r}")
+        if self.advantage == "gae" and self.group_size is not None:
+            raise ValueError("ppo.group_size: applies to critic-free estimators only (grpo, rloo, reinforce_pp), "
+                             "not to advantage=gae")
+        if self.advantage in ("grpo", "rloo") and self.group_size is not None and self.group_size < 2:
+            raise ValueError(f"ppo.group_size: {self.advantage} compares episodes within a group and needs at least 2, "
+                             f"got {self.group_size}")
 
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage != "gae"
 
-def compute_gae(
-    *, rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, episode_ends: torch.Tensor,
-    gamma: float, lam: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over one environment's attempts in time order; returns ``(advantages, returns)``.
-
-    ``next_values[t]`` is V(s_{t+1}): 0 after a terminal attempt (success, budget used up), the cut state's own
-    value after a cut, the next attempt's value otherwise. ``episode_ends[t]`` stops the advantage from flowing
-    back across an episode boundary.
-    """
-    advantages = torch.zeros_like(rewards)
-    running = 0.0
-    for t in reversed(range(len(rewards))):
-        delta = rewards[t] + gamma * next_values[t] - values[t]
-        running = delta + gamma * lam * (1.0 - episode_ends[t].float()) * running
-        advantages[t] = running
-    return advantages, advantages + values
+    @property
+    def episodes_per_group(self) -> int:
+        """The group size in force: the configured one, else 4 (grpo, rloo) or 1 (reinforce_pp, gae)."""
+        if self.group_size is not None:
+            return self.group_size
+        return 4 if self.advantage in ("grpo", "rloo") else 1
 
 
 def answer_logprob(token_logprobs: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
@@ -109,19 +128,22 @@ def answer_logprob(token_logprobs: torch.Tensor, token_weights: torch.Tensor | N
 
 def ppo_loss(
     *, logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    values: torch.Tensor | None, old_values: torch.Tensor, returns: torch.Tensor,
     entropy: torch.Tensor, kl: torch.Tensor, config: PPOConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The whole objective in one place: clipped surrogate + (clipped) value loss - entropy bonus + KL penalty."""
+    """The whole objective in one place: clipped surrogate + (clipped) value loss - entropy bonus + KL penalty.
+    ``values`` None (critic-free): no value loss."""
     log_ratio = logprob - old_logprob
     ratio = log_ratio.exp()
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps))
     policy_loss = surrogate.mean()
-    value_error = (values - returns) ** 2
-    if config.value_clip > 0:
-        clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
-        value_error = torch.max(value_error, (clipped_values - returns) ** 2)
-    value_loss = 0.5 * value_error.mean()
+    value_loss = torch.zeros((), device=logprob.device)
+    if values is not None:  # critic-free estimators have no value head
+        value_error = (values - returns) ** 2
+        if config.value_clip > 0:
+            clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
+            value_error = torch.max(value_error, (clipped_values - returns) ** 2)
+        value_loss = 0.5 * value_error.mean()
     loss = (
         policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + config.kl_coef * kl.mean()
     )
@@ -136,10 +158,10 @@ def ppo_loss(
 
 
 class PPOModule(PolicyModule):
-    """PPO LightningModule over the backbone wrapper with a value head.
+    """PPO LightningModule over the backbone wrapper, with a value head (GAE) or without (critic-free estimators).
 
     Args:
-        backbone: the model; ``value_head`` is switched on automatically.
+        backbone: the model; ``value_head`` is switched on for ``ppo.advantage: gae`` and off otherwise.
         ppo: PPO hyper-parameters.
         sampling: decoding during rollouts (paper: temperature 0.2, up to 512 new tokens).
         optim: optimizer and learning-rate schedule; the schedule steps once per update, so ``warmup_steps``
@@ -167,21 +189,24 @@ class PPOModule(PolicyModule):
         save_transcripts: bool = False,
     ) -> None:
         backbone = backbone or BackboneConfig()
-        backbone.value_head = True
+        ppo = ppo or PPOConfig()
+        backbone.value_head = not ppo.critic_free
         super().__init__(
             backbone, optim, eval_sampling, init_from, compute=compute, max_nonfinite_losses=max_nonfinite_losses,
             save_transcripts=save_transcripts,
         )
         self.automatic_optimization = False
-        self.ppo = ppo or PPOConfig()
+        self.ppo = ppo
         self.uses_reference = bool(self.ppo.kl_coef)  # a frozen copy of the init_from run's weights, if any
         self.sampling = sampling or SamplingConfig(temperature=1.0)
         self.train_metrics = EpisodeMetrics()
         self.env_steps = 0
-        self._pool: EnvironmentPool | None = None
+        self._pool: EnvironmentPool | GroupedEpisodes | None = None
         self._pool_states: list | None = None  # from a checkpoint: rebuilds each rank's running episodes
 
     def parameter_groups(self) -> list[dict[str, Any]]:
+        if self.backbone.value_head is None:
+            return super().parameter_groups()
         head = [p for p in self.backbone.value_head.parameters() if p.requires_grad]
         ids = {id(p) for p in head}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
@@ -204,6 +229,37 @@ class PPOModule(PolicyModule):
         self.lr_schedulers().step()
 
     def _rollout(self, spec: RolloutSpec) -> Rollout:
+        engine = RolloutEngine(self.backbone, self.sampling, thought_coef=self.ppo.thought_coef)
+        self.backbone.eval()  # no dropout during the whole update: the first PPO epoch's ratio starts at exactly 1
+        with (
+            torch.no_grad(), whole_weights(self.backbone),  # sharded: gathered once, no collective per step
+            phase(self._trainer, "rollout", spec.rollout_steps, "attempts") as bar,
+        ):
+            if self.ppo.critic_free:
+                rollout = engine.collect_groups(self._groups(spec), spec.rollout_steps, on_attempts=bar.advance)
+            else:
+                rollout = self._collect_carried_over(engine, spec, bar.advance)
+            if self.ppo.kl_coef:
+                self._reference_logprobs(rollout.attempts)
+        return rollout
+
+    def _groups(self, spec: RolloutSpec) -> GroupedEpisodes:
+        """Critic-free episodes: groups numbered from 0 over the run, each group's members seeded apart."""
+        if self._pool is None:
+            envs = [make_env_from_spec(spec.env_id, spec.env_kwargs, spec.wrappers) for _ in range(spec.num_envs)]
+            state = self._pool_states[spec.rank] if self._pool_states else None
+
+            def episode_for(group: int) -> tuple[int, dict]:
+                return stream_seed("ppo_groups", spec.seed, spec.rank, group), {}
+
+            def seed_for(group: int, member: int, attempt: int) -> int:
+                return stream_seed("ppo_group_sampling", spec.seed, spec.rank, group, member, attempt)
+
+            self._pool = GroupedEpisodes(envs, self.ppo.episodes_per_group, episode_for, seed_for, state)
+        return self._pool
+
+    def _collect_carried_over(self, engine: RolloutEngine, spec: RolloutSpec, advance) -> Rollout:
+        """GAE's rollout: the pool's running episodes go on from the last update; the rollout's end cuts them."""
         if self._pool is None:
             envs = [make_env_from_spec(spec.env_id, spec.env_kwargs, spec.wrappers) for _ in range(spec.num_envs)]
             state = self._pool_states[spec.rank] if self._pool_states else None
@@ -212,21 +268,12 @@ class PPOModule(PolicyModule):
                 return stream_seed("ppo_episodes", spec.seed, spec.rank, env_index, number), {}
 
             self._pool = EnvironmentPool(envs, episode_for, state)
-        engine = RolloutEngine(self.backbone, self.sampling, thought_coef=self.ppo.thought_coef)
-        self.backbone.eval()  # no dropout during the whole update: the first PPO epoch's ratio starts at exactly 1
         update = self.current_epoch
 
         def seed_for(env_index: int, k: int) -> int:
             return stream_seed("ppo_sampling", spec.seed, spec.rank, update, env_index * 2**20 + k)
 
-        with (
-            torch.no_grad(), whole_weights(self.backbone),
-            phase(self._trainer, "rollout", spec.rollout_steps, "attempts") as bar,
-        ):
-            rollout = engine.collect(self._pool, spec.rollout_steps, seed_for, on_attempts=bar.advance)
-            if self.ppo.kl_coef:
-                self._reference_logprobs(rollout.attempts)
-        return rollout
+        return engine.collect(self._pool, spec.rollout_steps, seed_for, on_attempts=advance)
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
         for micro in by_length(range(len(attempts)), attempt_lengths(attempts), self.ppo.micro_batch_size):
@@ -239,6 +286,9 @@ class PPOModule(PolicyModule):
                 attempt.reference_token_logprobs = token_logprobs.detach()
 
     def _advantages(self, attempts: Sequence[Attempt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per attempt: (advantage, value target). Critic-free estimators have no value target (zeros)."""
+        if self.ppo.critic_free:
+            return self._critic_free_advantages(attempts), torch.zeros(len(attempts))
         advantages, returns = torch.zeros(len(attempts)), torch.zeros(len(attempts))
         by_env: dict[int, list[int]] = {}
         for index, attempt in enumerate(attempts):
@@ -259,6 +309,20 @@ class PPOModule(PolicyModule):
         if self.ppo.normalize_advantages:
             advantages = self._normalize_over_ranks(advantages)
         return advantages, returns
+
+    def _critic_free_advantages(self, attempts: Sequence[Attempt]) -> torch.Tensor:
+        """Each episode's return (the sum of its attempts' rewards) becomes its advantage against its group (or
+        the batch: reinforce_pp), and every attempt of the episode takes it (see the advantages module)."""
+        episode_of, returns, groups = episode_returns(
+            groups=[a.group for a in attempts], members=[a.member for a in attempts],
+            rewards=[a.reward for a in attempts],
+        )
+        per_episode = episode_advantages(
+            returns=returns, groups=groups, estimator=self.ppo.advantage, scale_by_std=self.ppo.scale_by_std
+        )
+        if self.ppo.advantage == "reinforce_pp":  # normalised over every rank's episodes together
+            per_episode = self._normalize_over_ranks(per_episode)
+        return attempt_advantages(episode_of=episode_of, advantages=per_episode).float()
 
     def _normalize_over_ranks(self, advantages: torch.Tensor) -> torch.Tensor:
         moments = torch.stack(

@@ -55,6 +55,8 @@ class Attempt:
     reference_token_logprobs: torch.Tensor | None = None
     prompt_tokens: int = 0  # the prompt's length as scoring lays it out (micro-batches grouped by length)
     reward_components: dict[str, float] | None = None  # what a reward wrapper said the reward is made of
+    group: int = -1  # critic-free rollouts: the group (start state) the attempt's episode belongs to
+    member: int = -1  # critic-free rollouts: which of the group's episodes
 
 
 @dataclass
@@ -119,6 +121,31 @@ def _start(env: Any, episode: Episode, number: int) -> _Running:
     return _Running(episode, number, obs)
 
 
+class GroupedEpisodes:
+    """A rank's critic-free training episodes: group ``g`` is ``group_size`` plays of one start state (the same
+    reset seed), each member sampled from its own seeds. Whole episodes are played within one update, so what
+    carries from one update to the next is only the number of the next group: :meth:`state_dict` is all a
+    ``--ckpt_path last`` resume needs.
+
+    ``episode_for(group)`` names a group's episode; ``seed_for(group, member, attempt)`` seeds the sampling of a
+    member's attempt (so a member samples the same answers whichever environment slot plays it).
+    """
+
+    def __init__(
+        self, envs: Sequence[Any], group_size: int, episode_for: Callable[[int], Episode],
+        seed_for: Callable[[int, int, int], int], state: dict[str, int] | None = None,
+    ) -> None:
+        if state is not None and not (isinstance(state, dict) and "next_group" in state):
+            raise ValueError("the checkpoint holds running episodes of a run with ppo.advantage gae: resume it with "
+                             "gae, or start a critic-free run from it with --model.init_args.init_from")
+        self.envs, self.group_size = list(envs), group_size
+        self.episode_for, self.seed_for = episode_for, seed_for
+        self.next_group = int(state["next_group"]) if state else 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_group": self.next_group}
+
+
 class EnvironmentPool:
     """A rank's training environments and their running episodes, carried from one PPO update to the next.
 
@@ -129,6 +156,9 @@ class EnvironmentPool:
 
     def __init__(self, envs: Sequence[Any], episode_for: Callable[[int, int], Episode], state: list | None = None):
         self.envs, self.episode_for = list(envs), episode_for
+        if isinstance(state, dict):
+            raise ValueError("the checkpoint is of a critic-free run (ppo.advantage grpo, rloo or reinforce_pp): "
+                             "resume it with the same estimator, or start a gae run from it with init_from")
         if state is not None and len(state) != len(self.envs):
             raise ValueError(f"the checkpoint's rollout state has {len(state)} environments, this run {len(self.envs)}")
         self.running: list[_Running] = []
@@ -254,6 +284,63 @@ class RolloutEngine:
                     on_attempts(done)
         cuts += self._cut_at_end(attempts, pool)
         self._bootstrap(cuts)
+        self.seconds["rollout"] = time.perf_counter() - start
+        return Rollout(attempts, finished, dict(self.seconds), self.inference_tokens)
+
+    def collect_groups(
+        self, pool: GroupedEpisodes, num_attempts: int, on_attempts: Callable[[int], None] | None = None
+    ) -> Rollout:
+        """Play whole groups of episodes until ``num_attempts`` attempts are collected: a new group starts only
+        while the attempts collected, plus one for each episode started or waiting, stay under ``num_attempts``;
+        every episode started is played to its end (so an update may hold a few attempts more). The members of a
+        group wait in a queue for a free environment; the environments are only slots."""
+        start = time.perf_counter()
+        self.seconds, self.inference_tokens = {"model": 0.0, "environment": 0.0}, 0
+        attempts: list[Attempt] = []
+        finished: list[EpisodeResult] = []
+        waiting: list[tuple[int, int]] = []  # (group, member) not yet given an environment
+        running: dict[int, tuple[tuple[int, int], _Running]] = {}  # slot -> (group, member), episode
+        decoder = self._decoder(len(pool.envs))
+
+        def fill(slot: int) -> None:
+            if not waiting and len(attempts) + len(running) < num_attempts:
+                waiting.extend((pool.next_group, member) for member in range(pool.group_size))
+                pool.next_group += 1
+            if waiting:
+                key = waiting.pop(0)
+                running[slot] = (key, self._start(pool.envs[slot], pool.episode_for(key[0])))
+                submit(slot)
+
+        def submit(slot: int) -> None:
+            (group, member), state = running[slot]
+            seed = pool.seed_for(group, member, state.result.attempts)
+            decoder.submit(Request(state.last_prompt, state.cache, seed, tag=slot))
+
+        for slot in range(len(pool.envs)):
+            fill(slot)
+        states = {slot: state for slot, (_, state) in running.items()}
+        with decoder:  # one model mode for the whole loop (see InflightDecoder.__enter__)
+            while len(decoder):
+                done = 0
+                for slot, generation, (obs, reward, terminated, truncated, info) in self._advance(
+                    pool.envs, states, decoder
+                ):
+                    done += 1
+                    (group, member), state = running[slot]
+                    attempt = self._attempt(state, slot, generation, reward, terminated, truncated, info)
+                    attempt.group, attempt.member = group, member
+                    attempts.append(attempt)
+                    if terminated or truncated:  # the episode's end: nothing to bootstrap without a critic
+                        finished.append(state.result)
+                        del running[slot], states[slot]
+                        fill(slot)
+                        if slot in running:
+                            states[slot] = running[slot][1]
+                    else:
+                        state.continue_with(obs, generation.cache)
+                        submit(slot)
+                if done and on_attempts is not None:
+                    on_attempts(done)
         self.seconds["rollout"] = time.perf_counter() - start
         return Rollout(attempts, finished, dict(self.seconds), self.inference_tokens)
 
