@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL_CONFIGS = {"pretrain_base"}
 BASES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in TOOL_CONFIGS)
 # configs/paper/ (the paper's 8-GPU runs) and configs/strategies/ (overlays for any config) are tested in
-# tests/test_plan.py and tests/test_sharded.py.
-OVERLAYS = sorted(p for p in (REPO / "configs").glob("*/**/*.yaml") if p.parent.name not in ("paper", "strategies"))
+# tests/test_plan.py and tests/test_sharded.py; configs/study/ (lit-sftrl study's configs) in tests/test_study.py.
+OVERLAYS = sorted(p for p in (REPO / "configs").glob("*/**/*.yaml")
+                  if p.parent.name not in ("paper", "strategies", "study"))
 
 
 def base_of(overlay: Path) -> Path:
