@@ -306,3 +306,12 @@ def test_the_example_trains_with_the_command_its_page_prints(tmp_path, tiny_dir_
 def test_the_page_shows_the_example_files_as_they_are(name):
     page = (REPO / "docs" / "how-to" / "own-environment.md").read_text()
     assert (REPO / "examples" / "own_env" / name).read_text() in page
+
+
+def test_the_readme_shows_the_example_and_the_command_the_page_runs():
+    readme = (REPO / "README.md").read_text()
+    assert (REPO / "examples" / "own_env" / "reverse.py").read_text() in readme
+    shown_yaml = re.search(r"```yaml\n(data:\n.*?)```", readme, flags=re.S).group(1)
+    assert shown_yaml in (REPO / "examples" / "own_env" / "sft.yaml").read_text()  # the config's own lines
+    commands = re.findall(r"^lit-sftrl fit --config examples/own_env/\S+$", readme, flags=re.M)
+    assert commands == [documented_commands()[0]]  # the command the test above runs, as printed
