@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lit_sftrl.core import validation
 from lit_sftrl.core.disk import DiskFull
+from lit_sftrl.core.validation import config_value
 from lit_sftrl.data.datamodules import EpisodeDataModule
 from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.envs.contract import ContractError
@@ -316,8 +317,8 @@ def checkpoint_problems(config: Any) -> list[tuple[str, str]]:
     transformers after the model is built."""
     model = config.model.init_args if "init_args" in config.model else config.model
     problems = []
-    named = (("ckpt_path", config.get("ckpt_path")), ("model.init_from", _get(model, "init_from")),
-             ("model.backbone.path", _get(model, "backbone.path")))
+    named = (("ckpt_path", config.get("ckpt_path")), ("model.init_from", config_value(model, "init_from")),
+             ("model.backbone.path", config_value(model, "backbone.path")))
     for key, path in named:
         if not path or path in CKPT_PATH_KEYWORDS or not Path(path).exists():
             continue
@@ -336,8 +337,8 @@ def strategy_refusal(config: Any) -> str | None:
     several times inside one Lightning step (manual optimisation), which DeepSpeed's engine does not support."""
     from lit_sftrl.training.plan import uses_deepspeed
 
-    model_class = str(_get(config, "model.class_path") or "")
-    if model_class.endswith("PPOModule") and uses_deepspeed(_get(config, "trainer.strategy")):
+    model_class = str(config_value(config, "model.class_path") or "")
+    if model_class.endswith("PPOModule") and uses_deepspeed(config_value(config, "trainer.strategy")):
         return ("PPO does not run under DeepSpeed (it is for SFT); shard PPO with FSDP2 instead: "
                 "--config configs/strategies/fsdp.yaml")
     return None
@@ -349,7 +350,8 @@ def print_plan(config: Any) -> None:
 
     backbone, settings, strategy = settings_from_config(config, int(config.get("dry_run_prompt_tokens") or 1024))
     model = config.model.init_args if "init_args" in config.model else config.model
-    plan = plan_run(backbone.path, backbone, settings, value_head_hidden=_get(model, "backbone.value_head_hidden"))
+    plan = plan_run(backbone.path, backbone, settings,
+                    value_head_hidden=config_value(model, "backbone.value_head_hidden"))
     print(f"{plan.table()}\n  strategy: {strategy}, precision: {config.trainer.get('precision')}")
 
 
@@ -435,11 +437,11 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
         return problems
     model = config.model.init_args if "init_args" in config.model else config.model
     data = config.data.init_args if "init_args" in config.data else config.data
-    backbone_path = _get(model, "backbone.path")
+    backbone_path = config_value(model, "backbone.path")
     if backbone_path and not Path(backbone_path).exists() and not TINY_NAME.match(Path(backbone_path).name):
         problems.append(("model.backbone.path",
                          f"{backbone_path!r} does not exist (tiny-<family>[-small] names are built on first use)"))
-    init_from = _get(model, "init_from")
+    init_from = config_value(model, "init_from")
     if init_from and not Path(init_from).exists():
         problems.append(("model.init_from", f"{init_from!r} does not exist"))
     if config.get("weights_only") is False:
@@ -448,34 +450,35 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     ckpt_path = config.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).exists():
         problems.append(("ckpt_path", f"{ckpt_path!r} does not exist"))
-    ppo = _get(model, "ppo")
+    ppo = config_value(model, "ppo")
     if ppo is not None:  # settings that must agree with each other (e.g. a group of one under rloo)
         try:
             PPOConfig(**vars(ppo))
         except ValueError as error:
             key, _, message = str(error).partition(": ")
             problems.append((f"model.{key}", message))
-    fields = _get(data, "task") or {}
+    fields = config_value(data, "task") or {}
     try:  # as_dict: wrappers arrive as a list of Namespaces
         task = TaskConfig(**(fields.as_dict() if hasattr(fields, "as_dict") else dict(fields)))
     except ValueError as error:  # a preset's name, variants, wrappers: what the parser cannot judge
         key, _, message = str(error).partition(": ")  # "task.variants.id.x: ..." names its key
         return [(f"data.{key}", message) if key.startswith("task") else ("data.task", str(error))]
-    variants = [("data.variant", _get(data, "variant"))] + [
-        ("data.evaluation.variants", v) for v in (_get(data, "evaluation.variants") or [])
+    variants = [("data.variant", config_value(data, "variant"))] + [
+        ("data.evaluation.variants", v) for v in (config_value(data, "evaluation.variants") or [])
     ]
     for key, variant in variants:
         if variant is not None and variant not in task.variant_names:
             problems.append((key, f"variant {variant!r} does not apply to task {task.name!r}; "
                                   f"choose one of {list(task.variant_names)}"))
     if not problems and not task.is_preset:  # your own environment: does it give what the trainer reads?
-        from_files = _get(data, "llava_json") or _get(data, "messages")  # SFT from files needs no expert
+        # SFT from a data file needs no expert_answer()
+        from_files = config_value(data, "llava_json") or config_value(data, "messages")
         plays_expert = str(config.data.get("class_path", "")).endswith("SFTDataModule") and not from_files
         try:
-            task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(_get(data, "multi_turn")))
+            task.check_contract(expert=plays_expert, suboptimal=plays_expert and bool(config_value(data, "multi_turn")))
         except (ContractError, ValueError) as error:
             problems.append(("data.task.env", str(error)))
-        paper_mode = _get(model, "compute.mode") == "paper" and not _get(model, "compute.buffer_ratio")
+        paper_mode = config_value(model, "compute.mode") == "paper" and not config_value(model, "compute.buffer_ratio")
         if paper_mode and str(config.model.get("class_path", "")).endswith("PPOModule"):
             problems.append(("model.compute.buffer_ratio", "compute mode 'paper' needs it for your own environment "
                                                            "(the paper measured it for GeneralPoints and V-IRL only)"))
@@ -488,20 +491,20 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             problem = _route_folder_problem(folder, task)
             if problem:
                 problems.append((key, problem))
-    messages = _get(data, "messages")
+    messages = config_value(data, "messages")
     if messages and not Path(messages).exists():
         problems.append(("data.messages", f"{messages!r} does not exist"))
-    if _get(data, "llava_json") and messages:
+    if config_value(data, "llava_json") and messages:
         problems.append(("data.messages", "data.llava_json names training data too: give one of the two"))
-    llava_json = _get(data, "llava_json")
+    llava_json = config_value(data, "llava_json")
     if llava_json and not Path(llava_json).exists():
         problems.append(("data.llava_json", f"{llava_json!r} does not exist"))
     elif llava_json:  # every sample and image checked now, not when the first batch draws it after the model is built
         from lit_sftrl.data.llava_data import checked_llava_json
 
-        limits = {key: _get(data, key) for key in ("max_image_pixels", "max_image_bytes", "max_turn_chars")}
+        limits = {key: config_value(data, key) for key in ("max_image_pixels", "max_image_bytes", "max_turn_chars")}
         try:
-            checked_llava_json(llava_json, _get(data, "image_folder"),
+            checked_llava_json(llava_json, config_value(data, "image_folder"),
                                **{key: value for key, value in limits.items() if value is not None})
         except (OSError, ValueError) as error:
             problems.append(("data.llava_json", str(error)))
@@ -529,11 +532,3 @@ def _routes_available(folder: str) -> bool:
 
     return (Path(folder) / "route_infos.json").exists() or Path(folder).name in STYLES
 
-
-def _get(namespace: Any, dotted: str) -> Any:
-    value = namespace
-    for part in dotted.split("."):
-        if value is None:
-            return None
-        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
-    return value

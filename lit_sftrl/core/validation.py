@@ -293,3 +293,14 @@ def _size_checked(get_content: Callable[..., str]) -> Callable[..., str]:
         return get_content(self, mode)
 
     return checked
+
+
+def config_value(config: Any, dotted: str) -> Any:
+    """``config``'s value at ``dotted`` (``"data.task.name"``) through namespaces, dicts or attributes; None where a
+    level is missing: what the checks before a run read from a parsed config."""
+    value = config
+    for part in dotted.split("."):
+        if value is None:
+            return None
+        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
+    return value

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from lit_sftrl.core.compute import FlopsCounter
-from lit_sftrl.core.validation import check_values
+from lit_sftrl.core.validation import check_values, config_value
 from lit_sftrl.models.config import BackboneConfig
 from lit_sftrl.models.loading import DEFAULT_LORA_TARGETS, auto_model_class, is_vision_module
 
@@ -306,24 +306,24 @@ def sharding_of(strategy: Any) -> tuple[Sharding, str]:
         if name.startswith("deepspeed_stage_2"):
             return "zero2", name
         return "replicated", name
-    class_path = str(_get(strategy, "class_path") or "")
+    class_path = str(config_value(strategy, "class_path") or "")
     name = class_path.rsplit(".", 1)[-1]
     if name in ("ModelParallelStrategy", "FSDPStrategy"):
         return "sharded", name
     if name == "DeepSpeedStrategy":
-        stage = _get(strategy, "init_args.stage") or 2
+        stage = config_value(strategy, "init_args.stage") or 2
         return ("sharded" if stage >= 3 else "zero2"), f"{name} stage {stage}"
     return "replicated", name
 
 
 def uses_deepspeed(strategy: Any) -> bool:
-    name = strategy if isinstance(strategy, str) else str(_get(strategy, "class_path") or "")
+    name = strategy if isinstance(strategy, str) else str(config_value(strategy, "class_path") or "")
     return "deepspeed" in name.lower()
 
 
 def device_count(trainer: Any) -> int:
-    devices = _get(trainer, "devices")
-    nodes = int(_get(trainer, "num_nodes") or 1)
+    devices = config_value(trainer, "devices")
+    nodes = int(config_value(trainer, "num_nodes") or 1)
     if isinstance(devices, (list, tuple)):
         return len(devices) * nodes
     if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):
@@ -334,40 +334,33 @@ def device_count(trainer: Any) -> int:
 def settings_from_config(config: Any, prompt_tokens: int = 1024) -> tuple[BackboneConfig, PlanSettings, str]:
     """The backbone and run shape a parsed ``fit`` config describes (LightningCLI's namespace), and the strategy's
     name."""
-    model = _get(config, "model.init_args") or config.model
-    data = _get(config, "data.init_args") or config.data
+    model = config_value(config, "model.init_args") or config.model
+    data = config_value(config, "data.init_args") or config.data
     trainer = config.trainer
-    backbone = BackboneConfig(**{k: v for k, v in vars(_get(model, "backbone")).items()})
-    sharding, strategy = sharding_of(_get(trainer, "strategy"))
+    backbone = BackboneConfig(**{k: v for k, v in vars(config_value(model, "backbone")).items()})
+    sharding, strategy = sharding_of(config_value(trainer, "strategy"))
     devices = device_count(trainer)
-    precision = str(_get(trainer, "precision") or "32-true")
+    precision = str(config_value(trainer, "precision") or "32-true")
     compute = "bfloat16" if "bf16" in precision or backbone.dtype == "bfloat16" else "float32"
-    task = str(_get(data, "task.name") or "")
-    images = task.endswith("_vl") or bool(_get(data, "llava_json"))
-    fused = str(_get(trainer, "accelerator")) in ("gpu", "cuda")
+    task = str(config_value(data, "task.name") or "")
+    images = task.endswith("_vl") or bool(config_value(data, "llava_json"))
+    fused = str(config_value(trainer, "accelerator")) in ("gpu", "cuda")
     common = {"devices": devices, "sharding": sharding, "compute_dtype": compute, "prompt_tokens": prompt_tokens,
               "images": images, "fused_attention": fused}
-    if str(_get(config, "model.class_path") or "").endswith("PPOModule"):
-        rollout = int(_get(data, "rollout_steps")) * devices
+    if str(config_value(config, "model.class_path") or "").endswith("PPOModule"):
+        rollout = int(config_value(data, "rollout_steps")) * devices
         settings = PlanSettings(
-            kind="ppo", micro_batch=int(_get(model, "ppo.micro_batch_size")),
-            answer_tokens=int(_get(model, "sampling.max_new_tokens")), rollout_slots=int(_get(data, "num_envs")),
-            kl_reference=bool(_get(model, "ppo.kl_coef")), update_sequences=rollout,
-            update_epochs=int(_get(model, "ppo.ppo_epochs")), rollout_sequences=rollout, **common,
+            kind="ppo", micro_batch=int(config_value(model, "ppo.micro_batch_size")),
+            answer_tokens=int(config_value(model, "sampling.max_new_tokens")),
+            rollout_slots=int(config_value(data, "num_envs")),
+            kl_reference=bool(config_value(model, "ppo.kl_coef")), update_sequences=rollout,
+            update_epochs=int(config_value(model, "ppo.ppo_epochs")), rollout_sequences=rollout, **common,
         )
     else:
-        batch = int(_get(data, "batch_size"))
+        batch = int(config_value(data, "batch_size"))
         settings = PlanSettings(
-            kind="sft", micro_batch=batch, answer_tokens=int(_get(model, "eval_sampling.max_new_tokens")),
-            update_sequences=batch * devices * int(_get(trainer, "accumulate_grad_batches") or 1), **common,
+            kind="sft", micro_batch=batch, answer_tokens=int(config_value(model, "eval_sampling.max_new_tokens")),
+            update_sequences=batch * devices * int(config_value(trainer, "accumulate_grad_batches") or 1), **common,
         )
     return backbone, settings, strategy
 
-
-def _get(namespace: Any, dotted: str) -> Any:
-    value = namespace
-    for part in dotted.split("."):
-        if value is None:
-            return None
-        value = value.get(part) if hasattr(value, "get") else getattr(value, part, None)
-    return value
