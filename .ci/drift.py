@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     drift = changes(locked, found)
     installed_s = time.monotonic() - started
 
+    previous = LOCK.read_text() if LOCK.exists() else None
+    if args.write_lock:  # the suite checks the lock it is about to keep (tests/test_install.py)
+        LOCK.write_text(LOCK_HEADER + "".join(f"{name}=={version}\n" for name, version in sorted(found.items())))
     suite = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.pytest_args], cwd=REPO,
                            env={**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"},
                            capture_output=True, text=True)
@@ -88,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"packages that differ from {LOCK.name}: {len(drift)}" + "".join(f"\n  {line}" for line in drift))
     print(f"suite: {summary}" + "".join(f"\n  broke: {test}" for test in failures))
     passed = suite.returncode == 0
-    if passed and args.write_lock:
-        LOCK.write_text(LOCK_HEADER + "".join(f"{name}=={version}\n" for name, version in sorted(found.items())))
+    if args.write_lock and passed:
         print(f"wrote {LOCK.relative_to(REPO)} ({len(found)} packages)")
     elif args.write_lock:
+        if previous is None:
+            LOCK.unlink()
+        else:
+            LOCK.write_text(previous)
         print(f"{LOCK.name} left as it was: the suite did not pass with the newest versions")
     if args.json:
         print(json.dumps({"changed": drift, "failed": failures, "suite": summary, "passed": passed}))
