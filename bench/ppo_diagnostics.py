@@ -19,10 +19,16 @@ from pathlib import Path
 
 import torch
 
-from lit_sftrl.core.seeding import stream_seed
 from lit_sftrl.data.tasks import TaskConfig
 from lit_sftrl.models.backbone import BackboneConfig, SamplingConfig
-from lit_sftrl.training.ppo import PPOConfig, PPOModule, answer_logprob, ppo_loss
+from lit_sftrl.training.ppo import (
+    PPOConfig,
+    PPOModule,
+    answer_logprob,
+    carried_episode_seeds,
+    carried_sampling_seeds,
+    ppo_loss,
+)
 from lit_sftrl.training.rollout import EnvironmentPool, RolloutEngine
 
 
@@ -55,11 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     task = TaskConfig(name=args.task)
     task.prepare()
     envs = [task.make_env("id") for _ in range(16)]
-    pool = EnvironmentPool(envs, lambda i, n: (stream_seed("ppo_episodes", 0, 0, i, n), {}))
+    pool = EnvironmentPool(envs, carried_episode_seeds(seed=0, rank=0))  # PPO's first update, rank 0, seed 0
     with torch.no_grad():
-        rollout = RolloutEngine(module.backbone, sampling).collect(
-            pool, 64, lambda i, k: stream_seed("ppo_sampling", 0, 0, 0, i * 2**20 + k)
-        )
+        rollout = RolloutEngine(module.backbone, sampling).collect(pool, 64, carried_sampling_seeds(0, 0, update=0))
     attempts = rollout.attempts
     advantages, returns = module._advantages(attempts)
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)

@@ -36,6 +36,7 @@ from lit_sftrl.run.run_dir import (
     place_in_run_directory,
     previous_run_files,
     remove_orphan_temporaries,
+    run_directory,
 )
 from lit_sftrl.training.policy import PolicyModule
 from lit_sftrl.training.ppo import PPOConfig
@@ -140,7 +141,7 @@ class SftRlCLI(LightningCLI):
         global rank 0 locks: the other ranks are the same run."""
         lock = None
         if self.trainer.global_rank == 0:
-            run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            run_dir = run_directory(self.trainer)
             lock = RunDirectoryLock(run_dir)
             try:
                 lock.acquire(f"lit-sftrl {subcommand}")

@@ -9,7 +9,7 @@ would make seeds 3 and -3 one stream.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -19,10 +19,7 @@ Stream = Literal[
 ]
 # Never reorder: a stream's number is part of every key it makes. ppo_groups / ppo_group_sampling: critic-free
 # estimators' start states (one per group) and the sampling of each member's attempts.
-STREAMS: tuple[str, ...] = (
-    "evaluation", "eval_sampling", "sft_batches", "ppo_episodes", "ppo_sampling", "ppo_shuffle", "ppo_groups",
-    "ppo_group_sampling",
-)
+STREAMS: tuple[str, ...] = get_args(Stream)
 # Fixed key length per stream (name, seed as two words, then this many indices padded with zeros).
 _INDICES = 4
 _WORD = 2**32

@@ -36,6 +36,7 @@ import numpy as np
 
 from lit_sftrl.core.seeding import pick
 from lit_sftrl.envs.cards import RANKS
+from lit_sftrl.envs.general_points import card_values
 from lit_sftrl.envs.routes import COMPASS, wrap_degrees
 from lit_sftrl.envs.solver import solutions
 from lit_sftrl.envs.virl import relative_word
@@ -199,11 +200,8 @@ def _arithmetic(rng: np.random.Generator) -> tuple[str, str, dict]:
 
 
 def card_value(rank: str, faces_are_ten: bool) -> int:
-    if rank == "A":
-        return 1
-    if rank in ("J", "Q", "K"):
-        return 10 if faces_are_ten else 11 + ("J", "Q", "K").index(rank)
-    return int(rank)
+    """A card's value under either convention: the environment's own rule (one home for card values)."""
+    return card_values("10" if faces_are_ten else "11-13")[rank]
 
 
 def _convention(rng: np.random.Generator, faces_are_ten: bool) -> str:

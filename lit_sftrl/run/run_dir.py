@@ -268,3 +268,9 @@ def keep_previous_config(run_dir: str | os.PathLike) -> Path | None:
         number += 1
     os.replace(config, kept)
     return kept
+
+
+def run_directory(trainer: Any) -> Path:
+    """Where a run's outputs live: the logger's directory (``checkpoints/<run>`` in the configs), else the
+    trainer's ``default_root_dir``. The one rule every writer of a run's files follows."""
+    return Path(trainer.log_dir or trainer.default_root_dir)

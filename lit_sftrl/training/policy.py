@@ -32,6 +32,7 @@ from lit_sftrl.run.finite import (
     trainable_weights_finite,
 )
 from lit_sftrl.run.progress import eval_attempts
+from lit_sftrl.run.run_dir import run_directory
 from lit_sftrl.training.evaluation import EpisodeMetrics, summary_line, write_results
 from lit_sftrl.training.rollout import RolloutEngine
 from lit_sftrl.training.sharding import initialise_optimizer_state, shard_backbone, whole_weights
@@ -168,7 +169,7 @@ class PolicyModule(L.LightningModule):
             f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)"
         )
         if self._nonfinite_in_a_row >= self.max_nonfinite_losses:
-            path = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
+            path = self.stop_checkpoint
             save_stop_checkpoint(self.trainer, path)
             raise FloatingPointError(
                 f"{self._nonfinite_in_a_row} non-finite losses in a row at step {self.global_step}: stopped. "
@@ -197,7 +198,7 @@ class PolicyModule(L.LightningModule):
         saved = None
         if self.automatic_optimization and self._last_finite.captured:
             self._last_finite.restore(self.trainer.optimizers[0])
-            saved = self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
+            saved = self.stop_checkpoint
             save_stop_checkpoint(self.trainer, saved)
         last = last_saved_checkpoint(self.trainer)
         raise FloatingPointError(nonfinite_weights_message(step, saved and str(saved), last))
@@ -205,7 +206,12 @@ class PolicyModule(L.LightningModule):
     @property
     def run_dir(self) -> Path:
         """Where this run's outputs live: the logger's directory (``checkpoints/<run>`` in the configs)."""
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        return run_directory(self.trainer)
+
+    @property
+    def stop_checkpoint(self) -> Path:
+        """Where a run stopped by non-finite losses or weights saves its state."""
+        return self.run_dir / "checkpoints" / "nonfinite-stop.ckpt"
 
     # ------------------------------------------------------------------------------------ checkpoints
 

@@ -15,7 +15,7 @@ episode, and the cut is bootstrapped from the value of the state it was cut in.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -157,6 +157,16 @@ def ppo_loss(
     return loss, stats
 
 
+def carried_episode_seeds(seed: int, rank: int) -> Callable[[int, int], tuple[int, dict]]:
+    """GAE's episodes: environment ``i``'s ``n``-th episode of a rank, whatever update it starts in."""
+    return lambda env_index, number: (stream_seed("ppo_episodes", seed, rank, env_index, number), {})
+
+
+def carried_sampling_seeds(seed: int, rank: int, update: int) -> Callable[[int, int], int]:
+    """GAE's sampling: the ``k``-th attempt environment ``i`` plays in an update (seeded per row, never by batch)."""
+    return lambda env_index, k: stream_seed("ppo_sampling", seed, rank, update, env_index * 2**20 + k)
+
+
 class PPOModule(PolicyModule):
     """PPO LightningModule over the backbone wrapper, with a value head (GAE) or without (critic-free estimators).
 
@@ -264,15 +274,8 @@ class PPOModule(PolicyModule):
             envs = [make_env_from_spec(spec.env_id, spec.env_kwargs, spec.wrappers) for _ in range(spec.num_envs)]
             state = self._pool_states[spec.rank] if self._pool_states else None
 
-            def episode_for(env_index: int, number: int) -> tuple[int, dict]:
-                return stream_seed("ppo_episodes", spec.seed, spec.rank, env_index, number), {}
-
-            self._pool = EnvironmentPool(envs, episode_for, state)
-        update = self.current_epoch
-
-        def seed_for(env_index: int, k: int) -> int:
-            return stream_seed("ppo_sampling", spec.seed, spec.rank, update, env_index * 2**20 + k)
-
+            self._pool = EnvironmentPool(envs, carried_episode_seeds(spec.seed, spec.rank), state)
+        seed_for = carried_sampling_seeds(spec.seed, spec.rank, self.current_epoch)
         return engine.collect(self._pool, spec.rollout_steps, seed_for, on_attempts=advance)
 
     def _reference_logprobs(self, attempts: Sequence[Attempt]) -> None:
