@@ -67,3 +67,13 @@ def run_command(argv: list[str], shown: list[str] | None = None) -> dict[str, ob
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``), in MiB. Not ``getrusage``'s ``ru_maxrss``: Linux carries
+    the high-water mark of the process that forked this one across ``exec``, so a child started from a larger
+    process would report that process's size as its own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line (Linux only)")

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import peak_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ("trl-grpo", "lit-sftrl-grpo", "lit-sftrl-ppo")
@@ -141,7 +142,7 @@ def one_system(system: str, model: str, args: argparse.Namespace) -> dict:
     per_step = statistics.median(seconds[steady])
     return {"system": system, "seconds_per_step": per_step,
             "tokens_per_s": statistics.median(tokens[steady]) / per_step,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main(argv: list[str] | None = None) -> None:

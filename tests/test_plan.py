@@ -99,3 +99,14 @@ def test_plan_within_25_percent_of_a_real_steps_peak_rss():
                          check=True, timeout=300).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert 0.75 < result["measured_over_predicted"] < 1.25, result
+
+
+def test_a_benchs_peak_memory_is_its_own_not_the_forking_processs():
+    """Linux carries a forking process's high-water mark across exec into the child's ``ru_maxrss``: started from
+    pytest late in the suite, bench.plan_memory once reported 1.61x the plan for what measures 1.15x from a shell."""
+    ballast = bytearray(b"\x01") * (512 * 2**20)  # this process holds 512 MiB more when it starts the child
+    probe = ("import resource; from bench.common import peak_rss_mb; "
+             "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    own, inherited = map(float, out.split())
+    assert len(ballast) and inherited > 512 and own < 256, (own, inherited)
