@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # Nothing may reach a model hub, in any test.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,3 +103,16 @@ def chats() -> list[list[dict[str, str]]]:
             {"role": "user", "content": TEST_CORPUS[2]},
         ],
     ]
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: hostile inputs that once took minutes, all memory or for ever."""
+    def timeout(*_):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

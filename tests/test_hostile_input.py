@@ -3,22 +3,7 @@ and on a config file's size, ceilings on every size, bounded route readers, whol
 
 from __future__ import annotations
 
-import signal
-
 import pytest
-
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging: the old code took minutes (or all memory) on some of these inputs."""
-    def timeout(*_):
-        raise TimeoutError("hung")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def alias_bomb_value() -> str:

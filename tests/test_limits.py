@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import zlib
 from pathlib import Path
@@ -14,20 +13,6 @@ import pytest
 from PIL import Image
 
 from bench import kill_resume
-
-
-@pytest.fixture
-def alarm():
-    """Fail instead of hanging: the old code blocked for ever on some of these inputs."""
-    def timeout(*_):
-        raise TimeoutError("hung")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
 
 # ----------------------------------------------------------------------------------------------- YAML
 
