@@ -15,7 +15,8 @@ from lit_sftrl.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/ holds LightningCLI configs, plus the tools' own: each of those is run by the test named here.
-TOOL_CONFIGS = {"pretrain_base": "lit-sftrl pretrain --config (tests/test_pretrain.py)"}
+TOOL_CONFIGS = {"pretrain_base": "lit-sftrl pretrain --config (tests/test_pretrain.py)",
+                "pretrain_rules": "lit-sftrl pretrain --config (tests/test_pretrain.py)"}
 CONFIGS = sorted(path for path in (REPO / "configs").glob("*.yaml") if path.stem not in TOOL_CONFIGS)
 # predict is not offered
 COMMANDS = ("fit", "validate", "test", "make-tiny", "pretrain", "make-city", "export", "report")

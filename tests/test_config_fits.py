@@ -14,8 +14,9 @@ from lit_sftrl.cli import trainer as trainer_cli
 
 REPO = Path(__file__).resolve().parents[1]
 # configs/ also holds a tool's config, which fit does not read: tests/test_pretrain.py runs it through its command
-# (test_config_file_and_overrides reads configs/pretrain_base.yaml, test_smoke_through_the_cli runs make-tiny).
-TOOL_CONFIGS = {"pretrain_base"}
+# (test_config_file_and_overrides reads configs/pretrain_base.yaml, test_smoke_through_the_cli runs make-tiny,
+# test_the_rules_preset_is_the_base_recipe_weighted_towards_rule_skills runs configs/pretrain_rules.yaml).
+TOOL_CONFIGS = {"pretrain_base", "pretrain_rules"}
 BASES = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in TOOL_CONFIGS)
 # configs/paper/ (the paper's 8-GPU runs) and configs/strategies/ (overlays for any config) are tested in
 # tests/test_plan.py and tests/test_sharded.py; configs/study/ (lit-sftrl study's configs) in tests/test_study.py.

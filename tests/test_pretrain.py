@@ -89,6 +89,43 @@ def test_config_file_and_overrides(tmp_path, capsys):
         parser.parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
+def test_the_rules_preset_is_the_base_recipe_weighted_towards_rule_skills(tmp_path):
+    """configs/pretrain_rules.yaml: the base's recipe (steps, learning rate, seed, corpus) with half the text mix on
+    the rule skills and the rest in the default's proportions, written elsewhere; it runs through the real CLI."""
+    import json
+    from dataclasses import replace
+
+    from lit_sftrl.cli import registered_tools, run, tool_parser
+    from lit_sftrl.pretraining.probe import probe_skills
+    from lit_sftrl.pretraining.skills import RULE_SKILLS, TEXT_SKILLS, item_skill
+
+    configs = Path(__file__).parents[1] / "configs"
+    parser = tool_parser("pretrain", registered_tools()["pretrain"])
+    base, rules = (parser.instantiate_classes(parser.parse_args(["--config", str(configs / f"{name}.yaml")])).base
+                   for name in ("pretrain_base", "pretrain_rules"))
+    assert rules.out == "checkpoints/tiny-mllama-base-rules" != base.out
+    assert replace(rules, out=base.out, skills=base.skills) == base  # steps, lr, seed, batch, caps: the same
+    assert replace(rules.skills, weights=base.skills.weights) == base.skills
+    weights = dict(zip(TEXT_SKILLS, rules.skills.weights))
+    assert all(weights[skill] > 0 for skill in RULE_SKILLS)
+    assert sum(weights[skill] for skill in RULE_SKILLS) == pytest.approx(0.5 * sum(weights.values()))
+    others = [skill for skill in TEXT_SKILLS if skill not in RULE_SKILLS]
+    default = dict(zip(TEXT_SKILLS, base.skills.weights))
+    assert [weights[s] / default[s] for s in others] == pytest.approx([0.5] * len(others))
+    drawn = [item_skill(rules.skills, i) for i in range(2000)]
+    text = [skill for skill in drawn if skill in TEXT_SKILLS]
+    assert sum(skill in RULE_SKILLS for skill in text) / len(text) == pytest.approx(0.5, abs=0.04)
+
+    out = run(["pretrain", "--config", str(configs / "pretrain_rules.yaml"), "--base.out", str(tmp_path / "rules"),
+               "--base.max_steps", "2", "--base.warmup_steps", "1", "--base.batch_size", "2",
+               "--base.skills.size", "50", "--base.skills.image_size", "64", "--base.skills.street_scenes", "1"])
+    record = json.loads((out / RECORD).read_text())
+    assert record["steps"] == 2 and record["config"]["skills"]["weights"] == list(rules.skills.weights)
+    assert (out / "pretrain_metrics.csv").read_text().count("\n") >= 2  # logged although log_every (25) > 2 steps
+    scores = probe_skills(out, items=2, skills=("follow_form",))  # the probe reports the rule skills
+    assert set(scores) == {"follow_form", "follow_form_other_rule"} and 0 <= scores["follow_form"] <= 1
+
+
 def test_a_missing_base_says_how_to_build_it(tmp_path):
     from lit_sftrl.models.tiny import resolve_model_path
 

@@ -115,7 +115,8 @@ def pretrain_base(config: PretrainConfig) -> Path:
         trainer = L.Trainer(
             accelerator="cpu", devices=1, precision="32-true", max_steps=config.max_steps,
             max_time={"minutes": config.max_minutes} if config.max_minutes else None, gradient_clip_val=1.0,
-            logger=CSVLogger(tmp, name="", version="log"), log_every_n_steps=config.log_every,
+            # a run shorter than log_every still logs its last step (the record copies the metrics it wrote)
+            logger=CSVLogger(tmp, name="", version="log"), log_every_n_steps=min(config.log_every, config.max_steps),
             enable_checkpointing=False, enable_model_summary=False,
             callbacks=[RunProgressBar()],  # the CLI's progress: a bar on a terminal, periodic lines in a log
             limit_val_batches=0, num_sanity_val_steps=0,

@@ -13,6 +13,10 @@ question/answer chats:
 - ``json``: any of the facts above asked for as a JSON object whose keys the question names;
 - ``allowed_words``: directions naming both a turn and a heading, answered with the kind of word the question
   lists as allowed (turn words or compass words): which rule applies is stated in the question, not fixed;
+- ``follow_unit`` / ``follow_convention`` / ``follow_form``: one question body asked under one of several rules
+  the question states (the unit of a heading, turn, side or distance; a card-value or counting convention; the
+  answer's form: alone, a named JSON key, a label, brackets, capitals), the answer following the drawn rule; the
+  same body recurs under other rules, so only reading the rule scores (:func:`rule_variants` gives them all);
 - ``card_image`` / ``street_image``: rendered card tables (every suit and colour) and street-view panels of
   every city style, described in text (:mod:`lit_sftrl.pretraining.skill_images`).
 
@@ -30,6 +34,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -45,7 +50,10 @@ Conversation = dict[str, Any]  # {"messages": [user, assistant], "image": ndarra
 
 # The answer keys of the tasks (GeneralPoints, V-IRL): never used as keys here.
 TASK_ANSWER_KEYS = frozenset({"cards", "number", "formula", "current observation", "current instruction", "action"})
-TEXT_SKILLS = ("arithmetic", "cards", "compass", "json", "allowed_words")
+TEXT_SKILLS = ("arithmetic", "cards", "compass", "json", "allowed_words", "follow_unit", "follow_convention",
+               "follow_form")
+# The skills whose question states the rule its answer follows (configs/pretrain_rules.yaml weights them up).
+RULE_SKILLS = ("allowed_words", "follow_unit", "follow_convention", "follow_form")
 IMAGE_SKILLS = ("card_image", "street_image")
 RANK_NAMES = {"A": "ace", "J": "jack", "Q": "queen", "K": "king"}
 
@@ -61,7 +69,8 @@ class SkillsConfig:
         image_size: side of the rendered images in pixels (the tasks' default is 224).
         street_scenes: distinct street renderings per city style (each costs ~0.1 s once, then is cached).
         weights: relative frequency of the text skills, in the order of ``TEXT_SKILLS``. A skill appended with
-            weight 0 leaves every draw of the others as it was (the default base predates ``allowed_words``).
+            weight 0 leaves every draw of the others as it was (the default base predates ``allowed_words`` and
+            the ``follow_*`` skills, which it leaves at 0).
     """
 
     size: int = 20000
@@ -69,14 +78,15 @@ class SkillsConfig:
     image_share: float = 0.1
     image_size: int = 224
     street_scenes: int = 48
-    weights: tuple[float, ...] = (0.35, 0.25, 0.25, 0.15, 0.0)
+    weights: tuple[float, ...] = (0.35, 0.25, 0.25, 0.15, 0.0, 0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         # a config written before a skill was appended names fewer weights: the new ones are 0 (no draw changes)
         self.weights = tuple(self.weights) + (0.0,) * (len(TEXT_SKILLS) - len(self.weights))
-        if self.size < 1 or not 0.0 <= self.image_share <= 1.0 or len(self.weights) != len(TEXT_SKILLS):
+        if (self.size < 1 or not 0.0 <= self.image_share <= 1.0 or len(self.weights) != len(TEXT_SKILLS)
+                or min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError(f"invalid skills config {self}: size >= 1, image_share in [0, 1], "
-                             f"one weight per skill of {TEXT_SKILLS}")
+                             f"one non-negative weight per skill of {TEXT_SKILLS}, not all 0")
 
 
 def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Conversation:
@@ -94,9 +104,13 @@ def skill_item(config: SkillsConfig, index: int, skill: str | None = None) -> Co
             question, answer, image, meta = street_image(rng, config.street_scenes, config.image_size, config.seed)
     else:
         question, answer, meta = _TEXT[skill](rng)
+    return _conversation(question, answer, image, skill, meta)
+
+
+def _conversation(question: str, answer: str, image: np.ndarray | None, skill: str, check: dict) -> Conversation:
     user = [{"type": "image"}, {"type": "text", "text": question}] if image is not None else question
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    return {"messages": messages, "image": image, "skill": skill, "check": meta}
+    return {"messages": messages, "image": image, "skill": skill, "check": check}
 
 
 def item_skill(config: SkillsConfig, index: int) -> str:
@@ -337,6 +351,252 @@ def _allowed_words(rng: np.random.Generator) -> tuple[str, str, dict]:
     return question, fact["turn"] if turn_words else fact["end"], {}
 
 
+# ------------------------------------------------------------------------------- rules stated in the question
+#
+# A rule skill asks one question body under one of several rules the question states: a unit, a convention or an
+# answer form. A body comes with its answer under every rule, then one rule is drawn, so memorising the answer to
+# a body cannot score and reading the rule can: what post-training on a task must not erase (the tasks' rule_ood
+# variants change a rule stated in the prompt).
+
+# A body: the question without its rule, and per rule name the rule's sentence, the answer and the probe's check.
+RuleBody = tuple[str, dict[str, tuple[str, str, dict]]]
+
+
+def _rule_item(templates: tuple[Callable[[np.random.Generator], RuleBody], ...],
+               rng: np.random.Generator) -> tuple[str, str, dict[str, tuple[str, str, dict]]]:
+    """A body of one of ``templates``, every rule's question (rule first or last), answer and check, and the rule
+    drawn for the item. Every draw precedes the rule's, so forcing another rule changes nothing else."""
+    body, rules = pick(rng, templates)(rng)
+    rule_first = bool(rng.random() < 0.5)
+    variants = {name: (f"{sentence} {body}" if rule_first else f"{body} {sentence}", answer, {**check, "rule": name})
+                for name, (sentence, answer, check) in rules.items()}
+    return pick(rng, tuple(variants)), body, variants
+
+
+def _plain(rules: dict[str, tuple[str, object]]) -> dict[str, tuple[str, str, dict]]:
+    return {name: (sentence, str(answer), {}) for name, (sentence, answer) in rules.items()}
+
+
+# ----------------------------------------------------------------------------------------- follow the unit
+
+
+def _unit_heading(rng: np.random.Generator) -> RuleBody:
+    fact = _compass_fact(rng)
+    degrees = COMPASS.index(fact["end"]) * 45
+    body = pick(rng, (f"Someone faces {fact['start']} and turns {fact['turn']}. Which way do they face now?",
+                      f"Start out facing {fact['start']}, then turn {fact['turn']}. What is the new heading?"))
+    return body, _plain({
+        "compass word": (pick(rng, ("Answer with a compass word.", "Name the heading as a compass direction.")),
+                         fact["end"]),
+        "degrees from north": (pick(rng, ("Answer in degrees clockwise from north (north 0, east 90).",
+                                          "Give the heading as a bearing: degrees clockwise from north.")), degrees),
+        "degrees from east": (pick(rng, ("Answer in degrees counterclockwise from east (east 0, north 90).",
+                                         "Give the heading as a math angle: degrees counterclockwise from east.")),
+                              (90 - degrees) % 360),
+    })
+
+
+def _unit_turn(rng: np.random.Generator) -> RuleBody:
+    fact = _compass_fact(rng)
+    delta = TURNS[fact["turn"]]
+    body = pick(rng, (f"A walker goes from facing {fact['start']} to facing {fact['end']}. How do they turn?",
+                      f"What turn leads from heading {fact['start']} to heading {fact['end']}?"))
+    return body, _plain({
+        "turn word": (pick(rng, ("Answer with left, right, slightly left or slightly right.",
+                                 "Name the turn in words (left, right, slightly left, slightly right).")),
+                      fact["turn"]),
+        "degrees clockwise": (pick(rng, ("Answer in degrees, clockwise positive (a right turn is 90).",
+                                         "Give the turn in degrees; clockwise counts as positive.")), delta),
+        "degrees counterclockwise": (pick(rng, ("Answer in degrees, counterclockwise positive (a left turn is 90).",
+                                                "Give the turn in degrees; counterclockwise counts as positive.")),
+                                     -delta),
+    })
+
+
+SIDES = ("ahead", "right", "behind", "left")  # a cardinal direction seen from a cardinal facing, clockwise
+CLOCK = ("12 o'clock", "3 o'clock", "6 o'clock", "9 o'clock")
+LANDMARKS = ("tower", "fountain", "bridge", "gate", "statue", "well")
+
+
+def _unit_side(rng: np.random.Generator) -> RuleBody:
+    facing, target = (int(i) for i in rng.integers(4, size=2))
+    quarter, landmark = (target - facing) % 4, pick(rng, LANDMARKS)
+    body = pick(rng, (f"You face {COMPASS[2 * facing]}. A {landmark} stands due {COMPASS[2 * target]} of you. "
+                      "Where is it?",
+                      f"Facing {COMPASS[2 * facing]}, you are told the {landmark} is to the {COMPASS[2 * target]}. "
+                      "Where should you look?"))
+    return body, _plain({
+        "compass word": (pick(rng, ("Answer with a compass word.", "Say which compass direction.")),
+                         COMPASS[2 * target]),
+        "side": (pick(rng, ("Answer with ahead, behind, left or right, seen from where you face.",
+                            "Say where it is relative to you: ahead, right, behind or left.")), SIDES[quarter]),
+        "clock": (pick(rng, ("Answer as a clock position, 12 o'clock being straight ahead.",
+                             "Use clock positions: straight ahead is 12 o'clock.")), CLOCK[quarter]),
+        "degrees from north": (pick(rng, ("Answer in degrees clockwise from north.",
+                                          "Give its bearing in degrees, clockwise from north.")), 90 * target),
+    })
+
+
+def _unit_distance(rng: np.random.Generator) -> RuleBody:
+    metres = 100 * int(rng.integers(1, 60))
+    stated = f"{metres} metres" if rng.random() < 0.5 else f"{metres / 1000:g} km"
+    body = pick(rng, (f"A trail is {stated} long. How long is it?",
+                      f"The walk covers {stated}. What distance is that?"))
+    return body, _plain({
+        "metres": (pick(rng, ("Answer in metres, as a number.", "Give the distance in metres.")), metres),
+        "kilometres": (pick(rng, ("Answer in kilometres, as a number.", "Give the distance in km.")),
+                       f"{metres / 1000:g}"),
+        "blocks": (pick(rng, ("Answer in blocks of 100 metres.", "Count it in 100-metre blocks.")), metres // 100),
+    })
+
+
+# ----------------------------------------------------------------------------------- follow the convention
+
+_FACE_RULES = {
+    True: ("Jacks, queens and kings are worth 10 points each.", "Every picture card (J, Q, K) scores 10.",
+           "Score J, Q and K as 10 apiece."),
+    False: ("A jack is worth 11, a queen 12 and a king 13.", "Picture cards take their rank number: J 11, Q 12, K 13.",
+            "Score J as 11, Q as 12 and K as 13."),
+}
+_ACE_RULES = {False: ("An ace is worth 1.", "Aces are low: A = 1.", "Score A as 1."),
+              True: ("An ace is worth 14.", "Aces are high: A = 14.", "Score A as 14.")}
+CONVENTIONS = tuple((faces_are_ten, ace_high) for faces_are_ten in (True, False) for ace_high in (False, True))
+RULE_RANKS = ("J", "Q", "K", "A")  # the cards whose value the conventions change
+
+
+def convention_value(rank: str, faces_are_ten: bool, ace_high: bool) -> int:
+    """A card's value under a face-card convention and an ace convention (aces high: 14)."""
+    return 14 if rank == "A" and ace_high else card_value(rank, faces_are_ten)
+
+
+def _by_convention(rng: np.random.Generator, answer: Callable[[bool, bool], object]) -> dict[str, tuple[str, object]]:
+    """The answer under each of the four conventions, each stated in one of several wordings."""
+    rules = {}
+    for faces_are_ten, ace_high in CONVENTIONS:
+        name = f"faces {'10' if faces_are_ten else '11-13'}, ace {14 if ace_high else 1}"
+        sentence = f"{pick(rng, _FACE_RULES[faces_are_ten])} {pick(rng, _ACE_RULES[ace_high])}"
+        rules[name] = (sentence, answer(faces_are_ten, ace_high))
+    return rules
+
+
+def _convention_card(rng: np.random.Generator) -> RuleBody:
+    rank = pick(rng, RULE_RANKS)
+    name = RANK_NAMES[rank]
+    body = pick(rng, (f"What is {'an' if rank == 'A' else 'a'} {name} worth?",
+                      f"How many points does the {name} score?"))
+    return body, _plain(_by_convention(rng, lambda faces, ace: convention_value(rank, faces, ace)))
+
+
+def _convention_hand(rng: np.random.Generator) -> RuleBody:
+    ranks = [RANKS[int(i)] for i in rng.integers(len(RANKS), size=int(pick(rng, (2, 3, 3, 4))))]
+    ranks[int(rng.integers(len(ranks)))] = pick(rng, RULE_RANKS)  # a card the conventions disagree on
+    shown = ", ".join(ranks)
+    body = pick(rng, (f"What is the hand {shown} worth in total?", f"Add up the values of {shown}."))
+    return body, _plain(_by_convention(rng, lambda faces, ace: sum(convention_value(r, faces, ace) for r in ranks)))
+
+
+def _convention_compare(rng: np.random.Generator) -> RuleBody:
+    def higher(faces_are_ten: bool, ace_high: bool) -> str:
+        values = [convention_value(rank, faces_are_ten, ace_high) for rank in pair]
+        return "equal" if values[0] == values[1] else pair[int(values[1] > values[0])]
+
+    for _ in range(100):  # a pair the conventions rank differently (most pairs with an ace or a face card)
+        pair = [pick(rng, RULE_RANKS), RANKS[int(rng.integers(len(RANKS)))]]
+        if len({higher(*convention) for convention in CONVENTIONS}) > 1:
+            break
+    pair = pair[::-1] if rng.random() < 0.5 else pair
+    body = pick(rng, (f"Which card is worth more, {pair[0]} or {pair[1]}? Say equal if neither.",
+                      f"Of {pair[0]} and {pair[1]}, which scores higher (or equal)?"))
+    return body, _plain(_by_convention(rng, higher))
+
+
+WORDS = ("apple", "pear", "plum", "lemon", "grape", "melon", "cherry", "peach", "olive", "fig")
+
+
+def _convention_position(rng: np.random.Generator) -> RuleBody:
+    words = [str(word) for word in rng.permutation(WORDS)[:int(rng.integers(4, 8))]]
+    index = int(rng.integers(len(words)))
+    body = pick(rng, (f"In the list {', '.join(words)}, what is the position of {words[index]}?",
+                      f"List: {', '.join(words)}. Where in it is {words[index]}?"))
+    return body, _plain({
+        "from 1": (pick(rng, ("Count positions from 1.", "The first item is number 1.")), index + 1),
+        "from 0": (pick(rng, ("Count positions from 0.", "The first item is number 0.")), index),
+        "from the end": (pick(rng, ("Count from the end: the last item is 1.", "Number the items backwards, the last "
+                                    "being 1.")), len(words) - index),
+    })
+
+
+# ---------------------------------------------------------------------------------- follow the answer form
+
+FORM_KEYS = ("result", "value", "reply", "answer", "out", "total")  # never a task answer key
+FORM_LABELS = ("Result", "Answer", "Final", "Value")
+
+
+def _form_fact(rng: np.random.Generator) -> tuple[str, int | str]:
+    """A question with a short answer (a number or a word)."""
+    kind = int(rng.integers(4))
+    if kind == 0:
+        numbers = [int(n) for n in rng.integers(1, 14, size=int(rng.integers(2, 5)))]
+        return f"What is {' + '.join(map(str, numbers))}?", sum(numbers)
+    if kind == 1:
+        fact = _compass_fact(rng)
+        return f"Facing {fact['start']}, a walker turns {fact['turn']}. Where do they face now?", fact["end"]
+    if kind == 2:
+        faces_are_ten, rank = bool(rng.random() < 0.5), pick(rng, ("J", "Q", "K", "A"))
+        question = f"What is {'an' if rank == 'A' else 'a'} {RANK_NAMES[rank]} worth?"
+        return f"{_convention(rng, faces_are_ten)} {question}", card_value(rank, faces_are_ten)
+    word = pick(rng, WORDS + LANDMARKS)
+    return f"How many letters does the word {word} have?", len(word)
+
+
+def _form_body(rng: np.random.Generator) -> RuleBody:
+    question, value = _form_fact(rng)
+    key, label = pick(rng, FORM_KEYS), pick(rng, FORM_LABELS)
+    exact = {"exact": True}
+    forms = {
+        "alone": (pick(rng, ("Reply with the answer alone.", "Give only the answer, nothing else.")), str(value),
+                  exact),
+        "json": (pick(rng, (f'Reply with a JSON object whose only key is "{key}".',
+                            f'Answer in JSON, under the key "{key}".')), json.dumps({key: value}), {"json": True}),
+        "labelled": (pick(rng, (f'Reply as "{label}: " followed by the answer.',
+                                f'Write "{label}:", a space, then the answer.')), f"{label}: {value}", exact),
+        "brackets": (pick(rng, ("Put the answer in square brackets.", "Reply with the answer inside [ ].")),
+                     f"[{value}]", exact),
+    }
+    if isinstance(value, str):
+        forms["capitals"] = (pick(rng, ("Reply in capital letters.", "Write the answer in upper case.")),
+                             value.upper(), exact)
+    return question, forms
+
+
+def _rule_skill(templates: tuple[Callable[[np.random.Generator], RuleBody], ...],
+                rng: np.random.Generator) -> tuple[str, str, dict]:
+    rule, _, variants = _rule_item(templates, rng)
+    return variants[rule]
+
+
+_RULE_TEMPLATES = {
+    "follow_unit": (_unit_heading, _unit_turn, _unit_side, _unit_distance),
+    "follow_convention": (_convention_card, _convention_hand, _convention_compare, _convention_position),
+    "follow_form": (_form_body,),
+}
+
+
+# The skills asking one question body under several stated rules (rule_variants gives every rule's item).
+STATED_RULE_SKILLS = tuple(_RULE_TEMPLATES)
+
+
+def rule_variants(config: SkillsConfig, index: int, skill: str) -> tuple[str, dict[str, Conversation]]:
+    """Item ``index`` of rule skill ``skill`` (``skill_item(config, index, skill)``) under each of its rules: the
+    question body they share and ``{rule: item}``, the item itself among them."""
+    rng = np.random.default_rng([config.seed, index])
+    _draw_skill(config, rng)  # as skill_item draws it
+    _, body, variants = _rule_item(_RULE_TEMPLATES[skill], rng)
+    return body, {rule: _conversation(question, answer, None, skill, check)
+                  for rule, (question, answer, check) in variants.items()}
+
+
 _TEXT: dict[str, Callable[[np.random.Generator], tuple[str, str, dict]]] = {
     "arithmetic": _arithmetic, "cards": _cards, "compass": _compass, "json": _json, "allowed_words": _allowed_words,
+    **{skill: partial(_rule_skill, templates) for skill, templates in _RULE_TEMPLATES.items()},
 }
