@@ -54,8 +54,17 @@ TINY: dict[str, list[list[str]]] = {
                         "--base.skills.size", "40", "--base.skills.image_share", "0.0", "--base.log_every", "1"]],
 }
 NEEDS = {"export": "main-job", "report": "sft-rl-test-report"}  # the run directories a block reads
+def _rule_examples_are_on_the_page(namespace: dict) -> bool:
+    """The rule skills' examples docs/results/tiny-base.md shows are what the corpus holds."""
+    page = (REPO / "docs" / "results" / "tiny-base.md").read_text()
+    return len(namespace["examples"]) == 3 and all(
+        body in page and all(f"{rule} -> {item['messages'][-1]['content']}" in page for rule, item in by_rule.items())
+        for body, by_rule in namespace["examples"].values())
+
+
 PYTHON_CHECKS = {  # what a python block's comments promise
     "environment": lambda ns: ns["reward"] == 5 and ns["info"]["success"] and ns["terminated"],
+    "rule-skills": _rule_examples_are_on_the_page,
 }
 
 
@@ -189,6 +198,7 @@ def test_the_documented_block_runs(name, workspaces):
         "tool-config": ["city.yaml", "data/virl/harbor/route_infos.json"],
         "pretrain-small": ["checkpoints/my-base/config.json", "checkpoints/my-base/lit_sftrl_base.json"],
         "environment": [],
+        "rule-skills": [],
     }[name]
     missing = [path for path in expected if not (where / path).exists()]
     assert not missing, f"block {name!r} left no {missing}"
