@@ -55,6 +55,7 @@ def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs)
     run(["study", "--config", str(tmp_path / "study.yaml"), "--stop_after", "rl"])
     record = json.loads((out / "study.json").read_text())
     assert list(record["stages"]) == ["init", "rl"] and all(s["finished"] for s in record["stages"].values())
+    assert "seeds" not in record["config"]  # one seed: the record of a study made before seeds existed
     init_ckpt, rl_ckpt = out / "init" / "checkpoints" / "last.ckpt", out / "rl" / "checkpoints" / "last.ckpt"
     init_mtime = init_ckpt.stat().st_mtime_ns
     # RL killed mid-fit: recorded as started, not finished, with its last checkpoint on disk.
@@ -240,7 +241,7 @@ def test_a_study_of_two_seeds_runs_each_arm_twice_from_one_init_and_reports_over
     assert "--seeds 2" in stages["report"]["command"]
 
     results = record["results"]
-    assert results["seeds"] == 2 and set(results["arms"]) == {"Init", "SFT", "RL"}
+    assert record["config"]["seeds"] == 2 and results["seeds"] == 2 and set(results["arms"]) == {"Init", "SFT", "RL"}
     for label, folders in {"Init": ["init_test"], "SFT": ["sft_seed0", "sft_seed1"],
                            "RL": ["rl_seed0", "rl_seed1"]}.items():
         arm = results["arms"][label]
