@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 from pathlib import Path
 
 from bench.common import run_cli
+from lit_sftrl.core.statistics import binomial_stderr, mean_and_stderr
 
 NO_EVALUATION = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
 TEST_SEED = 1234  # the evaluation seed of every shipped config: the test episodes, never tuned on
@@ -56,7 +56,7 @@ def read_updates(metrics_csv: Path, task: str) -> list[dict[str, float]]:
             n = float(row[count]) if count else float(row["train/env_steps"]) - sum(r["n"] for r in rows)
             rows.append({
                 "update": int(float(row["train/update"])), "value": p,
-                "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n,
+                "stderr": binomial_stderr(p, n), "n": n,
                 "approx_kl": float(row["train/approx_kl"]), "clip_fraction": float(row["train/clip_fraction"]),
                 "reward": float(row["train/reward"]), "rollout_s": float(row["time/rollout_s"]),
                 "update_s": float(row["time/update_s"]),
@@ -82,7 +82,7 @@ def pooled(rows: list[dict[str, float]]) -> dict[str, float]:
     """The metric over several updates together (weighted by their counts), with its standard error."""
     n = sum(r["n"] for r in rows)
     p = sum(r["value"] * r["n"] for r in rows) / n if n else 0.0
-    return {"value": p, "stderr": math.sqrt(p * (1 - p) / n) if n else 0.0, "n": n}
+    return {"value": p, "stderr": binomial_stderr(p, n), "n": n}
 
 
 def over_seeds(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -107,14 +107,6 @@ def gain_over_seeds(curves: list[list[dict[str, float]]]) -> dict[str, dict[str,
         gains[variant] = {"per_seed": per_seed, "mean": mean, "stderr": stderr,
                           "beyond_two_stderr": len(per_seed) > 1 and mean > 2 * stderr}
     return gains
-
-
-def mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
 
 
 def _variants(row: dict[str, float]) -> list[str]:

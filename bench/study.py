@@ -5,10 +5,11 @@
 
 Its flags become a :class:`lit_sftrl.study.StudyConfig` on ``configs/<task>_sft.yaml`` and ``_ppo.yaml``:
 ``--base`` tests the base first and puts its skills probe (50 items) to the base, Init, SFT and RL; ``--rl-args``
-are the RL stage's overrides. The study runs in ``--out`` (``study.json`` there) and resumes where it stopped
-when run again with the same flags. With ``--docs``: each run's ``metrics.csv``, evaluation records, the report
-and the probe copied there, with the commands and the CPU time of each stage (``study.json``), so the table and
-curves can be recomputed.
+are the RL stage's overrides; ``--seeds N`` runs RL and the continued SFT N times from the one Init (seeds
+0..N-1, folders ``rl_seed<s>``/``sft_seed<s>``). The study runs in ``--out`` (``study.json`` there) and resumes
+where it stopped when run again with the same flags. With ``--docs``: each run's ``metrics.csv``, evaluation
+records, the report and the probe copied there, with the commands and the CPU time of each stage and the study's
+results (``study.json``), so the table and curves can be recomputed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-seed", type=int, default=4321, help="seed of the validation episodes during fits")
     parser.add_argument("--base", type=Path, default=None, help="the model to start from (default: tiny default)")
     parser.add_argument("--docs", type=Path, default=None, help="copy metrics and evaluation records here")
+    parser.add_argument("--seeds", type=int, default=1, help="RL and continued SFT runs from Init, seeds 0..N-1")
     parser.add_argument("--rl-args", default="",
                         help="extra overrides for the RL fit, e.g. '--model.init_args.ppo.kl_coef 0.05'")
     args = parser.parse_args(argv)
@@ -65,19 +67,23 @@ def main(argv: list[str] | None = None) -> None:
             out=str(out), sft_config=f"configs/{args.task}_sft.yaml", rl_config=f"configs/{args.task}_ppo.yaml",
             init=InitConfig(steps=args.init_steps), rl_updates=args.updates, base=base, base_test=base is not None,
             rl_overrides=shlex.split(args.rl_args), val_seed=args.val_seed, test_seed=TEST_SEED,
-            val_episodes=args.val_episodes, test_episodes=args.test_episodes,
+            val_episodes=args.val_episodes, test_episodes=args.test_episodes, seeds=args.seeds,
             probe=None if base is None else ProbeConfig(items=50),
         )
-        record = Study(config).run()
+        study = Study(config)
+        record = study.run()
     except ValueError as error:
         parser.exit(1, f"bench.study: {error}\n")
     if args.docs is not None:
-        names = ["base_test"] * (base is not None) + ["init", "init_test", "rl", "sft"]
+        names = ["base_test"] * (base is not None) + ["init", *[path.name for path in study.arm_runs()]]
         keep_records(out, args.docs, names)
+        sft_steps = [record["flops"][f"sft_steps{suffix}"] for suffix in config.seed_suffixes()]
         summary = {"task": args.task, "base": base or "tiny default", "init_steps": args.init_steps,
-                   "updates": args.updates, "rl_args": args.rl_args, "sft_steps": record["flops"]["sft_steps"],
+                   "updates": args.updates, "rl_args": args.rl_args, "seeds": args.seeds,
+                   "sft_steps": sft_steps[0] if args.seeds == 1 else sft_steps,
                    "val_seed": args.val_seed, "flops": record["flops"],
-                   "stages": [{"stage": name, **stage} for name, stage in record["stages"].items()]}
+                   "stages": [{"stage": name, **stage} for name, stage in record["stages"].items()],
+                   "results": record.get("results")}
         (args.docs / "study.json").write_text(json.dumps(summary, indent=2))
 
 

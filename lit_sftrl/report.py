@@ -5,11 +5,13 @@ Input: each run directory holds ``eval/*.json`` records written by the trainer (
 ``make_report`` writes into ``out``, headless (matplotlib Agg; no torch import):
 
 * ``curves.png`` (1000x400 px): headline metric vs training GFLOPs per variant, sanity + val records (Fig. 5).
-* ``bars.png`` (1000x400 px): Init / SFT / RL at matched compute with stderr error bars (Figs. 6-7).
+* ``bars.png`` (1000x400 px): Init / SFT / RL at matched compute with stderr error bars (Figs. 6-7); with
+  ``seeds`` N, the mean of N seeds per arm, its standard error over seeds, and each seed's dot.
 * ``recognition.png`` (1000x400 px): recognition vs success per run and variant, only if some record has
   ``recognition`` (Fig. 8).
-* ``report.md``: the Init / SFT / RL table, the matched compute, the runs used, links to the figures, and every
-  run's last record.
+* ``report.md``: the Init / SFT / RL table (with several seeds, each seed's value too), the verdict on the paper's
+  sign pattern (RL above Init, SFT below, each gap beyond two standard errors), the matched compute, the runs
+  used, links to the figures, and every run's last record.
 
 Headline metric (docs/spec.md §8): success, except for V-IRL runs (record key ``task`` in ``virl_l``/``virl_vl``),
 where it
@@ -29,6 +31,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from lit_sftrl.core.statistics import Gap, mean_and_stderr  # noqa: E402
 
 FIGSIZE, DPI = (10.0, 4.0), 100  # every figure is 1000x400 pixels
 VARIANTS = ("id", "rule_ood", "visual_ood")
@@ -78,10 +82,51 @@ class Run:
 
 @dataclass(frozen=True)
 class Pick:
-    """The record chosen for one bar."""
+    """The record chosen for one bar (one seed's, in an arm of several seeds)."""
 
     run: Run
     record: Record
+
+
+@dataclass(frozen=True)
+class Score:
+    """One arm's headline metric on one variant: each seed's value with its binomial standard error, their mean,
+    and the standard error the comparisons use (over seeds with several seeds; the one record's binomial
+    standard error with one seed or for Init, which is one checkpoint)."""
+
+    per_seed: list[tuple[float, float]]
+    mean: float
+    stderr: float
+
+    @property
+    def over_seeds(self) -> bool:
+        return len(self.per_seed) > 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"per_seed": [{"value": p, "binomial_stderr": se} for p, se in self.per_seed], "mean": self.mean,
+                "stderr": self.stderr, "stderr_kind": "over seeds" if self.over_seeds else "binomial"}
+
+
+def score(picks: Sequence[Pick], variant: str) -> Score | None:
+    """The arm's :class:`Score` on ``variant``; None when some seed's record lacks the variant."""
+    values = [pick.run.value(pick.record, variant) for pick in picks]
+    if not values or any(value is None for value in values):
+        return None
+    if len(values) == 1:
+        return Score(values, *values[0])
+    return Score(values, *mean_and_stderr([p for p, _ in values]))
+
+
+def verdict(scores: dict[str, Score | None]) -> dict[str, Any] | None:
+    """The paper's sign pattern on one variant: RL above Init and SFT below Init, each gap beyond twice its
+    standard error (the two arms' standard errors together, sqrt(se_a^2 + se_b^2)). None without all three."""
+    init, sft, rl = (scores.get(label) for label in ("Init", "SFT", "RL"))
+    if not (init and sft and rl):
+        return None
+    rl_above = Gap.between(rl.mean, rl.stderr, init.mean, init.stderr)
+    sft_below = Gap.between(init.mean, init.stderr, sft.mean, sft.stderr)
+    return {"rl_minus_init": rl_above.as_dict(), "init_minus_sft": sft_below.as_dict(),
+            "sign_pattern": rl_above.beyond_two_stderr and sft_below.beyond_two_stderr}
 
 
 def load_run(path: Path) -> Run:
@@ -142,27 +187,46 @@ def run_styles(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def matched_compute(runs: Sequence[Run]) -> tuple[float | None, dict[str, Pick]]:
-    """The matched compute budget and the Init / SFT / RL records for the bars (see ``make_report``)."""
+def matched_compute(runs: Sequence[Run], seeds: int = 1, tests: bool = False
+                    ) -> tuple[list[float], dict[str, list[Pick]]]:
+    """Per seed the matched compute budget, and the Init / SFT / RL records for the bars (see ``make_report``)."""
     trained = [run for run in runs if not run.eval_only]
-    chosen = {kind: next((run for run in trained if run.kind == kind), None) for kind in ("SFT", "RL")}
-    present = [run for run in chosen.values() if run]
-    budget = min(run.records[-1]["flops"] for run in present) if present else None
-    picks: dict[str, Pick] = {}
+    arms = {kind: [run for run in trained if run.kind == kind][:seeds] for kind in ("SFT", "RL")}
+    for kind, chosen in arms.items():
+        if chosen and len(chosen) < seeds:
+            raise ValueError(f"--seeds {seeds}: {len(chosen)} {kind} run(s) given; give one {kind} run per seed")
+    pairs = [[chosen[seed] for chosen in arms.values() if chosen] for seed in range(seeds)]
+    budgets = [min(run.records[-1]["flops"] for run in pair) for pair in pairs if pair]
+    picks: dict[str, list[Pick]] = {}
     # A test of the Init checkpoint (paper-sized) beats the sanity check of a run started from it (val-sized).
     init = next(((run, run.records) for run in runs if run.eval_only), None)
     init = init or next(
         ((run, run.series(["sanity"])) for run in trained if run.init_from and run.series(["sanity"])), None
     )
     if init:
-        picks["Init"] = Pick(init[0], init[1][0])
-    for kind, run in chosen.items():
-        for stage in ("test", "val", "sanity"):
-            within = [r for r in run.series([stage]) if r["flops"] <= budget * (1 + MATCH_TOLERANCE)] if run else []
-            if within:
-                picks[kind] = Pick(run, within[-1])
-                break
-    return budget, picks
+        picks["Init"] = [Pick(init[0], init[1][0])]
+    for kind, chosen in arms.items():
+        # Seed s of SFT and seed s of RL meet at their own budget: each SFT seed is matched to its RL seed.
+        chosen_picks = [pick for run, budget in zip(chosen, budgets)
+                        if (pick := _last_test(run) if tests else _within(run, budget))]
+        if chosen and len(chosen_picks) == len(chosen):
+            picks[kind] = chosen_picks
+    return budgets, picks
+
+
+def _last_test(run: Run) -> Pick | None:
+    """The run's last test record: its final checkpoint on the test episodes."""
+    tested = run.series(["test"])
+    return Pick(run, tested[-1]) if tested else None
+
+
+def _within(run: Run, budget: float) -> Pick | None:
+    """The run's last record within ``budget`` (+ MATCH_TOLERANCE), preferring test, then val, then sanity."""
+    for stage in ("test", "val", "sanity"):
+        within = [r for r in run.series([stage]) if r["flops"] <= budget * (1 + MATCH_TOLERANCE)]
+        if within:
+            return Pick(run, within[-1])
+    return None
 
 
 def metric_label(runs: Sequence[Run], variant: str) -> str:
@@ -215,17 +279,24 @@ def plot_curves(runs: Sequence[Run], variants: list[str], path: Path, smooth: in
     return save(fig, path)
 
 
-def plot_bars(picks: dict[str, Pick], variants: list[str], budget: float | None, path: Path) -> Path:
-    """Figs. 6-7: Init / SFT / RL headline metric (%) at matched compute with stderr error bars."""
-    title = "Init / SFT / RL" + (f" at matched compute {budget / 1e9:.4g} GFLOPs" if budget is not None else "")
-    fig, axes = new_figure(len(variants), title)
-    for ax, variant in zip(axes, variants):
-        bars = [(label, value) for label, pick in picks.items() if (value := pick.run.value(pick.record, variant))]
-        for i, (label, (p, se)) in enumerate(bars):
-            ax.bar(i, 100 * p, yerr=100 * se, capsize=4, color=BAR_COLOURS[label])
-            ax.annotate(f"{100 * p:.1f}", (i, 100 * p + 100 * se), ha="center", va="bottom", fontsize="small")
+def plot_bars(scores: dict[str, dict[str, Score | None]], budgets: list[float], path: Path,
+              used: Sequence[Run]) -> Path:
+    """Figs. 6-7: Init / SFT / RL headline metric (%) at matched compute with stderr error bars; with several
+    seeds, each bar is their mean, its error bar the standard error over seeds, and the dots the seeds."""
+    title = "Init / SFT / RL" + (f" at matched compute {budgets[0] / 1e9:.4g} GFLOPs" if len(budgets) == 1 else
+                                 f" at matched compute per seed, mean ± s.e. over {len(budgets)} seeds"
+                                 if budgets else "")
+    fig, axes = new_figure(len(scores), title)
+    for ax, (variant, by_arm) in zip(axes, scores.items()):
+        bars = [(label, value) for label, value in by_arm.items() if value]
+        for i, (label, value) in enumerate(bars):
+            p, se = 100 * value.mean, 100 * value.stderr
+            ax.bar(i, p, yerr=se, capsize=4, color=BAR_COLOURS[label])
+            if value.over_seeds:
+                seeds = [100 * q for q, _ in value.per_seed]
+                ax.plot(np.linspace(i - 0.2, i + 0.2, len(seeds)), seeds, "k.", markersize=5)
+            ax.annotate(f"{p:.1f}", (i, p + se), ha="center", va="bottom", fontsize="small")
         ax.set_xticks(range(len(bars)), [label for label, _ in bars])
-        used = [pick.run for pick in picks.values()]
         ax.set(title=variant, ylabel=f"{metric_label(used, variant)} (%)", ylim=(0, 105))
     return save(fig, path)
 
@@ -248,9 +319,18 @@ def plot_recognition(runs: Sequence[Run], variants: list[str], path: Path) -> Pa
     return save(fig, path)
 
 
-def percent(value: tuple[float, float] | None) -> str:
-    """``p ± se`` in percent with one decimal, or an em dash."""
+def percent(value: tuple[float, float] | Score | None) -> str:
+    """``p ± se`` in percent with one decimal (a :class:`Score`: its mean and the standard error it uses), or an
+    em dash."""
+    if isinstance(value, Score):
+        value = (value.mean, value.stderr)
     return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}" if value else "—"
+
+
+def signed(gap: dict[str, Any]) -> str:
+    """A gap in points: ``+5.0 ± 2.1 (beyond)`` / ``(within)``, beyond meaning larger than twice its stderr."""
+    return (f"{100 * gap['difference']:+.1f} ± {100 * gap['stderr']:.1f} "
+            f"({'beyond' if gap['beyond_two_stderr'] else 'within'})")
 
 
 def describe(pick: Pick) -> str:
@@ -259,21 +339,64 @@ def describe(pick: Pick) -> str:
     return f"`{pick.run.name}` ({r.get('stage')}, step {r.get('step')}, {r['flops'] / 1e9:.4g} GFLOPs)"
 
 
+def scores_of(picks: dict[str, list[Pick]], variants: list[str]) -> dict[str, dict[str, Score | None]]:
+    """Per variant, each arm's :class:`Score`."""
+    return {variant: {label: score(arm, variant) for label, arm in picks.items()} for variant in variants}
+
+
+def comparison(runs: Sequence[Run], seeds: int = 1, tests: bool = False) -> dict[str, Any]:
+    """The bars' numbers as plain data (``lit-sftrl study`` writes them to ``study.json``): the matched budget per
+    seed; per arm the records used (run, stage, step, FLOPs) and per variant its :class:`Score`; per variant the
+    verdict (:func:`verdict`)."""
+    budgets, picks = matched_compute(runs, seeds, tests)
+    scores = scores_of(picks, variants_of(runs))
+    arms = {label: {"records": [{"run": pick.run.name, "stage": pick.record.get("stage"),
+                                 "step": pick.record.get("step"), "flops": pick.record["flops"]} for pick in arm],
+                    "metric": {variant: arm[0].run.metric(variant) for variant in scores},
+                    "scores": {variant: value.as_dict() for variant, by_arm in scores.items()
+                               if (value := by_arm[label])}}
+            for label, arm in picks.items()}
+    return {"seeds": seeds, "matched_flops": budgets, "arms": arms,
+            "verdict": {variant: verdict(by_arm) for variant, by_arm in scores.items()}}
+
+
 def markdown(
-    runs: Sequence[Run], variants: list[str], budget: float | None, picks: dict[str, Pick], figures: list[str]
+    runs: Sequence[Run], variants: list[str], budgets: list[float], picks: dict[str, list[Pick]], figures: list[str]
 ) -> str:
-    """The report: Init / SFT / RL table at matched compute, provenance, figures, every run's last record."""
+    """The report: Init / SFT / RL table at matched compute (with several seeds, each seed's too), the sign
+    pattern's verdict, provenance, figures, every run's last record."""
+    seeds = max((len(arm) for arm in picks.values()), default=1)
+    scores = scores_of(picks, variants)
+    matched = ("n/a" if not budgets else f"{budgets[0] / 1e9:.4g} GFLOPs" if len(budgets) == 1 else
+               "per seed " + ", ".join(f"{budget / 1e9:.4g}" for budget in budgets) + " GFLOPs")
     lines = ["# lit-sftrl report", "", "Runs: " + ", ".join(f"`{run.name}` ({run.kind})" for run in runs), ""]
-    lines += [f"Matched compute: {budget / 1e9:.4g} GFLOPs" if budget is not None else "Matched compute: n/a",
-              "", f"FLOPs counted: {compute_modes(runs)}", ""]
-    lines += ["## Init / SFT / RL at matched compute (headline metric, % ± stderr)", "",
+    lines += [f"Matched compute: {matched}", "", f"FLOPs counted: {compute_modes(runs)}", ""]
+    used = [pick.run for arm in picks.values() for pick in arm]
+    heading = "headline metric, % ± stderr" if seeds == 1 else (
+        f"headline metric, %: SFT and RL the mean of {seeds} seeds ± its standard error over seeds, Init (one "
+        "checkpoint) ± its binomial standard error")
+    lines += [f"## Init / SFT / RL at matched compute ({heading})", "",
               "| variant | metric | Init | SFT | RL |", "|---|---|---|---|---|"]
     for variant in variants:
-        values = [(pick.run.value(pick.record, variant) if (pick := picks.get(label)) else None)
-                  for label in ("Init", "SFT", "RL")]
-        metric = metric_label([pick.run for pick in picks.values()], variant)
-        lines.append(f"| {variant} | {metric} | " + " | ".join(map(percent, values)) + " |")
-    lines += [""] + [f"- {label}: {describe(pick)}" for label, pick in picks.items()] + [""]
+        values = [scores[variant].get(label) for label in ("Init", "SFT", "RL")]
+        lines.append(f"| {variant} | {metric_label(used, variant)} | " + " | ".join(map(percent, values)) + " |")
+    lines += [""] + [f"- {label}: " + ", ".join(map(describe, arm)) for label, arm in picks.items()] + [""]
+    if seeds > 1:
+        columns = " | ".join(f"seed {s}" for s in range(seeds))
+        lines += ["## Each seed (headline metric, % ± binomial stderr)", "",
+                  f"| variant | arm | {columns} | mean ± stderr over seeds |", "|---" * (3 + seeds) + "|"]
+        lines += [f"| {variant} | {label} | {' | '.join(map(percent, value.per_seed))} | {percent(value)} |"
+                  for variant in variants for label in ("SFT", "RL") if (value := scores[variant].get(label))]
+        lines.append("")
+    verdicts = {variant: v for variant in variants if (v := verdict(scores[variant]))}
+    if verdicts:
+        kind = "binomial" if seeds == 1 else "over seeds for SFT and RL, binomial for Init"
+        lines += ["## The sign pattern: RL above Init and SFT below Init, each gap beyond two standard errors", "",
+                  f"Points, ± the gap's standard error sqrt(se_a² + se_b²) (standard errors {kind}).", "",
+                  "| variant | RL − Init | Init − SFT | sign pattern |", "|---|---|---|---|"]
+        lines += [f"| {variant} | {signed(v['rl_minus_init'])} | {signed(v['init_minus_sft'])} | "
+                  f"{'yes' if v['sign_pattern'] else 'no'} |" for variant, v in verdicts.items()]
+        lines.append("")
     lines += [line for name in figures for line in (f"![{name}]({name})", "")] + ["## Last record per run", ""]
     lines += ["| run | module | stage | step | GFLOPs | " + " | ".join(variants) + " |",
               "|---" * (5 + len(variants)) + "|"]
@@ -285,7 +408,7 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def make_report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
+def make_report(runs: list[Path], out: Path, smooth: int = 0, seeds: int = 1, tests: bool = False) -> Path:
     """Write curves.png, bars.png, recognition.png (if any record has recognition) and report.md into ``out``;
     return report.md's path.
 
@@ -293,21 +416,29 @@ def make_report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
     checkpoint), else the sanity record of the first run that has ``init_from``. SFT and RL are the first SFT and
     first RL run (in the order given); the matched budget is the smaller of their largest FLOPs, and each bar is
     that run's last record within the budget (+ MATCH_TOLERANCE), preferring stage test, then val, then sanity.
-    ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
+    With ``seeds`` N, the first N SFT runs and the first N RL runs are the seeds of their arm (the same recipe,
+    seeded differently): SFT seed s and RL seed s meet at their own budget, and each bar is the seeds' mean with
+    its standard error over seeds. With ``tests``, each SFT and RL bar is its run's last test record whatever
+    its FLOPs: for runs whose compute was matched when they were made (``lit-sftrl study`` gives the continued
+    SFT the steps its RL seed's FLOPs buy, up to one SFT step less, which at tiny sizes is more than
+    MATCH_TOLERANCE). ``smooth`` > 1 smooths the curves (Savitzky-Golay, order 3).
     """
     if not runs:
         raise ValueError("no run directories given")
+    if seeds < 1:
+        raise ValueError(f"--seeds {seeds}: must be at least 1")
     loaded = [load_run(Path(path)) for path in runs]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     variants = variants_of(loaded)
-    budget, picks = matched_compute(loaded)
+    budgets, picks = matched_compute(loaded, seeds, tests)
+    used = [pick.run for arm in picks.values() for pick in arm]
     figures = [plot_curves(loaded, variants, out / "curves.png", smooth).name,
-               plot_bars(picks, variants, budget, out / "bars.png").name]
+               plot_bars(scores_of(picks, variants), budgets, out / "bars.png", used).name]
     if recognition := variants_of(loaded, "recognition"):
         figures.append(plot_recognition(loaded, recognition, out / "recognition.png").name)
     else:
         (out / "recognition.png").unlink(missing_ok=True)
     report = out / "report.md"
-    report.write_text(markdown(loaded, variants, budget, picks, figures))
+    report.write_text(markdown(loaded, variants, budgets, picks, figures))
     return report

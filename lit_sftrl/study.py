@@ -1,10 +1,16 @@
 """``lit-sftrl study --config study.yaml``: the paper's question as one command, in one run directory.
 
     base test (optional) -> Init (an SFT fit, or an existing checkpoint)
-        -> RL from Init for ``rl_updates`` updates
-        -> SFT from Init for as many steps as RL's extra FLOPs buy at Init's FLOPs per step (matched compute)
+        -> RL from Init for ``rl_updates`` updates, once per seed
+        -> SFT from Init for as many steps as that seed's RL spent FLOPs beyond Init, at Init's FLOPs per step
+           (matched compute), once per seed
         -> tests of Init, SFT and RL on every variant (the test seed's fixed episodes) -> report figures
         -> (optional) the base's skills probe put to the base, Init, SFT and RL
+
+With ``seeds`` N > 1, RL and continued SFT each run N times from the one Init checkpoint, seed s setting
+``--seed_everything s`` and the training data's seed (``--data.init_args.seed s``), in folders ``rl_seed<s>`` and
+``sft_seed<s>``; ``study.json`` then holds each seed's test score, the mean with its standard error over seeds,
+and the verdict on the paper's sign pattern (``results``).
 
 Every stage but the probe is one ``lit-sftrl fit``/``test``/``report`` command, in a subprocess by default (each
 stage starts from a clean process, and its CPU time is its own). ``study.json`` in the run directory records
@@ -35,6 +41,7 @@ STUDY_RECORD = "study.json"
 # Fields that change how a study runs, or add a stage after the others, not what the fits and tests compute:
 # a study may resume with them changed (e.g. a probe asked for once the rest has finished).
 HOW_NOT_WHAT = ("in_process", "stop_after", "report", "probe")
+ARMS = {"Init": "init", "SFT": "sft", "RL": "rl"}  # the report's arm labels and the study's stage names
 ENTRY_POINT = "from lit_sftrl.cli import main; main()"  # when the console script is not beside the interpreter
 
 
@@ -88,6 +95,8 @@ class StudyConfig:
         rl_config: the RL run config (RL from Init, its test).
         init: the Init fit, or an existing checkpoint.
         rl_updates: PPO updates from Init (Lightning epochs).
+        seeds: runs of RL and of continued SFT from the one Init, seeds 0..N-1 (``--seed_everything`` and
+            ``--data.init_args.seed``); 1: one run of each with the configs' own seeds, in ``rl/`` and ``sft/``.
         base: the model every run starts from (``--model.init_args.backbone.path``); default: the configs' own.
         base_test: test the base itself first, before any post-training.
         overrides: command-line overrides given to every stage (e.g. ``[--trainer.accelerator, cpu]``).
@@ -109,6 +118,7 @@ class StudyConfig:
     rl_config: str
     init: InitConfig = field(default_factory=InitConfig)
     rl_updates: int = 10
+    seeds: int = 1
     base: str | None = None
     base_test: bool = False
     overrides: list[str] = field(default_factory=list)
@@ -126,9 +136,10 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         validate(self, "study")
-        problem = positive_int(self.rl_updates)
-        if problem:
-            raise ValueError(f"study.rl_updates: {problem}")
+        for key in ("rl_updates", "seeds"):
+            problem = positive_int(getattr(self, key))
+            if problem:
+                raise ValueError(f"study.{key}: {problem}")
         if self.val_seed == self.test_seed:
             raise ValueError(f"study.val_seed {self.val_seed} draws the test episodes: choose another seed for "
                              "validation during fits")
@@ -143,9 +154,16 @@ class StudyConfig:
             raise ValueError(f"study.stop_after: {self.stop_after!r} is not a stage of this study; "
                              f"choose one of {self.stage_names()}")
 
+    def seed_suffixes(self) -> list[str]:
+        """What each seed adds to its stages' and folders' names: nothing with one seed (the layout of a study
+        before seeds existed), ``_seed<s>`` with several."""
+        return [""] if self.seeds == 1 else [f"_seed{seed}" for seed in range(self.seeds)]
+
     def stage_names(self) -> list[str]:
-        return ([*["base_test"] * self.base_test, *["init"] * (self.init.checkpoint is None), "rl", "sft",
-                 "init_test", "sft_test", "rl_test", *["report"] * self.report, *["probe"] * (self.probe is not None)])
+        seeded = lambda stage: [stage + suffix for suffix in self.seed_suffixes()]  # noqa: E731
+        return ([*["base_test"] * self.base_test, *["init"] * (self.init.checkpoint is None), *seeded("rl"),
+                 *seeded("sft"), "init_test", *seeded("sft_test"), *seeded("rl_test"), *["report"] * self.report,
+                 *["probe"] * (self.probe is not None)])
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -199,7 +217,10 @@ class Study:
 
     # -- the record ------------------------------------------------------------------------------------------
     def _what(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self.config).items() if k not in HOW_NOT_WHAT}
+        what = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in HOW_NOT_WHAT}
+        if what["seeds"] == 1:  # so that the record of a study made before seeds existed still resumes
+            del what["seeds"]
+        return what
 
     def _load_record(self) -> dict[str, Any]:
         if not self.record_path.exists():
@@ -263,39 +284,65 @@ class Study:
                 "--trainer.default_root_dir", str(self.run_dir(folder))]
 
     # -- stages ------------------------------------------------------------------------------------------------
+    def _seeding(self, suffix: str) -> list[str]:
+        """A seed's training draws: Lightning's global seed and the training data's (episodes played, SFT
+        batches). None with one seed: the configs' own seeds, as before seeds existed."""
+        if not suffix:
+            return []
+        seed = suffix.removeprefix("_seed")
+        return ["--seed_everything", seed, "--data.init_args.seed", seed]
+
     def stage_args(self, name: str) -> list[str]:
         """The ``lit-sftrl`` arguments of stage ``name``, built when it is about to run (the continued SFT's
         steps depend on what RL spent)."""
         c = self.config
+        stage, _, seed = name.partition("_seed")
+        suffix = f"_seed{seed}" if seed else ""
         if name == "base_test":
             return self._test_of("base_test", c.sft_config, None)
         if name == "init":
             return self._fit("init", c.sft_config, "--trainer.max_steps", str(c.init.steps), *c.init.overrides)
         init = ["--model.init_args.init_from", str(self.init_checkpoint)]
-        if name == "rl":
-            return self._fit("rl", c.rl_config, *init, "--trainer.max_epochs", str(c.rl_updates), *c.rl_overrides)
-        if name == "sft":
-            steps = self.matched_sft_steps()
-            return self._fit("sft", c.sft_config, *init, "--trainer.max_steps", str(steps),
-                             "--trainer.val_check_interval", str(max(1, steps // 2)), *c.sft_overrides)
+        # The seed's overrides come last: they win over an arm's overrides that name a seed.
+        if stage == "rl":
+            return self._fit(name, c.rl_config, *init, "--trainer.max_epochs", str(c.rl_updates), *c.rl_overrides,
+                             *self._seeding(suffix))
+        if stage == "sft":
+            steps = self.matched_sft_steps(suffix)
+            return self._fit(name, c.sft_config, *init, "--trainer.max_steps", str(steps),
+                             "--trainer.val_check_interval", str(max(1, steps // 2)), *c.sft_overrides,
+                             *self._seeding(suffix))
         if name == "init_test":
             return self._test_of("init_test", c.sft_config, self.init_checkpoint)
-        if name == "sft_test":  # beside its fit: the report reads the curve and the test record of one run
-            return self._test_of("sft", c.sft_config, self.last_checkpoint("sft"), *c.sft_overrides)
-        if name == "rl_test":
-            return self._test_of("rl", c.rl_config, self.last_checkpoint("rl"), *c.rl_overrides)
+        # A test is beside its fit (the report reads the curve and the test record of one run). Tests draw no
+        # training seed: every checkpoint plays the same fixed episodes, sampled per episode and attempt.
+        if stage == "sft_test":
+            return self._test_of(f"sft{suffix}", c.sft_config, self.last_checkpoint(f"sft{suffix}"),
+                                 *c.sft_overrides)
+        if stage == "rl_test":
+            return self._test_of(f"rl{suffix}", c.rl_config, self.last_checkpoint(f"rl{suffix}"), *c.rl_overrides)
         if name == "report":
-            runs = [str(self.run_dir(folder)) for folder in ("init_test", "sft", "rl")]
-            return ["report", *runs, "--out", str(self.out / "report")]
+            # Each arm's test record: the study matched the compute itself (to within one SFT step).
+            seeds = [] if c.seeds == 1 else ["--seeds", str(c.seeds)]
+            return ["report", *map(str, self.arm_runs()), "--out", str(self.out / "report"), *seeds, "--tests",
+                    "true"]
         raise KeyError(name)
 
-    def matched_sft_steps(self) -> int:
-        """As many SFT steps as RL's FLOPs beyond Init buy at Init's FLOPs per SFT step (at least one)."""
+    def arm_runs(self) -> list[Path]:
+        """The run folders the report compares: Init's test, then each seed's SFT, then each seed's RL."""
+        suffixes = self.config.seed_suffixes()
+        return [self.run_dir(folder) for folder in
+                ("init_test", *[f"sft{s}" for s in suffixes], *[f"rl{s}" for s in suffixes])]
+
+    def matched_sft_steps(self, suffix: str = "") -> int:
+        """As many SFT steps as the same seed's RL FLOPs beyond Init buy at Init's FLOPs per SFT step (at least
+        one): each SFT seed is matched to its own RL seed."""
         init_flops = inherited_flops(self.init_checkpoint)
-        rl_flops = inherited_flops(self.last_checkpoint("rl"))
+        rl_flops = inherited_flops(self.last_checkpoint(f"rl{suffix}"))
         per_step = init_flops / max(1, checkpoint_steps(self.init_checkpoint))
         steps = max(1, math.floor((rl_flops - init_flops) / per_step)) if per_step > 0 else 1
-        self.record["flops"] = {"init": init_flops, "rl": rl_flops, "sft_steps": steps}
+        self.record.setdefault("flops", {}).update(
+            {"init": init_flops, f"rl{suffix}": rl_flops, f"sft_steps{suffix}": steps})
         return steps
 
     def run(self) -> dict[str, Any]:
@@ -309,6 +356,7 @@ class Study:
             if name == self.config.stop_after:
                 print(f"study: stopped after {name} (study.stop_after); run it again to continue", flush=True)
                 break
+        self._results()
         print(f"study: {self.out} ({(time.perf_counter() - start) / 60:.1f} min this time)", flush=True)
         return self.record
 
@@ -337,6 +385,36 @@ class Study:
         self._save()
         print(f"  ({seconds['wall_s']:.0f} s, {seconds['cpu_s']:.0f} s of CPU)", flush=True)
 
+    def _results(self) -> None:
+        """``results`` in the record, once every test has finished: per arm (Init, SFT, RL) each seed's test
+        record, score and CPU seconds (fit and test), the mean with its standard error over seeds, and per
+        variant the verdict on the paper's sign pattern (``lit_sftrl.report.comparison``)."""
+        from lit_sftrl.report import comparison, load_run
+
+        if not all(self.finished(name) for name in self.config.stage_names() if "test" in name):
+            return
+        try:
+            results = comparison([load_run(path) for path in self.arm_runs()], self.config.seeds, tests=True)
+        except ValueError as error:  # the stages finished, so the study did; say why its summary is missing
+            print(f"study: no results in {STUDY_RECORD}: {error}", flush=True)
+            return
+        stages = self.record["stages"]
+        for label, arm in results["arms"].items():
+            prefix = ARMS[label]
+            suffixes = [""] if label == "Init" else self.config.seed_suffixes()
+            # The fit Init ran (none when it came as a checkpoint) and each seed's fit and test.
+            arm["cpu_s"] = [{"fit": stages.get(prefix + suffix, {}).get("cpu_s"),
+                             "test": stages[f"{prefix}_test{suffix}"]["cpu_s"]} for suffix in suffixes]
+        self.record["results"] = results
+        self._save()
+        for variant, verdict in results["verdict"].items():
+            if verdict:
+                rl, sft = verdict["rl_minus_init"], verdict["init_minus_sft"]
+                print(f"study: {variant}: RL - Init {100 * rl['difference']:+.1f} ± {100 * rl['stderr']:.1f}, "
+                      f"Init - SFT {100 * sft['difference']:+.1f} ± {100 * sft['stderr']:.1f} points; sign pattern "
+                      f"{'found' if verdict['sign_pattern'] else 'not found'} (each gap beyond two standard errors)",
+                      flush=True)
+
     def _probe(self) -> None:
         import tempfile
 
@@ -345,7 +423,8 @@ class Study:
 
         probe = self.config.probe
         models = {"base": Path(self.config.base), "init": self.init_checkpoint,
-                  "sft": self.last_checkpoint("sft"), "rl": self.last_checkpoint("rl")}
+                  **{f"{arm}{suffix}": self.last_checkpoint(f"{arm}{suffix}")
+                     for arm in ("sft", "rl") for suffix in self.config.seed_suffixes()}}
         accuracy = {}
         for name, path in models.items():
             with tempfile.TemporaryDirectory() as tmp:

@@ -69,6 +69,19 @@ def test_the_study_passes_rl_overrides_to_the_rl_runs_alone_and_matches_sft_to_i
     assert record["rl_args"] == "--model.init_args.ppo.kl_coef 0.05" and record["sft_steps"] == 150
 
 
+def test_the_study_bench_runs_seeds_and_keeps_each_seeds_records(tmp_path, monkeypatch):
+    # Seed 0's RL spent 150 GFLOPs beyond Init, seed 1's 120: each SFT seed gets its own RL seed's steps.
+    commands = fake_stages(monkeypatch, {"init": 300e9, "rl_seed0": 450e9, "rl_seed1": 420e9}, init_steps=300)
+    out, docs = tmp_path / "out", tmp_path / "docs"
+    for folder in ("init", "init_test", "rl_seed0", "rl_seed1", "sft_seed0", "sft_seed1"):
+        _record(out / folder, "test", 1, 0, 0.5)
+    study.main(["--task", "virl_l", "--init-steps", "300", "--seeds", "2", "--out", str(out), "--docs", str(docs)])
+    assert [c[c.index("--seed_everything") + 1] for c in commands if "--seed_everything" in c] == ["0", "1", "0", "1"]
+    summary = json.loads((docs / "study.json").read_text())
+    assert summary["seeds"] == 2 and summary["sft_steps"] == [150, 120]
+    assert all((docs / folder / "eval").is_dir() for folder in ("rl_seed0", "rl_seed1", "sft_seed0", "sft_seed1"))
+
+
 def test_the_study_replaces_an_earlier_studys_records_instead_of_mixing_them(tmp_path):
     out, docs = tmp_path / "out", tmp_path / "docs"
     _record(out / "sft", "test", 172, 0, 0.7)

@@ -162,3 +162,44 @@ def test_the_report_says_how_flops_were_counted_and_flags_a_mix(tmp_path: Path) 
         record.write_text(json.dumps({**json.loads(record.read_text()), "compute_mode": "paper"}))
     text = make_report(runs, tmp_path / "out").read_text()
     assert "FLOPs counted: the paper's approximation and tokens processed (mixed: not comparable)" in text
+
+
+def seeded_runs(root: Path) -> list[Path]:
+    """An Init test, two SFT and two RL seeds from it, each ending in a test record. rule_ood: Init 20 ± 2 %,
+    SFT seeds 10 and 12 % (mean 11, standard error over seeds 1.0), RL seeds 30 and 34 % (mean 32, 2.0); RL's
+    tests are 10 % past SFT's FLOPs, beyond MATCH_TOLERANCE."""
+    def fit(flops: float, ood: float, ood_se: float) -> list[tuple]:  # a validation pass, then the test
+        return [(stage, 1, flops, {"id": metrics(0.5, 0.05), "rule_ood": metrics(ood, ood_se)})
+                for stage in ("val", "test")]
+
+    init = write_run(root, "init_test", "SFTModule", fit(1e12, 0.20, 0.02)[1:], init_from=None)
+    sft = [write_run(root, f"sft_seed{s}", "SFTModule", fit(2.0e12, ood, 0.01)) for s, ood in enumerate((0.10, 0.12))]
+    rl = [write_run(root, f"rl_seed{s}", "PPOModule", fit(2.2e12, ood, 0.03)) for s, ood in enumerate((0.30, 0.34))]
+    return [init, *sft, *rl]
+
+
+def test_seeds_of_an_arm_give_its_mean_and_standard_error_over_seeds_and_the_sign_patterns_verdict(tmp_path):
+    from lit_sftrl.report import comparison, load_run
+
+    runs = seeded_runs(tmp_path)
+    text = make_report(runs, tmp_path / "out", seeds=2, tests=True).read_text()
+    assert_png(tmp_path / "out" / "bars.png")
+    assert "| rule_ood | success | 20.0 ± 2.0 | 11.0 ± 1.0 | 32.0 ± 2.0 |" in text
+    assert "| rule_ood | RL | 30.0 ± 3.0 | 34.0 ± 3.0 | 32.0 ± 2.0 |" in text  # each seed ± its binomial stderr
+    # RL - Init 12 ± sqrt(2² + 2²) = 2.8: beyond; Init - SFT 9 ± sqrt(2² + 1²) = 2.2: beyond. id: every seed
+    # scores Init's 50 %, so the seeds spread by 0 and each gap's standard error is Init's binomial 5.0.
+    assert "| rule_ood | +12.0 ± 2.8 (beyond) | +9.0 ± 2.2 (beyond) | yes |" in text
+    assert "| id | +0.0 ± 5.0 (within) | +0.0 ± 5.0 (within) | no |" in text
+    result = comparison([load_run(run) for run in runs], seeds=2, tests=True)
+    assert result["arms"]["SFT"]["scores"]["rule_ood"]["mean"] == pytest.approx(0.11)
+    assert result["arms"]["Init"]["scores"]["rule_ood"]["stderr_kind"] == "binomial"
+    assert result["verdict"]["rule_ood"]["sign_pattern"] and not result["verdict"]["id"]["sign_pattern"]
+    # Without tests the compute is matched by the records' FLOPs: RL's tests lie 10 % past SFT's, so no RL bar.
+    matched = make_report(runs, tmp_path / "matched", seeds=2).read_text()
+    assert "| rule_ood | success | 20.0 ± 2.0 | 11.0 ± 1.0 | — |" in matched and "- RL:" not in matched
+
+
+def test_seeds_need_a_run_per_seed_of_each_arm(tmp_path):
+    runs = seeded_runs(tmp_path)
+    with pytest.raises(ValueError, match="--seeds 3: 2 SFT run"):
+        make_report(runs, tmp_path / "out", seeds=3)

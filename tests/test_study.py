@@ -55,6 +55,7 @@ def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs)
     run(["study", "--config", str(tmp_path / "study.yaml"), "--stop_after", "rl"])
     record = json.loads((out / "study.json").read_text())
     assert list(record["stages"]) == ["init", "rl"] and all(s["finished"] for s in record["stages"].values())
+    assert "seeds" not in record["config"]  # one seed: the record of a study made before seeds existed
     init_ckpt, rl_ckpt = out / "init" / "checkpoints" / "last.ckpt", out / "rl" / "checkpoints" / "last.ckpt"
     init_mtime = init_ckpt.stat().st_mtime_ns
     # RL killed mid-fit: recorded as started, not finished, with its last checkpoint on disk.
@@ -131,11 +132,47 @@ def test_a_study_record_of_another_config_is_not_resumed(tmp_path, configs, monk
         Study(StudyConfig(**base, rl_updates=3))
 
 
-def test_the_shipped_study_config_parses(monkeypatch):
+def test_the_shipped_study_configs_parse(monkeypatch):
     monkeypatch.chdir(REPO)
+    assert sorted(p.name for p in (REPO / "configs/study").glob("*.yaml")) == ["gp_l.yaml", "virl_l_grpo.yaml"]
     config = parse_study_config("configs/study/gp_l.yaml")
     assert config.stage_names() == ["init", "rl", "sft", "init_test", "sft_test", "rl_test", "report"]
-    assert config.val_seed != config.test_seed and config.init.steps == 60
+    assert config.val_seed != config.test_seed and config.init.steps == 60 and config.seeds == 1
+    config = parse_study_config("configs/study/virl_l_grpo.yaml")
+    assert config.seeds == 3 and config.stage_names()[:7] == ["init", "rl_seed0", "rl_seed1", "rl_seed2", "sft_seed0",
+                                                             "sft_seed1", "sft_seed2"]
+    assert config.rl_overrides[:2] == ["--model.init_args.ppo.advantage", "grpo"]
+
+
+def test_the_grpo_study_config_runs_its_rl_arm_through_the_cli(tmp_path, tiny_dir_factory, monkeypatch):
+    """configs/study/virl_l_grpo.yaml as a user runs it, shrunk by command-line overrides (a small synthetic city,
+    2 Init steps, one GRPO update of 8 attempts of a few tokens), up to its first RL seed: a critic-free fit from
+    Init with seed 0's seeds."""
+    from lit_sftrl.envs.city import make_city
+
+    monkeypatch.chdir(REPO)
+    city = make_city(tmp_path / "metro", "metro", 6, seed=0, pano_width=64)
+    tiny = tiny_dir_factory("mllama")
+    out = tmp_path / "study"
+    shrink = ["--trainer.accelerator", "cpu", "--trainer.num_sanity_val_steps", "0",
+              "--trainer.limit_val_batches", "0", "--data.init_args.task.routes", str(city),
+              "--model.init_args.eval_sampling.max_new_tokens", "8"]
+    record = run(["study", "--config", "configs/study/virl_l_grpo.yaml", "--out", str(out), "--base", str(tiny),
+                  "--init.steps", "2", "--rl_updates", "1", "--in_process", "true", "--stop_after", "rl_seed0",
+                  "--overrides", json.dumps(shrink),
+                  "--init.overrides", json.dumps(["--data.init_args.batch_size", "2"]),
+                  # appended to the config's rl_overrides (GRPO's among them), which come after: later ones win
+                  *[f"--rl_overrides+={arg}" for arg in [
+                      "--data.init_args.rollout_steps", "8", "--data.init_args.num_envs", "4",
+                      "--model.init_args.sampling.max_new_tokens", "8", "--model.init_args.ppo.minibatch_size", "8"]]])
+    assert list(record["stages"]) == ["init", "rl_seed0"] and record["stages"]["rl_seed0"]["finished"]
+    command = record["stages"]["rl_seed0"]["command"]
+    assert "--model.init_args.ppo.advantage grpo" in command
+    assert "--seed_everything 0 --data.init_args.seed 0" in command
+    saved = yaml.safe_load((out / "rl_seed0" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["ppo"]["advantage"] == "grpo" and saved["seed_everything"] == 0
+    assert saved["data"]["init_args"]["rollout_steps"] == 8  # the test's sizes won over the config's 32
+    assert (out / "rl_seed0" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_stages_run_as_lit_sftrl_subprocesses_by_default_and_count_their_cpu(tmp_path, configs, tiny_dir_factory):
@@ -162,3 +199,70 @@ def test_a_misspelt_study_key_is_named_in_short(tmp_path, configs, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "lit-sftrl study: rl_update: no such setting", "(lit-sftrl study --help lists every setting)"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_study_of_two_seeds_runs_each_arm_twice_from_one_init_and_reports_over_seeds(tmp_path, configs, capsys):
+    """``seeds: 2`` through the command line: two RL and two continued SFT fits from the one Init, each seed's own
+    training seeds, each SFT seed matched to its RL seed's FLOPs, every test on the same episodes; ``results``
+    recomputes from the stage folders' test records; a resumed study skips the seeds that finished."""
+    import statistics
+
+    sft_config, rl_config = configs
+    out = tmp_path / "study"
+    settings = {"out": str(out), "sft_config": str(sft_config), "rl_config": str(rl_config), "init": {"steps": 2},
+                "rl_updates": 1, "seeds": 2, "test_episodes": 2, "report": True, "in_process": True,
+                "overrides": ["--trainer.num_sanity_val_steps", "0"]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(settings))
+    run(["study", "--config", str(tmp_path / "study.yaml"), "--stop_after", "sft_seed0"])
+    checkpoints = {name: out / name / "checkpoints" / "last.ckpt" for name in ("init", "rl_seed0", "rl_seed1",
+                                                                               "sft_seed0")}
+    mtimes = {name: path.stat().st_mtime_ns for name, path in checkpoints.items()}
+    capsys.readouterr()
+
+    record = run(["study", "--config", str(tmp_path / "study.yaml")])
+    console = capsys.readouterr().out
+    assert all(f"study: {name} finished earlier, skipped" in console for name in checkpoints)
+    assert {name: path.stat().st_mtime_ns for name, path in checkpoints.items()} == mtimes  # not redone
+    stages = record["stages"]
+    assert list(stages) == ["init", "rl_seed0", "rl_seed1", "sft_seed0", "sft_seed1", "init_test", "sft_test_seed0",
+                            "sft_test_seed1", "rl_test_seed0", "rl_test_seed1", "report"]
+    assert all(stage["finished"] for stage in stages.values())
+    for seed in (0, 1):
+        for arm in ("rl", "sft"):
+            command = stages[f"{arm}_seed{seed}"]["command"]
+            assert command.endswith(f"--seed_everything {seed} --data.init_args.seed {seed} --trainer."
+                                    f"default_root_dir {out / f'{arm}_seed{seed}'} --overwrite true")
+            assert "--seed_everything" not in stages[f"{arm}_test_seed{seed}"]["command"]  # the same test episodes
+        # Each SFT seed gets the steps its own RL seed's FLOPs beyond Init buy.
+        per_step = record["flops"]["init"] / 2
+        steps = int((record["flops"][f"rl_seed{seed}"] - record["flops"]["init"]) // per_step)
+        assert record["flops"][f"sft_steps_seed{seed}"] == steps >= 1
+        assert f"--trainer.max_steps {steps} " in stages[f"sft_seed{seed}"]["command"]
+    assert "--seeds 2" in stages["report"]["command"]
+
+    results = record["results"]
+    assert record["config"]["seeds"] == 2 and results["seeds"] == 2 and set(results["arms"]) == {"Init", "SFT", "RL"}
+    for label, folders in {"Init": ["init_test"], "SFT": ["sft_seed0", "sft_seed1"],
+                           "RL": ["rl_seed0", "rl_seed1"]}.items():
+        arm = results["arms"][label]
+        tests = [json.loads(next((out / folder / "eval").glob("test-*.json")).read_text()) for folder in folders]
+        assert [r["run"] for r in arm["records"]] == folders and {r["stage"] for r in arm["records"]} == {"test"}
+        assert [r["flops"] for r in arm["records"]] == [test["flops"] for test in tests]
+        for variant in ("id", "rule_ood"):
+            values = [test["metrics"][variant]["success"] for test in tests]
+            score = arm["scores"][variant]
+            assert [s["value"] for s in score["per_seed"]] == values
+            assert [s["binomial_stderr"] for s in score["per_seed"]] == [
+                test["metrics"][variant]["success_stderr"] for test in tests]
+            assert score["mean"] == pytest.approx(statistics.mean(values))
+            expected = statistics.stdev(values) / 2 ** 0.5 if len(values) > 1 else tests[0]["metrics"][variant][
+                "success_stderr"]
+            assert score["stderr"] == pytest.approx(expected)
+        assert all(cpu["test"] > 0 and cpu["fit"] > 0 for cpu in arm["cpu_s"])
+    for variant, verdict in results["verdict"].items():
+        rl, init = results["arms"]["RL"]["scores"][variant], results["arms"]["Init"]["scores"][variant]
+        gap = verdict["rl_minus_init"]
+        assert gap["difference"] == pytest.approx(rl["mean"] - init["mean"])
+        assert gap["stderr"] == pytest.approx((rl["stderr"] ** 2 + init["stderr"] ** 2) ** 0.5)
+    report = (out / "report" / "report.md").read_text()
+    assert "## Each seed" in report and "`sft_seed1`" in report and "## The sign pattern" in report

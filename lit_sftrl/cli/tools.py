@@ -74,14 +74,18 @@ def export(ckpt: Path, out: Path, adapter_only: bool = False) -> Path:
     return export_checkpoint(ckpt, out, merge_lora=not adapter_only)
 
 
-def report(runs: list[Path], out: Path, smooth: int = 0) -> Path:
+def report(runs: list[Path], out: Path, smooth: int = 0, seeds: int = 1, tests: bool = False) -> Path:
     """Plot success vs FLOPs and Init/SFT/RL bars from run directories.
 
     Args:
         runs: run directories (checkpoints/<run>), each with its eval/*.json records.
         out: the folder for curves.png, bars.png, recognition.png and report.md.
         smooth: Savitzky-Golay window over the curves (0 = off; order 3).
+        seeds: the first N SFT runs and the first N RL runs are N seeds of one recipe: the bars show their mean
+            with its standard error over seeds.
+        tests: each SFT and RL bar is its run's last test record, whatever its FLOPs (runs whose compute was
+            matched when they were made, as ``lit-sftrl study`` makes them).
     """
     from lit_sftrl.report import make_report
 
-    return make_report(runs, out, smooth=smooth)
+    return make_report(runs, out, smooth=smooth, seeds=seeds, tests=tests)

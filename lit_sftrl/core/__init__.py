@@ -1,2 +1,2 @@
 """Rules every layer shares: config validation and limits, seed streams, compute accounting, disk-full
-handling. Imports nothing else of the package."""
+handling, standard errors. Imports nothing else of the package."""

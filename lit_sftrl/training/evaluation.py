@@ -12,19 +12,14 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torchmetrics import Metric
 
+from lit_sftrl.core.statistics import binomial_stderr
 from lit_sftrl.training.rollout import EpisodeResult
-
-
-def binomial_stderr(p: float, n: float) -> float:
-    """sqrt(p(1-p)/N), 0 for an empty sample."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
 
 
 class EpisodeMetrics(Metric):
