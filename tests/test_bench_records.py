@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ppo_learning, study
+from bench import learning_curves, ppo_learning, study
 
 
 def _record(run: Path, stage: str, step: int, epoch: int, per_step: float) -> None:
@@ -139,13 +139,15 @@ def test_seeds_must_be_positive():
         ppo_learning.main(["--task", "virl_l", "--seeds", "0"])
 
 
-def test_a_seeded_learning_run_plays_each_seed_from_one_checkpoint_and_records_the_spread(tmp_path, monkeypatch):
+def fake_learning_runs(monkeypatch) -> list[tuple[str, ...]]:
+    """``bench.ppo_learning``'s ``lit-sftrl`` runs replaced by records: 4 updates, validation 0.20 before training
+    and 0.30 + 0.01 x seed after (seed 0 when the command sets none). Returns the commands it was given."""
     commands = []
 
     def fake_run_cli(*args: str) -> dict:
         commands.append(args)
         run = Path(args[args.index("--trainer.default_root_dir") + 1])
-        seed = int(args[args.index("--seed_everything") + 1])
+        seed = int(args[args.index("--seed_everything") + 1]) if "--seed_everything" in args else 0
         run.mkdir(parents=True)
         header = "train/update,train/success,train/episodes_finished,train/approx_kl,train/clip_fraction," \
                  "train/reward,time/rollout_s,time/update_s"
@@ -156,9 +158,14 @@ def test_a_seeded_learning_run_plays_each_seed_from_one_checkpoint_and_records_t
             (run / "eval").mkdir(exist_ok=True)
             (run / "eval" / f"{stage}-step{step:07d}.json").write_text(
                 json.dumps({"stage": stage, "step": step, "epoch": epoch, "metrics": metrics}))
-        return {"command": " ".join(args), "wall_s": 1, "cpu_s": 1}
+        return {"command": " ".join(args), "wall_s": 10 + seed, "cpu_s": 20 + seed}
 
     monkeypatch.setattr(ppo_learning, "run_cli", fake_run_cli)
+    return commands
+
+
+def test_a_seeded_learning_run_plays_each_seed_from_one_checkpoint_and_records_the_spread(tmp_path, monkeypatch):
+    commands = fake_learning_runs(monkeypatch)
     sft = tmp_path / "sft.ckpt"
     sft.write_text("")
     ppo_learning.main(["--task", "gp_l", "--sft", str(sft), "--seeds", "3", "--runs", str(tmp_path / "runs"),
@@ -171,3 +178,30 @@ def test_a_seeded_learning_run_plays_each_seed_from_one_checkpoint_and_records_t
     assert record["gain"]["id"]["per_seed"] == pytest.approx([0.10, 0.11, 0.12])
     assert record["gain"]["id"]["beyond_two_stderr"]
     assert (tmp_path / "out" / "gp_l.png").exists()
+
+
+def test_learning_runs_side_by_side_give_each_curve_its_gain_and_cost(tmp_path, monkeypatch, capsys):
+    fake_learning_runs(monkeypatch)
+    sft, out = tmp_path / "sft.ckpt", tmp_path / "out"
+    sft.write_text("")
+    for name, seeds in (("three", "3"), ("one", "1")):
+        ppo_learning.main(["--task", "gp_l", "--sft", str(sft), "--seeds", seeds, "--name", name,
+                           "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    capsys.readouterr()
+    learning_curves.main([str(out / "three.json"), str(out / "one.json"), "--out", str(tmp_path / "both.png")])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| three") or line.startswith("| one")}
+    # three seeds: gains 0.10, 0.11, 0.12 -> +11.0 +- 0.6 over seeds (beyond); costs are means per seed
+    assert rows["three"][1:8] == ["3", "id", "20.0 ± 0.0", "31.0 ± 0.6", "+11.0 ± 0.6", "yes", "11"]
+    assert rows["three"][8] == "21" and rows["three"][9:11] == ["4", "4 |"]
+    # one seed: 0.20 -> 0.30 with binomial errors 0.05 each: +10.0 +- 7.1, within two standard errors
+    assert rows["one"][1:7] == ["1", "id", "20.0 ± 5.0", "30.0 ± 5.0", "+10.0 ± 7.1", "no"]
+    assert (tmp_path / "both.png").stat().st_size > 0
+
+
+def test_learning_records_of_two_tasks_do_not_share_a_figure(tmp_path):
+    for task in ("gp_l", "virl_l"):
+        (tmp_path / f"{task}.json").write_text(json.dumps({"task": task, "metric": "train/success", "updates": [],
+                                                            "validation": [{"update": 0, "id": 0.1}]}))
+    with pytest.raises(SystemExit):
+        learning_curves.main([str(tmp_path / "gp_l.json"), str(tmp_path / "virl_l.json"), "--out", "x.png"])
