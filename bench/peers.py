@@ -72,14 +72,16 @@ def tiny_text_model(folder: Path) -> Path:
 
 
 def model_directory(name: str, folder: Path) -> Path:
-    """``tiny`` built in ``folder``; a GGUF file dequantised (cached beside it); a model directory as it is."""
+    """``tiny`` built in ``folder``; a GGUF file dequantised (cached under checkpoints/gguf, see
+    ``lit_sftrl.models.loading.gguf_cache_dir``); a model directory as it is. Absolute: the children run from the
+    repository's root."""
     if name == "tiny":
         return tiny_text_model(folder)
     if name.endswith(".gguf"):
         from lit_sftrl.models.loading import dequantised_gguf
 
-        return dequantised_gguf(name)
-    return Path(name)
+        return dequantised_gguf(name).resolve()
+    return Path(name).resolve()
 
 
 def check_model(name: str) -> str | None:

@@ -137,3 +137,13 @@ def test_models_that_are_not_a_model_are_refused_in_one_line(stub_systems, tmp_p
     err = capsys.readouterr().err
     assert f"--models {tmp_path / 'nope'}: not 'tiny', a GGUF file or a model directory" in err
     assert stub_systems == []
+
+
+def test_a_model_directory_or_gguf_file_is_taken_and_passed_on_absolute(stub_systems, model_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(model_dir.parent)
+    bench.main(["--models", model_dir.name, "--repeats", "1", "--systems", "lit-sftrl-ppo"])
+    assert stub_systems == [("lit-sftrl-ppo", str(model_dir))]  # the children run from the repository's root
+    with pytest.raises(SystemExit):
+        bench.main(["--models", str(tmp_path / "SmolLM2.gguf")])  # no such file
+    assert "SmolLM2.gguf: not 'tiny', a GGUF file or a model directory" in capsys.readouterr().err
