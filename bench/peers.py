@@ -12,7 +12,9 @@ rotated order (TRL, GRPO, PPO; then GRPO, PPO, TRL; ...), so a slow spell of a s
 alike. A run's first step is left out (warm-up). Per system: the median, min and max of every repeat's steady
 steps (seconds, tokens per second: the prompt and completion tokens a step generated over its seconds) and of
 the processes' peak resident memory, beside the resident memory right after imports and model load (so the
-peak splits into libraries + weights and the work itself); for lit-sftrl, the step's split into rollout,
+peak splits into libraries + weights and the work itself) and the high-water mark once the first rollout has
+played (so the work splits into what the rollout took and what the update added on top); for lit-sftrl, the
+step's split into rollout,
 scoring forwards and the rest of the update (backward, optimizer), read from its metrics.csv. The ratios
 (lit-sftrl GRPO / TRL throughput and peak memory, PPO / GRPO step time) are taken within each repeat, then
 summarised (median, min, max over repeats).
@@ -149,9 +151,18 @@ def run_trl(model: str, args: argparse.Namespace) -> dict:
         top_p=1.0, learning_rate=args.lr, max_steps=args.steps, num_iterations=1, beta=0.0, logging_steps=1,
         save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
     )
-    GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, callbacks=[clock]).train()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, callbacks=[clock])
+    generate, memory = trainer._generate_and_score_completions, {}
+
+    def measured_generation(*args, **kwargs):  # TRL's rollout: generation, rewards, advantages
+        result = generate(*args, **kwargs)
+        memory.setdefault("peak_after_rollout_mb", peak_rss_mb())  # the first one's
+        return result
+
+    trainer._generate_and_score_completions = measured_generation  # an instance attribute shadows the method
+    trainer.train()
     tokens = [b - a for a, b in zip([0.0, *clock.tokens], clock.tokens)]  # logged cumulatively
-    return {"seconds": clock.seconds, "tokens": tokens, "loaded_rss_mb": clock.loaded_rss_mb}
+    return {"seconds": clock.seconds, "tokens": tokens, "loaded_rss_mb": clock.loaded_rss_mb, **memory}
 
 
 def lit_sftrl_steps(metrics_csv: Path) -> dict:
@@ -167,7 +178,7 @@ def run_lit_sftrl(model: str, estimator: str, args: argparse.Namespace) -> dict:
     from lit_sftrl.cli import run
 
     root = Path(tempfile.mkdtemp())
-    loaded = {"class_path": "bench.loaded_memory.LoadedMemory", "init_args": {"out": str(root / "loaded_rss_mb.json")}}
+    loaded = {"class_path": "bench.loaded_memory.LoadedMemory", "init_args": {"out": str(root / "memory.json")}}
     group = ["--model.init_args.ppo.group_size", str(args.group)] if estimator != "gae" else []
     run(["fit", "--config", str(REPO / "configs/gp_l_ppo.yaml"), "--model.init_args.backbone.path", model,
          "--model.init_args.ppo.advantage", estimator, *group, "--model.init_args.ppo.ppo_epochs", "1",
@@ -180,8 +191,7 @@ def run_lit_sftrl(model: str, estimator: str, args: argparse.Namespace) -> dict:
          "--trainer.max_epochs", str(args.steps), "--trainer.enable_progress_bar", "false",
          f"--trainer.callbacks+={json.dumps(loaded)}",
          "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
-    return {**lit_sftrl_steps(root / "metrics.csv"),
-            "loaded_rss_mb": json.loads((root / "loaded_rss_mb.json").read_text())}
+    return {**lit_sftrl_steps(root / "metrics.csv"), **json.loads((root / "memory.json").read_text())}
 
 
 def one_system(system: str, model: str, args: argparse.Namespace) -> dict:
@@ -234,9 +244,12 @@ def summarise(runs: list[dict]) -> dict:
     seconds = [s for run in runs for s in steady(run["seconds"])]
     rates = [t / s for run in runs for t, s in zip(steady(run["tokens"]), steady(run["seconds"]))]
     peaks, loaded = [run["peak_rss_mb"] for run in runs], [run["loaded_rss_mb"] for run in runs]
+    after_rollout = [run["peak_after_rollout_mb"] for run in runs]
     summary = {"repeats": len(runs), "steady_steps": len(seconds)}
     for name, values in (("seconds_per_step", seconds), ("tokens_per_s", rates), ("peak_rss_mb", peaks),
-                         ("loaded_rss_mb", loaded), ("work_rss_mb", [p - m for p, m in zip(peaks, loaded)])):
+                         ("loaded_rss_mb", loaded), ("work_rss_mb", [p - m for p, m in zip(peaks, loaded)]),
+                         ("rollout_rss_mb", [r - m for r, m in zip(after_rollout, loaded)]),
+                         ("update_rss_mb", [p - r for p, r in zip(peaks, after_rollout)])):
         figures = spread(values)
         summary |= {name: figures["median"], f"{name}_min": figures["min"], f"{name}_max": figures["max"]}
     if all("split" in run for run in runs):
@@ -285,16 +298,18 @@ def measure(models: list[str], args: argparse.Namespace) -> list[dict]:
 def report(results: list[dict]) -> str:
     """The summary table, the lit-sftrl step splits and the ratios against their goals."""
     lines = [f"{'model':>8} {'system':>15}  {'s/step median (min-max)':>24}  {'tokens/s median (min-max)':>26}  "
-             f"{'peak RSS MB (min-max)':>22}  {'after load':>10}  {'work':>6}"]
+             f"{'peak RSS MB (min-max)':>22}  {'after load':>10}  {'work':>6}  {'rollout':>7}  {'update':>6}"]
     for r in results:
         lines.append(
             f"{r['model'][-8:]:>8} {r['system']:>15}  "
             f"{r['seconds_per_step']:8.2f} ({r['seconds_per_step_min']:.2f}-{r['seconds_per_step_max']:.2f})".ljust(50)
             + f"  {r['tokens_per_s']:9.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})".ljust(28)
             + f"  {r['peak_rss_mb']:7.0f} ({r['peak_rss_mb_min']:.0f}-{r['peak_rss_mb_max']:.0f})".ljust(24)
-            + f"  {r['loaded_rss_mb']:10.0f}  {r['work_rss_mb']:6.0f}"
+            + f"  {r['loaded_rss_mb']:10.0f}  {r['work_rss_mb']:6.0f}  {r['rollout_rss_mb']:7.0f}  "
+            f"{r['update_rss_mb']:6.0f}"
         )
-    lines.append("work = peak RSS - RSS right after imports and model load (medians over repeats)")
+    lines.append("work = peak RSS - RSS right after imports and model load = rollout (the high-water mark after "
+                 "the first rollout, above the RSS after load) + update (the peak above that); MB, medians")
     for r in results:
         if "split_s" in r:
             split = r["split_s"]

@@ -19,6 +19,7 @@ PEAK = {"trl-grpo": [1000.0, 1100.0, 900.0], "lit-sftrl-grpo": [1200.0, 1000.0, 
         "lit-sftrl-ppo": [1300.0, 1300.0, 1300.0]}
 LOADED = {"trl-grpo": 600.0, "lit-sftrl-grpo": 500.0, "lit-sftrl-ppo": 500.0}
 WARM_UP = 100.0
+ROLLOUT_RSS = 150.0  # what each run's first rollout adds to the RSS after load
 
 
 @pytest.fixture
@@ -31,7 +32,8 @@ def stub_systems(monkeypatch):
         calls.append((system, str(model)))
         seconds = STEADY[system][run]
         record = {"system": system, "seconds": [WARM_UP, seconds, seconds], "tokens": [TOKENS] * 3,
-                  "peak_rss_mb": PEAK[system][run], "loaded_rss_mb": LOADED[system]}
+                  "peak_rss_mb": PEAK[system][run], "loaded_rss_mb": LOADED[system],
+                  "peak_after_rollout_mb": LOADED[system] + ROLLOUT_RSS}
         if system != "trl-grpo":  # lit-sftrl's split from metrics.csv: rollout 3/4 of the step, scoring 1/8
             record["split"] = {"rollout_s": [WARM_UP, 0.75 * seconds, 0.75 * seconds],
                                "scoring_s": [0.0, seconds / 8, seconds / 8],
@@ -80,6 +82,8 @@ def test_summaries_and_ratios_are_taken_over_steady_steps_and_within_each_repeat
             sorted(PEAK[system])[1], min(PEAK[system]), max(PEAK[system]))
         assert line["loaded_rss_mb"] == LOADED[system]
         assert line["work_rss_mb"] == pytest.approx(sorted(PEAK[system])[1] - LOADED[system])
+        assert line["rollout_rss_mb"] == ROLLOUT_RSS
+        assert line["update_rss_mb"] == pytest.approx(sorted(PEAK[system])[1] - LOADED[system] - ROLLOUT_RSS)
 
     grpo, ppo = results["lit-sftrl-grpo"], results["lit-sftrl-ppo"]
     # Throughput, repeat by repeat: GRPO 25, 100, 50 tokens/s against TRL's 50, 25, 100: 0.5, 4, 0.5 (pooled over
@@ -104,7 +108,9 @@ def test_the_report_shows_the_split_the_memory_after_load_and_the_ratios(stub_sy
     assert split in out
     assert "lit-sftrl-grpo / trl-grpo tokens_per_s: 0.50x (min 0.50, max 4.00 over 3 repeats; goal >= 2)" in out
     assert "lit-sftrl-ppo / lit-sftrl-grpo seconds_per_step: 0.50x" in out
-    assert "after load" in out and "work = peak RSS - RSS right after imports and model load" in out
+    assert "after load" in out and "work = peak RSS - RSS right after imports and model load = rollout" in out
+    # TRL's row: median peak 1000, after load 600: work 400 = rollout 150 + update 250
+    assert any(line.split()[-4:] == ["600", "400", "150", "250"] for line in out.splitlines() if "trl-grpo" in line)
 
 
 def test_a_system_left_out_drops_only_its_ratios(stub_systems, model_dir, capsys):
