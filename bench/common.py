@@ -73,7 +73,16 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory (``VmHWM``), in MiB. Not ``getrusage``'s ``ru_maxrss``: Linux carries
     the high-water mark of the process that forked this one across ``exec``, so a child started from a larger
     process would report that process's size as its own peak."""
+    return _status_mb("VmHWM")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (``VmRSS``), in MiB."""
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM line (Linux only)")
+    raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")

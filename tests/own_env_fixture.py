@@ -72,3 +72,12 @@ class FormatPenalty(gym.Wrapper):
         shaping = 0.0 if info["well_formed"] else self.penalty
         info = {**info, "reward_components": {"task": float(reward), "format": shaping}}
         return observation, reward + shaping, terminated, truncated, info
+
+
+class LengthBonusAdd(AddEnv):
+    """AddEnv whose reward also counts the answer's length modulo 3: the samples of an untrained tiny model, which
+    never add up, still earn rewards that differ (what tests of advantage normalisation need)."""
+
+    def step(self, answer):
+        observation, reward, terminated, truncated, info = super().step(answer)
+        return observation, reward + len(answer) % 3, terminated, truncated, info

@@ -2,7 +2,8 @@
 
 After every update each rank appends one JSON line to ``<out>/rank<r>.jsonl``: the update, global step and
 env steps, the first user message of every prompt of the update's first batched generation (its episodes),
-and a SHA-256 of its trainable weights. Pass it with
+each attempt's reward, (group, member) and advantage as the module computed them, and a SHA-256 of its
+trainable weights. Pass it with
 ``--trainer.callbacks+='{"class_path": "ppo_rank_probe.PPORankProbe", "init_args": {"out": DIR}}'`` and
 ``tests/`` on ``PYTHONPATH``.
 """
@@ -29,6 +30,7 @@ class PPORankProbe(L.Callback):
     def __init__(self, out: str) -> None:
         self.out = Path(out)
         self._first_prompts: list[str] | None = None
+        self._attempts: dict[str, list] | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         encoder = pl_module.backbone.encoder
@@ -43,8 +45,21 @@ class PPORankProbe(L.Callback):
 
         encoder.encode_prompts = recording_encode_prompts  # an instance attribute shadows the method for this update
 
+        advantages = type(pl_module)._advantages
+        self._attempts = None
+
+        def recording_advantages(attempts):
+            result = advantages(pl_module, attempts)
+            self._attempts = {"rewards": [a.reward for a in attempts],
+                              "episodes": [[a.group, a.member] for a in attempts],
+                              "advantages": result[0].tolist()}
+            return result
+
+        pl_module._advantages = recording_advantages
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         del pl_module.backbone.encoder.encode_prompts
+        del pl_module._advantages
         record = {
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
@@ -52,6 +67,7 @@ class PPORankProbe(L.Callback):
             "global_step": trainer.global_step,
             "env_steps": pl_module.env_steps,
             "prompts": self._first_prompts,
+            **(self._attempts or {}),
             "weights": weights_digest(pl_module),
         }
         self.out.mkdir(parents=True, exist_ok=True)

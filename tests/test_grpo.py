@@ -1,11 +1,16 @@
-"""Critic-free RL (GRPO, RLOO) end to end on the tiny model: groups of whole episodes, no value head, the toy task
-learnt as PPO learns it, an exact resume, and a run through the CLI with the shipped GP-L config.
+"""Critic-free RL (GRPO, RLOO, REINFORCE++) end to end on the tiny model: groups of whole episodes, no value head,
+the toy task learnt as PPO learns it, an exact resume, a run through the CLI with the shipped GP-L config, and
+two CPU DDP processes (groups per rank, REINFORCE++ normalised over both, an exact resume).
 
 The estimators against hand-computed values are in ``test_advantages.py``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -151,3 +156,79 @@ def test_a_bad_estimator_combination_stops_the_cli_in_one_line_before_any_model(
     message = str(exit_info.value.code)
     assert "ppo.group_size: rloo compares episodes within a group and needs at least 2, got 1" in message, message
     assert no_model_may_be_built == [] and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+
+def ddp_reinforce_pp(tiny: str, root: Path, max_epochs: int, *extra: str) -> list[list[dict]]:
+    """``lit-sftrl fit`` as 2 CPU processes (gloo) under REINFORCE++ with groups of 2, on an environment whose
+    rewards differ from sample to sample; each rank's probe records, update by update."""
+    probe = json.dumps({"class_path": "ppo_rank_probe.PPORankProbe", "init_args": {"out": str(root / "probe")}})
+    every_update = json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(root / "every_update"), "every_n_epochs": 1, "save_top_k": -1, "filename": "{epoch}",
+        "save_on_train_epoch_end": True}})
+    task = {"name": "add", "env": "tests.own_env_fixture:LengthBonusAdd", "env_kwargs": {"digits": 3, "attempts": 1},
+            "verify_iter": None}
+    command = [
+        str(Path(sys.executable).parent / "lit-sftrl"), "fit", "--config", str(REPO / "configs" / "gp_l_ppo.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.max_epochs", str(max_epochs), "--trainer.num_sanity_val_steps", "0",
+        "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+        f"--trainer.callbacks+={probe}", f"--trainer.callbacks+={every_update}",
+        "--model.init_args.backbone.path", tiny, "--model.init_args.sampling.max_new_tokens", "4",
+        "--model.init_args.sampling.temperature", "1.0",
+        "--model.init_args.ppo.advantage", "reinforce_pp", "--model.init_args.ppo.group_size", "2",
+        # minibatch_size counts both ranks: each rank's 4 attempts, one optimizer step per update.
+        "--model.init_args.ppo.ppo_epochs", "1", "--model.init_args.ppo.minibatch_size", "8",
+        "--model.init_args.ppo.micro_batch_size", "4", "--model.init_args.optim.lr", "1e-3",
+        "--data.init_args.task", json.dumps(task), "--data.init_args.evaluation.val_episodes", "0",
+        "--data.init_args.num_envs", "4", "--data.init_args.rollout_steps", "4", *extra,
+    ]
+    env = {
+        **os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    }
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [[json.loads(line) for line in (root / "probe" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+
+
+def test_two_process_ddp_reinforce_pp_numbers_groups_per_rank_normalises_over_both_and_resumes_exactly(
+    tiny, tmp_path
+):
+    unbroken = ddp_reinforce_pp(tiny, tmp_path / "unbroken", 2)
+    for rank, records in enumerate(unbroken):
+        assert [r["update"] for r in records] == [0, 1] and all(r["rank"] == rank for r in records)
+        for update, record in enumerate(records):
+            # Groups are numbered per rank over the run (2 groups of 2 single-attempt episodes per update), and
+            # a group's members play one start state: the first batch holds groups 2u and 2u + 1, two each.
+            assert sorted(map(tuple, record["episodes"])) == [(g, m) for g in (2 * update, 2 * update + 1)
+                                                              for m in (0, 1)]
+            prompts = record["prompts"]
+            assert prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    for update in (0, 1):
+        zero, one = unbroken[0][update], unbroken[1][update]
+        assert zero["weights"] == one["weights"], f"ranks disagree after update {update + 1}"
+        assert not set(zero["prompts"]) & set(one["prompts"]), "the ranks played the same start states"
+        # REINFORCE++ normalises every rank's returns together (one attempt per episode: returns are rewards).
+        rewards = torch.tensor(zero["rewards"] + one["rewards"], dtype=torch.float64)
+        expected = (rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)
+        assert zero["advantages"] + one["advantages"] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert rewards.std() > 0
+
+    def alone(record: dict) -> list[float]:  # what the rank's own normalisation would have given
+        own = torch.tensor(record["rewards"], dtype=torch.float64)
+        return ((own - own.mean()) / (own.std(correction=0) + 1e-8)).tolist()
+
+    assert any(r["advantages"] != pytest.approx(alone(r), abs=1e-3) for records in unbroken for r in records)
+    state = torch.load(tmp_path / "unbroken" / "checkpoints" / "last.ckpt", weights_only=True)["rollout_state"]
+    assert state == [{"next_group": 4}, {"next_group": 4}]
+
+    # Resumed from the checkpoint after update 1, update 2 is the unbroken run's, on both ranks, bit for bit.
+    after_one = tmp_path / "unbroken" / "every_update" / "epoch=0.ckpt"
+    resumed = ddp_reinforce_pp(tiny, tmp_path / "resumed", 2, "--ckpt_path", str(after_one))
+    assert [[r["update"] for r in records] for records in resumed] == [[1], [1]]
+    assert [records[0] for records in resumed] == [records[1] for records in unbroken]

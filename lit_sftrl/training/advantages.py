@@ -90,6 +90,24 @@ def episode_returns(
     return episode_of, returns, episode_groups
 
 
+def kl_penalised_rewards(
+    *, rewards: torch.Tensor, token_logprobs: Sequence[torch.Tensor], reference_token_logprobs: Sequence[torch.Tensor],
+    kl_coef: float,
+) -> torch.Tensor:
+    """REINFORCE++'s KL in the reward: each attempt's reward [A] minus ``kl_coef`` x its summed log-ratio to the
+    reference, ``sum_t (log pi_old(y_t) - log pi_ref(y_t))`` over its tokens (the k1 estimate of the answer's KL,
+    at the rollout's own log-probs). Hu et al. subtract ``kl_coef`` x each token's log-ratio from that token's
+    reward; with one action per answer (turn-level), an answer's share is the sum over its tokens, and it enters the
+    episode's return, hence the batch normalisation, like any other reward."""
+    if not token_logprobs:
+        return rewards.double()
+    log_ratios = torch.stack([
+        (policy.detach().double() - reference.detach().to(policy.device).double()).sum()
+        for policy, reference in zip(token_logprobs, reference_token_logprobs, strict=True)
+    ]).cpu()
+    return rewards.double() - kl_coef * log_ratios
+
+
 def attempt_advantages(*, episode_of: Sequence[int], advantages: torch.Tensor) -> torch.Tensor:
     """Every attempt [A] takes the advantage of its episode: ``episode_of[a]`` indexes ``advantages`` [E]."""
     return advantages[torch.as_tensor(list(episode_of), dtype=torch.long)]

@@ -34,6 +34,7 @@ from lit_sftrl.training.advantages import (
     compute_gae,
     episode_advantages,
     episode_returns,
+    kl_penalised_rewards,
 )
 from lit_sftrl.training.evaluation import EpisodeMetrics
 from lit_sftrl.training.micro_batches import PaddingMeter, attempt_lengths, by_length
@@ -55,6 +56,8 @@ class PPOConfig:
         value_coef: weight of the value loss (paper 0.5).
         entropy_coef: entropy bonus (paper 0, i.e. off).
         kl_coef: KL penalty to the reference policy: the ``init_from`` run, else the base model (paper 0: off).
+            A loss term under every estimator but ``reinforce_pp``, which subtracts it from the reward instead
+            (REINFORCE++'s form; see :attr:`kl_in_reward`).
         ppo_epochs: passes over each rollout (paper 4).
         minibatch_size: attempts per optimizer step, summed over all ranks (paper 1,024: 8 optimizer steps per
             update of 8 GPUs x 256 attempts x 4 epochs). Each rank takes ``minibatch_size / world_size``.
@@ -118,6 +121,13 @@ class PPOConfig:
             return self.group_size
         return 4 if self.advantage in ("grpo", "rloo") else 1
 
+    @property
+    def kl_in_reward(self) -> bool:
+        """REINFORCE++ (Hu et al., 2025) charges the KL to the reference in the reward, before returns and the batch
+        normalisation: each attempt's reward loses ``kl_coef`` x its summed log-ratio to the reference. It replaces
+        the loss term rather than joining it: one coefficient in two places would charge the KL twice."""
+        return self.advantage == "reinforce_pp" and self.kl_coef > 0
+
 
 def answer_logprob(token_logprobs: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
     """log pi(answer | prompt): the sum of its tokens' log-probs, the reasoning tokens weighted by thought_coef."""
@@ -132,7 +142,8 @@ def ppo_loss(
     entropy: torch.Tensor, kl: torch.Tensor, config: PPOConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole objective in one place: clipped surrogate + (clipped) value loss - entropy bonus + KL penalty.
-    ``values`` None (critic-free): no value loss."""
+    ``values`` None (critic-free): no value loss. ``kl`` is always reported; under ``config.kl_in_reward`` it is
+    not in the loss."""
     log_ratio = logprob - old_logprob
     ratio = log_ratio.exp()
     surrogate = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - config.clip_eps, 1 + config.clip_eps))
@@ -144,9 +155,8 @@ def ppo_loss(
             clipped_values = old_values + (values - old_values).clamp(-config.value_clip, config.value_clip)
             value_error = torch.max(value_error, (clipped_values - returns) ** 2)
         value_loss = 0.5 * value_error.mean()
-    loss = (
-        policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + config.kl_coef * kl.mean()
-    )
+    kl_weight = 0.0 if config.kl_in_reward else config.kl_coef  # reinforce_pp charged it in the reward already
+    loss = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy.mean() + kl_weight * kl.mean()
     with torch.no_grad():
         stats = {
             "policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(),
@@ -213,6 +223,7 @@ class PPOModule(PolicyModule):
         self.env_steps = 0
         self._pool: EnvironmentPool | GroupedEpisodes | None = None
         self._pool_states: list | None = None  # from a checkpoint: rebuilds each rank's running episodes
+        self._scoring_s = 0.0  # the current update's scoring forwards (time/scoring_s)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         if self.backbone.value_head is None:
@@ -231,7 +242,7 @@ class PPOModule(PolicyModule):
     def training_step(self, spec: RolloutSpec, batch_idx: int) -> None:
         rollout = self._rollout(spec)
         advantages, returns = self._advantages(rollout.attempts)
-        start = time.perf_counter()
+        start, self._scoring_s = time.perf_counter(), 0.0
         with phase(self._trainer, "update", self.ppo.ppo_epochs * len(rollout.attempts), "attempts") as bar:
             stats, trained_tokens = self._optimize(spec, rollout.attempts, advantages, returns, bar.advance)
         self._count_compute(spec, rollout, trained_tokens)
@@ -316,9 +327,14 @@ class PPOModule(PolicyModule):
     def _critic_free_advantages(self, attempts: Sequence[Attempt]) -> torch.Tensor:
         """Each episode's return (the sum of its attempts' rewards) becomes its advantage against its group (or
         the batch: reinforce_pp), and every attempt of the episode takes it (see the advantages module)."""
+        rewards = torch.tensor([a.reward for a in attempts], dtype=torch.float64)
+        if self.ppo.kl_in_reward:
+            rewards = kl_penalised_rewards(
+                rewards=rewards, token_logprobs=[a.token_logprobs for a in attempts],
+                reference_token_logprobs=[a.reference_token_logprobs for a in attempts], kl_coef=self.ppo.kl_coef,
+            )
         episode_of, returns, groups = episode_returns(
-            groups=[a.group for a in attempts], members=[a.member for a in attempts],
-            rewards=[a.reward for a in attempts],
+            groups=[a.group for a in attempts], members=[a.member for a in attempts], rewards=rewards.tolist(),
         )
         per_episode = episode_advantages(
             returns=returns, groups=groups, estimator=self.ppo.advantage, scale_by_std=self.ppo.scale_by_std
@@ -384,7 +400,9 @@ class PPOModule(PolicyModule):
 
     def _micro_batch_loss(self, batch: list[Attempt], *, old_logprob, old_values, advantages, returns):
         prompts, answers = [a.prompt for a in batch], [a.answer_ids for a in batch]
+        start = time.perf_counter()
         scores = self.backbone.score(prompts, answers, self.sampling.temperature)
+        self._scoring_s += time.perf_counter() - start
         device = scores.entropy.device
         logprob = torch.stack([answer_logprob(lp, a.token_weights) for lp, a in zip(scores.token_logprobs, batch)])
         kl = torch.zeros(len(batch), device=device)
@@ -433,6 +451,7 @@ class PPOModule(PolicyModule):
                 "train/flops": self.flops.total, "train/update": float(self.current_epoch + 1),
                 "train/lr": self.lr_schedulers().get_last_lr()[0],
                 **rollout.timing(), "time/update_s": seconds, "time/update_tokens_per_s": tokens_per_rank / seconds,
+                "time/scoring_s": self._scoring_s,  # the part of time/update_s spent in the scoring forwards
             }
         )
         self.log("reward", reward / n, prog_bar=True, logger=False)
