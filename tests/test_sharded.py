@@ -155,10 +155,12 @@ def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_ex
     from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
     from lit_sftrl.models.backbone import Backbone, BackboneConfig
+    from lit_sftrl.models.export import load_backbone_from_lightning_checkpoint
     from lit_sftrl.training.sharding import repeated_layers
 
     llava = tiny_dir_factory("llava")
-    units = repeated_layers(Backbone(BackboneConfig(path=str(llava))).model)
+    base = Backbone(BackboneConfig(path=str(llava)))
+    units = repeated_layers(base.model)
     assert sum(isinstance(unit, CLIPEncoderLayer) for unit in units) == 2 and len(units) == 2 + 4  # vision + text
 
     # A constant learning rate: a cosine schedule's length follows max_epochs, which a resume may not change.
@@ -175,6 +177,13 @@ def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_ex
     assert rows(sharded, keys)[-1]["train/kl_to_reference"] > 0  # the policy moved away from the frozen copy
     tokens = [[row["train/rollout_tokens"] for row in rows(run, keys)] for run in (sharded, ddp)]
     assert tokens[0] == tokens[1]
+    # The weights after two updates, the CLIP tower's included (the images train it), are DDP's.
+    ours, theirs = (load_backbone_from_lightning_checkpoint(run / "checkpoints" / "last.ckpt").trainable_state_dict()
+                    for run in (sharded, ddp))
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    before = base.trainable_state_dict()
+    vision = [k for k in before if "vision_tower" in k]
+    assert vision and any(not torch.equal(ours[k], before[k]) for k in vision)
 
     first_update = min((sharded / "checkpoints").glob("epoch=*.ckpt"), key=lambda path: path.stat().st_mtime)
     resumed = fit(tmp_path / "resumed", *args, *FSDP_CPU, "--ckpt_path", str(first_update))

@@ -54,7 +54,7 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq
 GIB = 1024**3
 # Values saved per token of a decoder layer for its backward (see the module docstring), in units of the widths.
 SAVED_PER_TOKEN = {"hidden": 6, "kv": 3, "intermediate": 4}
-# Rows that exist only during one phase of an update: the peak holds the larger phase, not both.
+# Rows that exist only during one phase of an update: the peak holds the largest phase, not all of them.
 UPDATE_ROWS = ("layers all-gathered", "activations")
 ROLLOUT_ROWS = ("rollout: whole weights", "rollout KV cache")
 REFERENCE_ROWS = ("reference: whole weights",)

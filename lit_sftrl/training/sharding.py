@@ -47,6 +47,10 @@ def shard_backbone(backbone: Any, mesh: Any, bf16: bool) -> None:
         for layer in repeated_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # LLaVA's output carries the projected image features as a view; lit-sftrl reads the logits (and the last
+    # hidden state through a hook) and writes into no output in place, which is what the warning is about.
+    warnings.filterwarnings("ignore",
+                            message=r"FSDP2-wrapped module \(FSDP\w+ForConditionalGeneration\) returned a view")
     if backbone.value_head is not None:
         fully_shard(backbone.value_head, mesh=mesh, reshard_after_forward=True)  # fp32 always (see ValueHead)
         # Its output is a view (squeeze); nothing writes into it in place, which is what the warning is about.
