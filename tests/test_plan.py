@@ -59,9 +59,15 @@ def test_the_same_run_unsharded_does_not_fit_80_gb():
     assert replicated.rows["optimizer (AdamW)"] == pytest.approx(8 * sharded.rows["optimizer (AdamW)"])
     lora = plan_run(LLAMA_11B, BackboneConfig(path=str(LLAMA_11B), dtype="bfloat16", lora=LoraSettings()), settings)
     assert lora.total < 80 * GIB and lora.trainable < 0.01 * lora.parameters
-    # The KL reference: free under LoRA (the adapter disabled); a whole frozen copy under full fine-tuning.
+    # The KL reference: free under LoRA (the adapter disabled); under full fine-tuning a frozen copy, sharded like
+    # the model and gathered whole (in the compute dtype) to score, in a phase of its own.
     with_kl = PlanSettings(**{**vars(settings), "sharding": "sharded", "kl_reference": True})
-    assert plan_run(LLAMA_11B, backbone, with_kl).rows["KL reference"] == pytest.approx(4 * replicated.parameters)
+    kl = plan_run(LLAMA_11B, backbone, with_kl)
+    assert kl.rows["KL reference"] == pytest.approx(4 * replicated.parameters / 8)
+    assert kl.rows["reference: whole weights"] == pytest.approx(2 * replicated.parameters)
+    assert kl.total == pytest.approx(sharded.total + kl.rows["KL reference"])  # the rollout's phase is larger
+    unsharded_kl = plan_run(LLAMA_11B, backbone, PlanSettings(**{**vars(with_kl), "sharding": "replicated"}))
+    assert "reference: whole weights" not in unsharded_kl.rows
     lora_kl = plan_run(LLAMA_11B, BackboneConfig(path=str(LLAMA_11B), lora=LoraSettings()), with_kl)
     assert lora_kl.rows["KL reference"] == 0
 

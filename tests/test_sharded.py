@@ -1,6 +1,6 @@
 """Sharded SFT and PPO (FSDP2 through Lightning's ModelParallelStrategy, configs/strategies/fsdp_cpu.yaml): two CPU
-processes over gloo, the tiny Mllama. Each run is the `lit-sftrl` command (Lightning starts the second process by
-running it again), ~30-60 s each on this machine: these tests are few, and marked slow.
+processes over gloo, the tiny Mllama and the tiny LLaVA. Each run is the `lit-sftrl` command (Lightning starts the
+second process by running it again), ~30-60 s each on this machine: these tests are few, and marked slow.
 
 The reference is the same run under DDP with two processes: rank r trains on the same episodes and batches in both,
 so sharding must change nothing but rounding (a single process would play other episodes). Stated tolerance:
@@ -9,8 +9,11 @@ absolute 1e-5 (relative 1e-4) on every logged loss and statistic, identical roll
 from __future__ import annotations
 
 import csv
+import json
+import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +26,11 @@ LIT = Path(sys.executable).with_name("lit-sftrl")
 FSDP_CPU = ["--config", str(REPO / "configs/strategies/fsdp_cpu.yaml")]
 DDP_CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 QUIET = ["--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"]
-PPO = ["--config", str(REPO / "configs/gp_l_ppo.yaml"), "--data.init_args.num_envs", "2",
-       "--data.init_args.rollout_steps", "4", "--model.init_args.ppo.ppo_epochs", "1",
-       "--model.init_args.ppo.minibatch_size", "4", "--model.init_args.ppo.micro_batch_size", "2",
-       "--model.init_args.sampling.max_new_tokens", "8", *QUIET]
+PPO_SHAPE = ["--data.init_args.num_envs", "2", "--data.init_args.rollout_steps", "4",
+             "--model.init_args.ppo.ppo_epochs", "1", "--model.init_args.ppo.minibatch_size", "4",
+             "--model.init_args.ppo.micro_batch_size", "2", "--model.init_args.sampling.max_new_tokens", "8", *QUIET]
+PPO = ["--config", str(REPO / "configs/gp_l_ppo.yaml"), *PPO_SHAPE]
+PPO_VL = ["--config", str(REPO / "configs/gp_vl_ppo.yaml"), *PPO_SHAPE]  # card images: the vision tower runs
 SFT = ["--config", str(REPO / "configs/gp_l_sft.yaml"), "--data.init_args.batch_size", "2",
        "--trainer.log_every_n_steps", "1", *QUIET]
 PPO_STATS = ["train/policy_loss", "train/value_loss", "train/entropy", "train/approx_kl", "train/reward"]
@@ -34,10 +38,17 @@ PPO_STATS = ["train/policy_loss", "train/value_loss", "train/entropy", "train/ap
 pytestmark = pytest.mark.slow
 
 
-def fit(run_dir: Path, *args: str) -> Path:
-    done = subprocess.run([str(LIT), "fit", *args, "--trainer.default_root_dir", str(run_dir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def fit(run_dir: Path, *args: str, timeout: float = 600) -> Path:
+    # Its own process group: a run that hangs is ended with the rank Lightning started beside it.
+    with subprocess.Popen([str(LIT), "fit", *args, "--trainer.default_root_dir", str(run_dir)], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as run:
+        try:
+            _, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+            pytest.fail(f"{run_dir.name}: no end within {timeout:.0f} s (ranks waiting on each other?)")
+    assert run.returncode == 0, stderr[-3000:]
     return run_dir
 
 
@@ -136,3 +147,109 @@ def test_sharded_ppo_with_lora_and_kl_reference_matches_ddp(tmp_path, tiny_dir_f
     keys = [*PPO_STATS, "train/kl_to_reference", "train/rollout_tokens"]
     assert_close(rows(sharded, keys), rows(ddp, keys))
     assert rows(sharded, keys)[-1]["train/kl_to_reference"] > 0  # the adapter moved away from the reference
+
+
+def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_exactly(tmp_path, tiny_dir_factory):
+    """The LLaVA family on GP-VL (card images), full fine-tuning with kl_coef 0.1: the CLIP tower's encoder layers
+    are FSDP units like the decoder's, and the KL reference is a frozen copy of the model, sharded the same way."""
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from lit_sftrl.models.backbone import Backbone, BackboneConfig
+    from lit_sftrl.models.export import load_backbone_from_lightning_checkpoint
+    from lit_sftrl.training.sharding import repeated_layers
+
+    llava = tiny_dir_factory("llava")
+    base = Backbone(BackboneConfig(path=str(llava)))
+    units = repeated_layers(base.model)
+    assert sum(isinstance(unit, CLIPEncoderLayer) for unit in units) == 2 and len(units) == 2 + 4  # vision + text
+
+    # A constant learning rate: a cosine schedule's length follows max_epochs, which a resume may not change.
+    args = [*PPO_VL, "--model.init_args.backbone.path", str(llava), "--model.init_args.ppo.kl_coef", "0.1",
+            "--model.init_args.optim.schedule", "constant", "--trainer.max_epochs", "2"]
+    every_update = tmp_path / "every_update.yaml"  # keep each update's checkpoint: the resume starts from the first
+    every_update.write_text("trainer:\n  callbacks:\n    - class_path: lit_sftrl.run.checkpoint_io.RunCheckpoint\n"
+                            "      init_args: {every_n_epochs: 1, save_on_train_epoch_end: true, save_top_k: -1,"
+                            " save_last: true}\n")
+    sharded = fit(tmp_path / "fsdp", *args, *FSDP_CPU, "--config", str(every_update))
+    ddp = fit(tmp_path / "ddp", *args, *DDP_CPU)
+    keys = [*PPO_STATS, "train/kl_to_reference", "train/rollout_tokens"]
+    assert_close(rows(sharded, keys), rows(ddp, keys))
+    assert rows(sharded, keys)[-1]["train/kl_to_reference"] > 0  # the policy moved away from the frozen copy
+    tokens = [[row["train/rollout_tokens"] for row in rows(run, keys)] for run in (sharded, ddp)]
+    assert tokens[0] == tokens[1]
+    # The weights after two updates, the CLIP tower's included (the images train it), are DDP's.
+    ours, theirs = (load_backbone_from_lightning_checkpoint(run / "checkpoints" / "last.ckpt").trainable_state_dict()
+                    for run in (sharded, ddp))
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+    before = base.trainable_state_dict()
+    vision = [k for k in before if "vision_tower" in k]
+    assert vision and any(not torch.equal(ours[k], before[k]) for k in vision)
+
+    first_update = min((sharded / "checkpoints").glob("epoch=*.ckpt"), key=lambda path: path.stat().st_mtime)
+    resumed = fit(tmp_path / "resumed", *args, *FSDP_CPU, "--ckpt_path", str(first_update))
+    assert rows(resumed, keys) == rows(sharded, keys)[1:]  # exact; the frozen reference re-made from the base model
+
+
+# Run by torchrun on 2 processes: the modules' configure_model on a 2-rank mesh, as ModelParallelStrategy calls it.
+SHARDED_REFERENCE = """
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+
+from lit_sftrl.models.config import BackboneConfig
+from lit_sftrl.training.ppo import PPOConfig, PPOModule
+from lit_sftrl.training.sharding import repeated_layers
+
+dist.init_process_group("gloo")
+module = PPOModule(BackboneConfig(path=sys.argv[1]), PPOConfig(kl_coef=0.1))
+module._trainer = SimpleNamespace(precision="32-true", strategy=SimpleNamespace(root_device=torch.device("cpu")))
+module._device_mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+module.configure_model()
+reference = module.backbone.frozen_reference
+assert all(isinstance(unit, FSDPModule) for unit in [reference, *repeated_layers(reference)])
+whole = sum(p.numel() for p in reference.parameters())
+held = sum(p.to_local().numel() for p in reference.parameters())
+assert held < 0.51 * whole, (held, whole)
+dist.destroy_process_group()
+"""
+
+
+def test_the_frozen_kl_reference_is_sharded_like_the_model(tmp_path, tiny_dir_factory):
+    script = tmp_path / "sharded_reference.py"
+    script.write_text(SHARDED_REFERENCE)
+    done = subprocess.run([str(LIT.with_name("torchrun")), "--standalone", "--nproc_per_node", "2", str(script),
+                           str(tiny_dir_factory("llava"))], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_sharded_sft_on_mixed_image_and_text_only_samples_matches_ddp(tmp_path, tiny_dir_factory):
+    """A LLaVA-style file mixing image and text-only samples: ranks whose batches hold different kinds run the
+    same forward passes (a stand-in weighing nothing for a kind a rank lacks); without that they wait on each
+    other for ever, which the timeout turns into a failure."""
+    from PIL import Image
+
+    from lit_sftrl.data.datamodules import LlavaSource, SFTBatches
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "card.png")
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps([
+        {"image": "card.png", "conversations": [{"from": "human", "value": "<image>\nWhat card?"},
+                                                {"from": "gpt", "value": "a red one"}]},
+        {"conversations": [{"from": "human", "value": "Cards: 3 8"}, {"from": "gpt", "value": "8/(3-8/3)"}]},
+    ]))
+    # The draws this test relies on: in step 1 rank 0 has no text-only sample, in step 2 no image, rank 1 both.
+    source = LlavaSource(str(data), None)
+    kinds = [[{sample["image"] is not None for sample in batch} for batch, _ in zip(SFTBatches(source, 2, 0, rank, 0),
+                                                                                    range(2))] for rank in (0, 1)]
+    assert kinds == [[{True}, {False}], [{True, False}, {True, False}]]
+
+    sft = [*SFT, "--model.init_args.backbone.path", str(tiny_dir_factory("llava")), "--data.init_args.llava_json",
+           str(data), "--trainer.max_steps", "2"]
+    sharded = fit(tmp_path / "fsdp", *sft, *FSDP_CPU, timeout=240)
+    ddp = fit(tmp_path / "ddp", *sft, *DDP_CPU)
+    assert_close(rows(sharded, ["train/loss"]), rows(ddp, ["train/loss"]))
+    assert rows(sharded, ["train/tokens"]) == rows(ddp, ["train/tokens"])  # stand-ins are not counted

@@ -341,6 +341,17 @@ class Backbone(nn.Module):
         else:
             self._reference_holder[:] = [copy.deepcopy(self.model).eval().requires_grad_(False)]
 
+    @property
+    def frozen_reference(self) -> nn.Module | None:
+        """The frozen copy that is the KL reference under full fine-tuning, once made (None under (Q)LoRA)."""
+        return self._reference_holder[0] if self._reference_holder else None
+
+    @property
+    def reference_weights(self) -> nn.Module:
+        """The module whose weights the reference log-probs read: the frozen copy, or (LoRA) this backbone."""
+        self.prepare_reference()
+        return self if self.frozen_reference is None else self.frozen_reference
+
     @contextlib.contextmanager
     def _reference_context(self) -> Iterator[nn.Module]:
         self.prepare_reference()

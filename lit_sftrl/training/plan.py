@@ -9,8 +9,9 @@ Memory is counted per device for the strategy the trainer config names:
   all-gathered during a forward (this layer and the next one, prefetched); lit-sftrl's rollouts gather the whole
   model on every rank (:func:`lit_sftrl.training.sharding.whole_weights`), in the compute dtype.
 
-The peak is the state held throughout plus the larger phase: the update (activations, gathered layers) or the
-rollout (KV cache, and under sharding the whole weights).
+The peak is the state held throughout plus the largest phase: the update (activations, gathered layers), the
+rollout (KV cache, and under sharding the whole weights) or the reference scoring (under sharding the whole
+frozen copy).
 
 What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` measures the tiny case):
 
@@ -25,7 +26,8 @@ What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` 
 - the rollout's KV cache: every slot's conversation (prompt and answer) in the self-attention layers, and for
   Mllama the image's keys and values in the cross-attention layers;
 - the KL reference: free under LoRA (the adapter disabled), a frozen copy of the weights under full fine-tuning,
-  whole on every device (lit-sftrl does not shard it).
+  sharded like the model; under sharding its reference log-probs are computed on the whole copy, gathered once
+  the rollout's whole weights are freed (a phase of its own).
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq
 GIB = 1024**3
 # Values saved per token of a decoder layer for its backward (see the module docstring), in units of the widths.
 SAVED_PER_TOKEN = {"hidden": 6, "kv": 3, "intermediate": 4}
-# Rows that exist only during one phase of an update: the peak holds the larger phase, not both.
+# Rows that exist only during one phase of an update: the peak holds the largest phase, not all of them.
 UPDATE_ROWS = ("layers all-gathered", "activations")
 ROLLOUT_ROWS = ("rollout: whole weights", "rollout KV cache")
+REFERENCE_ROWS = ("reference: whole weights",)
+PHASES = (UPDATE_ROWS, ROLLOUT_ROWS, REFERENCE_ROWS)
 
 
 @dataclass
@@ -114,10 +118,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> float:
-        """The peak: the state held throughout, plus the larger of the update's and the rollout's transient memory
-        (a rollout's caches and gathered weights are freed before the update that follows it)."""
-        phases = [sum(self.rows.get(name, 0.0) for name in names) for names in (UPDATE_ROWS, ROLLOUT_ROWS)]
-        state = sum(value for name, value in self.rows.items() if name not in UPDATE_ROWS + ROLLOUT_ROWS)
+        """The peak: the state held throughout, plus the largest phase's transient memory: the update's, the
+        rollout's or the reference scoring's (each frees what it gathered before the next one starts)."""
+        phases = [sum(self.rows.get(name, 0.0) for name in names) for names in PHASES]
+        state = sum(value for name, value in self.rows.items() if not any(name in names for names in PHASES))
         return state + max(phases)
 
     def table(self) -> str:
@@ -130,8 +134,8 @@ class MemoryPlan:
             "  per device:",
         ]
         lines += [f"    {name:<26} {value / GIB:9.2f} GiB" for name, value in self.rows.items()]
-        lines += [f"    {'peak':<26} {self.total / GIB:9.2f} GiB   (state + the larger of the update's and the "
-                  "rollout's rows)",
+        lines += [f"    {'peak':<26} {self.total / GIB:9.2f} GiB   (state + the largest phase's rows: update, "
+                  "rollout, reference)",
                   f"  FLOPs of one update (all devices): {self.flops_per_update:.3e}"]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -212,9 +216,11 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
         head = text.hidden_size * (value_head_hidden or 256) + 2 * (value_head_hidden or 256) + 1
         rows["value head"] = head * 4 * (2 + ADAMW_STATES)  # fp32 weights, gradients, AdamW; small: counted whole
     if s.kl_reference:
-        rows["KL reference"] = 0.0 if backbone.lora is not None else weights  # a frozen copy, never sharded
+        rows["KL reference"] = 0.0 if backbone.lora is not None else weights / shards  # a frozen copy
         if backbone.lora is not None:
             notes.append("KL reference under LoRA: the adapter disabled (a second adapter when init_from)")
+        elif s.sharding == "sharded":  # scored on the whole copy, like the rollout on the whole model
+            rows["reference: whole weights"] = parameters * DTYPE_BYTES[s.compute_dtype]
     rows["activations"] = _activation_bytes(model, text, vision, backbone, s)
     if s.rollout_slots:
         if s.sharding == "sharded":  # lit_sftrl.training.sharding.whole_weights: every rank decodes at its own pace

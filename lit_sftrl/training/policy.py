@@ -133,6 +133,8 @@ class PolicyModule(L.LightningModule):
             if self.uses_reference:  # the KL anchors at the run it starts from, not at the base model
                 self.backbone.anchor_reference()
         if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard once the weights are in place
+            if self.uses_reference:  # a frozen copy (full fine-tuning) is sharded with the model: made now
+                self.backbone.prepare_reference()
             bf16 = "bf16" in str(self.trainer.precision) and self.trainer.strategy.root_device.type == "cuda"
             shard_backbone(self.backbone, self.device_mesh["data_parallel"], bf16=bf16)
 

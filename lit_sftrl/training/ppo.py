@@ -260,7 +260,8 @@ class PPOModule(PolicyModule):
                 rollout = engine.collect_groups(self._groups(spec), spec.rollout_steps, on_attempts=bar.advance)
             else:
                 rollout = self._collect_carried_over(engine, spec, bar.advance)
-            if self.ppo.kl_coef:
+        if self.ppo.kl_coef:  # sharded: the reference gathered once the policy's whole weights are freed
+            with torch.no_grad(), whole_weights(self.backbone.reference_weights):
                 self._reference_logprobs(rollout.attempts)
         return rollout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,7 @@ class SFTModule(PolicyModule):
         # samples: each kind goes through the model on its own, and the loss is the mean over all labelled
         # tokens of the batch, as one mixed forward pass would give.
         losses, labelled, tokens = [], 0, 0
-        for group in _by_modality(batch):
+        for group, stand_in in self._forward_groups(batch):
             inputs = self.backbone.sft_batch(
                 [(sample["messages"], sample["image"]) for sample in group],
                 all_turns=[sample.get("assistant_turns") == "all" for sample in group],
@@ -50,6 +51,9 @@ class SFTModule(PolicyModule):
                     f"{self.backbone_config.max_tokens}: shorten the data or raise the limit"
                 )
             logits, labels, group_tokens = self.backbone.label_logits(inputs)
+            if stand_in:  # in the graph (its backward's collectives too), weighing nothing
+                losses.append(sft_loss(logits, labels) * 0.0)
+                continue
             count = int((labels != IGNORE).sum())
             losses.append(sft_loss(logits, labels) * count)
             labelled, tokens = labelled + count, tokens + group_tokens
@@ -72,8 +76,25 @@ class SFTModule(PolicyModule):
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
 
 
-def _by_modality(batch: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The batch's samples with an image, then those without (each group in its original order; none empty)."""
-    with_image = [sample for sample in batch if sample["image"] is not None]
-    text_only = [sample for sample in batch if sample["image"] is None]
-    return [group for group in (with_image, text_only) if group]
+    def _forward_groups(self, batch: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bool]]:
+        """The forward passes of a step, each ``(samples, stand_in)``: the batch's samples with an image, then
+        those without. Sharded (FSDP2), a forward is a sequence of collectives (each layer's all-gather; the
+        vision tower's only with images) that every rank must enter together: every rank runs a pass of each kind
+        that any rank's batch holds, a rank without that kind a stand-in (its first sample with a blank image, or
+        without its image) whose loss is multiplied by zero."""
+        with_image = [sample for sample in batch if sample["image"] is not None]
+        text_only = [sample for sample in batch if sample["image"] is None]
+        if self.device_mesh is None:  # unsharded (DDP included): nothing waits on another rank's forward
+            return [(group, False) for group in (with_image, text_only) if group]
+        strategy, groups = self.trainer.strategy, []
+        for group, stand_in_image in ((with_image, BLANK_IMAGE), (text_only, None)):
+            on_any_rank = strategy.reduce_boolean_decision(bool(group), all=False)  # every rank asks, in this order
+            if group:
+                groups.append((group, False))
+            elif on_any_rank:
+                groups.append(([{**batch[0], "image": stand_in_image}], True))
+        return groups
+
+
+# What a stand-in pass feeds the vision tower (the processor resizes it to the model's input).
+BLANK_IMAGE = np.zeros((32, 32, 3), dtype=np.uint8)

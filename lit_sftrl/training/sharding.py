@@ -9,7 +9,10 @@ while they generate: each rank then decodes its own environments at its own pace
 answers of any length) with no collective per forward, which a sharded forward would need on every rank in step.
 The cost: the whole model's weights (in the compute dtype) on every device during rollouts, the update's sharded
 state beside them. PPO's update runs sharded: every rank takes the same number of forward/backward passes
-(:func:`same_count_on_every_rank`).
+(:func:`same_count_on_every_rank`); SFT's step runs a pass of each input kind (with images, text-only) that any
+rank's batch holds (``SFTModule``). Under full fine-tuning the KL reference, a frozen copy of the model, is
+sharded the same way and gathered whole only while the reference log-probs are computed, after the rollout's
+whole weights are freed.
 """
 
 from __future__ import annotations
@@ -32,14 +35,22 @@ def repeated_layers(model: nn.Module) -> list[nn.Module]:
 def shard_backbone(backbone: Any, mesh: Any, bf16: bool) -> None:
     """``fully_shard`` each repeated layer, then the root model and the value head, over ``mesh``; with ``bf16``
     the weights are all-gathered and computed in bfloat16 and gradients reduced in float32 (the sharded copy, the
-    optimizer's, stays in the dtype it was loaded in)."""
+    optimizer's, stays in the dtype it was loaded in). A frozen copy that is the KL reference (full fine-tuning)
+    is sharded the same way: held whole, it would cost every rank a second model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
-    for layer in repeated_layers(backbone.model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(backbone.model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    for model in (backbone.model, backbone.frozen_reference):
+        if model is None:
+            continue
+        for layer in repeated_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    # LLaVA's output carries the projected image features as a view; lit-sftrl reads the logits (and the last
+    # hidden state through a hook) and writes into no output in place, which is what the warning is about.
+    warnings.filterwarnings("ignore",
+                            message=r"FSDP2-wrapped module \(FSDP\w+ForConditionalGeneration\) returned a view")
     if backbone.value_head is not None:
         fully_shard(backbone.value_head, mesh=mesh, reshard_after_forward=True)  # fp32 always (see ValueHead)
         # Its output is a view (squeeze); nothing writes into it in place, which is what the warning is about.
@@ -59,10 +70,11 @@ def _units(module: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def whole_weights(backbone: Any) -> Iterator[None]:
-    """Inside, every rank holds the whole model (all-gathered once, on every rank together) and forwards without
-    collectives; on exit each unit is sharded again. A no-op for an unsharded backbone."""
-    units = _units(backbone)
+def whole_weights(module: nn.Module) -> Iterator[None]:
+    """Inside, every rank holds the whole ``module`` (the backbone, or the KL reference's frozen copy; all-gathered
+    once, on every rank together) and forwards without collectives; on exit each unit is sharded again. A no-op
+    for an unsharded module."""
+    units = _units(module)
     if not units:
         yield
         return
