@@ -305,6 +305,42 @@ def test_gradient_checkpointing_gives_the_same_loss(tiny_dir, chats, images):
     assert all(p.grad is not None for p in checkpointed.parameters() if p.requires_grad)
 
 
+
+def saved_activation_bytes(backbone: Backbone, prompts, answers) -> tuple[int, torch.Tensor]:
+    """Bytes the autograd graph of one scoring forward keeps for the backward (each storage once), and its
+    log-probs."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        scores = backbone.score(prompts, answers)
+    return sum(storages.values()), scores.logprob_sum
+
+
+def test_gradient_checkpointing_holds_in_the_eval_mode_ppo_scores_in(tiny_dir, chats, images):
+    # PPO scores in eval mode (no dropout), where transformers skips checkpointing: it once silently kept every
+    # activation, doubling a GRPO update's memory on the bench's tiny model.
+    plain = make(tiny_dir)
+    checkpointed = make(tiny_dir, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    prompts = prompts_of(chats, images)
+    answers = [g.answer_ids for g in plain.generate(prompts, SamplingConfig(temperature=1.0, max_new_tokens=8))]
+    kept, logprobs = saved_activation_bytes(plain, prompts, answers)
+    kept_checkpointed, logprobs_checkpointed = saved_activation_bytes(checkpointed, prompts, answers)
+    assert not checkpointed.training and kept_checkpointed < 0.6 * kept
+    torch.testing.assert_close(logprobs_checkpointed, logprobs)
+    logprobs.sum().backward()
+    logprobs_checkpointed.sum().backward()  # recomputes the layers: the same gradients
+    grads = {name: p.grad for name, p in plain.named_parameters() if p.grad is not None}
+    grads_checkpointed = {name: p.grad for name, p in checkpointed.named_parameters() if p.grad is not None}
+    assert grads and grads.keys() == grads_checkpointed.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
+    assert not any(m.training for m in checkpointed.modules())  # the layers flagged training are unflagged
+
 # -- LoRA, reference, quantisation -------------------------------------------------------------------------------
 def test_under_lora_only_adapter_and_value_head_get_gradients(tiny_dir, chats, images):
     backbone = make(tiny_dir, lora=LORA, value_head=True).train()

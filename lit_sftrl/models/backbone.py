@@ -38,6 +38,7 @@ from lit_sftrl.models.kv_cache import ConversationCache, continue_batch, new_cac
 from lit_sftrl.models.loading import (
     apply_lora,
     check_model_directory,
+    checkpointing_in_eval_mode,
     disable_bnb_cpu_repacking,
     load_base_model,
     load_plain_model,
@@ -297,7 +298,9 @@ class Backbone(nn.Module):
             with self._reference_context() as model:
                 logits, hidden = self._forward(model, batch, keep)
         else:
-            logits, hidden = self._forward(self.model, batch, keep, capture=capture)
+            checkpointing = self.config.gradient_checkpointing
+            with checkpointing_in_eval_mode(self.model) if checkpointing else contextlib.nullcontext():
+                logits, hidden = self._forward(self.model, batch, keep, capture=capture)
         targets = batch["input_ids"][:, batch["input_ids"].shape[1] - width :].to(logits.device)
         # never the whole batch's log-softmax at once: it was the peak of a PPO update's memory
         chosen, entropy = sampled_log_probs(logits[:, :-1], targets, temperature, self._suppressed_mask)

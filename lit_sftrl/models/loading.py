@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -222,6 +224,22 @@ def load_base_model(config: BackboneConfig, path: Path) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+@contextmanager
+def checkpointing_in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """Activation checkpointing for a model in eval mode. transformers checkpoints a layer only while that layer is
+    ``training``, but PPO scores its answers in eval mode (no dropout: the first epoch's ratio must start at
+    exactly 1), so ``gradient_checkpointing`` silently kept every activation there. The checkpointed layers alone
+    are flagged as training meanwhile; their submodules (attention, dropout) stay in eval mode."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and not m.training]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
