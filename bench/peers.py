@@ -2,10 +2,11 @@
 
 Same model (full fine-tuning, float32: see docs/concepts/estimators.md for bf16 on this CPU), same prompts (GP-L
 first-turn prompts of fixed hands), the same completions per step (``--completions``, in groups of
-``--group``), token limit, temperature, AdamW learning rate, and reward (the GeneralPoints environment's own
-judgement of the answer; one attempt per episode, so every system plays single-turn). One RL step is, for TRL,
-one ``GRPOTrainer`` optimizer step (generation included) and for lit-sftrl one update (rollout + 1 epoch, one
-mini-batch of every completion).
+``--group``), token limit, temperature, AdamW learning rate, activation checkpointing
+(``--gradient-checkpointing``: on by default, as in TRL's ``GRPOConfig``), and reward (the GeneralPoints
+environment's own judgement of the answer; one attempt per episode, so every system plays single-turn). One RL
+step is, for TRL, one ``GRPOTrainer`` optimizer step (generation included) and for lit-sftrl one update (rollout
++ 1 epoch, one mini-batch of every completion).
 
 Each system runs ``--steps`` steps in its own process, and the systems take turns: ``--repeats`` rounds, each in a
 rotated order (TRL, GRPO, PPO; then GRPO, PPO, TRL; ...), so a slow spell of a shared machine hits every system
@@ -149,6 +150,7 @@ def run_trl(model: str, args: argparse.Namespace) -> dict:
         output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, per_device_train_batch_size=args.completions,
         num_generations=args.group, max_completion_length=args.max_tokens, temperature=args.temperature,
         top_p=1.0, learning_rate=args.lr, max_steps=args.steps, num_iterations=1, beta=0.0, logging_steps=1,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's default is on: said here, set for all alike
         save_strategy="no", report_to=[], seed=0, disable_tqdm=True,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data, callbacks=[clock])
@@ -181,6 +183,7 @@ def run_lit_sftrl(model: str, estimator: str, args: argparse.Namespace) -> dict:
     loaded = {"class_path": "bench.loaded_memory.LoadedMemory", "init_args": {"out": str(root / "memory.json")}}
     group = ["--model.init_args.ppo.group_size", str(args.group)] if estimator != "gae" else []
     run(["fit", "--config", str(REPO / "configs/gp_l_ppo.yaml"), "--model.init_args.backbone.path", model,
+         "--model.init_args.backbone.gradient_checkpointing", str(args.gradient_checkpointing).lower(),
          "--model.init_args.ppo.advantage", estimator, *group, "--model.init_args.ppo.ppo_epochs", "1",
          "--model.init_args.ppo.minibatch_size", str(args.completions),
          "--model.init_args.sampling", json.dumps({"temperature": args.temperature, "top_p": 1.0,
@@ -205,7 +208,8 @@ def one_system(system: str, model: str, args: argparse.Namespace) -> dict:
 def run_child(system: str, model: Path, args: argparse.Namespace) -> dict:
     """One system on one model in a fresh process: its raw record (see :func:`one_system`)."""
     shared = ["--steps", str(args.steps), "--completions", str(args.completions), "--group", str(args.group),
-              "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature), "--lr", str(args.lr)]
+              "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature), "--lr", str(args.lr),
+              "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     command = [sys.executable, "-m", "bench.peers", "--one", system, str(model), *shared]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
@@ -339,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                        help="activation checkpointing in every system's update (on: TRL's GRPOConfig default)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line per system and model")
     parser.add_argument("--one", nargs=2, metavar=("SYSTEM", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ The systems are stubs here (no TRL, no training): each returns the raw record a 
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -153,3 +154,33 @@ def test_a_model_directory_or_gguf_file_is_taken_and_passed_on_absolute(stub_sys
     with pytest.raises(SystemExit):
         bench.main(["--models", str(tmp_path / "SmolLM2.gguf")])  # no such file
     assert "SmolLM2.gguf: not 'tiny', a GGUF file or a model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_the_activation_checkpointing_setting_reaches_lit_sftrls_run(monkeypatch, model_dir, checkpointing):
+    # TRL's GRPOConfig checkpoints activations by default and lit-sftrl's backbone does not: left to each
+    # default, the update's memory was compared unlike with unlike. The setting goes parent -> child -> fit.
+    class Launched(Exception):
+        pass
+
+    commands, fits = [], []
+
+    def child(command, **_):
+        commands.append(command)
+        return argparse.Namespace(returncode=0, stdout='{"system": "lit-sftrl-grpo"}\n', stderr="")
+
+    def fit(argv):
+        fits.append(argv)
+        raise Launched
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    monkeypatch.setattr("lit_sftrl.cli.run", fit)
+    args = argparse.Namespace(steps=2, completions=4, group=2, max_tokens=8, temperature=0.6, lr=1e-5,
+                              gradient_checkpointing=checkpointing)
+    bench.run_child("lit-sftrl-grpo", model_dir, args)
+    [command] = commands
+    with pytest.raises(Launched):
+        bench.main(command[command.index("--one"):])
+    [argv] = fits
+    setting = argv[argv.index("--model.init_args.backbone.gradient_checkpointing") + 1]
+    assert setting == str(checkpointing).lower()
