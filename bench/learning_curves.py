@@ -4,11 +4,14 @@ a table of where each ended and what it cost.
     python -m bench.learning_curves docs/ppo_learning/virl_l_ppo_3seeds.json \
         docs/ppo_learning/virl_l_grpo_3seeds.json --out docs/ppo_learning/virl_l_ppo_vs_grpo.png
 
-Each record is one setting (PPO, GRPO, ...) from the same SFT checkpoint. A record of several seeds is drawn as its
-mean per evaluation with two standard errors over seeds; a record of one seed as its curve with two binomial
-standard errors. The table (markdown, printed) gives per record and variant the validation metric before the first
-update and after the last, the gain with its standard error and whether it exceeds two of them (over seeds; for
-one seed, the two binomial standard errors together), and the cost per seed: wall and CPU seconds of the run
+Each record is one setting (PPO, GRPO, ...) from the same SFT checkpoint, drawn against the attempts it had played
+when evaluated (a critic-free update plays whole groups, so more attempts than a PPO update: the x axis compares
+them at the same rollout budget). A record of several seeds is drawn as its mean per evaluation with two standard
+errors over seeds, each seed thin beside it; a record of one seed as its curve with two binomial standard errors.
+
+The table (markdown, printed) gives per record and variant the validation metric before the first update and after
+the last, the gain with its standard error and whether it exceeds two of them (over seeds; for one seed, the two
+binomial standard errors together), and per seed the attempts played, the wall and CPU seconds of the run
 (evaluations included) and the seconds its updates spent in rollouts and in optimisation.
 """
 
@@ -40,15 +43,26 @@ def variants(record: dict) -> list[str]:
     return [v for v in first if v != "update" and not v.endswith("_stderr")]
 
 
-def curve(record: dict, variant: str) -> list[tuple[int, float, float]]:
-    """(update, value, stderr) per evaluation: over seeds when there are several, else the binomial one."""
-    runs = [run["validation"] for run in record["seeds"]]
+def attempts_at(run: dict, update: int) -> float:
+    """Attempts the run had played when it was evaluated after ``update`` (0 before the first)."""
+    if update == 0:
+        return 0.0
+    return next((row.get("env_steps", math.nan) for row in run["updates"] if row["update"] == update), math.nan)
+
+
+def curve(record: dict, variant: str) -> list[tuple[float, float, float]]:
+    """(attempts played, value, stderr) per evaluation: the mean and standard error over seeds when there are
+    several (attempts: their mean), else the one seed's value with its binomial standard error. Attempts, not
+    updates, on the x axis: a critic-free update plays whole groups, so it holds more attempts than a PPO update."""
+    runs = record["seeds"]
     if len(runs) == 1:
-        return [(row["update"], row[variant], row[f"{variant}_stderr"]) for row in runs[0]]
+        return [(attempts_at(runs[0], row["update"]), row[variant], row[f"{variant}_stderr"])
+                for row in runs[0]["validation"]]
     points = []
-    for rows in zip(*runs, strict=True):
+    for rows in zip(*(run["validation"] for run in runs), strict=True):
         mean, stderr = mean_and_stderr([row[variant] for row in rows])
-        points.append((rows[0]["update"], mean, stderr))
+        attempts = sum(attempts_at(run, row["update"]) for run, row in zip(runs, rows, strict=True)) / len(runs)
+        points.append((attempts, mean, stderr))
     return points
 
 
@@ -64,9 +78,11 @@ def gain(record: dict, variant: str) -> Gap:
 
 
 def costs(record: dict) -> dict[str, float]:
-    """Mean per seed: the run's wall and CPU seconds, and its updates' rollout and optimisation seconds."""
+    """Mean per seed: the attempts played, the run's wall and CPU seconds, and its updates' rollout and optimisation
+    seconds."""
     per_seed = [
-        {"wall_s": stage.get("wall_s", math.nan), "cpu_s": stage.get("cpu_s", math.nan),
+        {"attempts": run["updates"][-1].get("env_steps", math.nan),
+         "wall_s": stage.get("wall_s", math.nan), "cpu_s": stage.get("cpu_s", math.nan),
          "rollout_s": sum(row["rollout_s"] for row in run["updates"]),
          "update_s": sum(row["update_s"] for row in run["updates"])}
         for run, stage in zip(record["seeds"], record["stage_costs"], strict=True)
@@ -75,20 +91,23 @@ def costs(record: dict) -> dict[str, float]:
 
 
 def table(records: list[dict]) -> str:
-    columns = ["run", "seeds", "variant", "before", "after", "gain", "beyond 2 s.e.", "wall s", "CPU s", "rollout s",
-               "update s"]
+    columns = ["run", "seeds", "variant", "before", "after", "gain", "beyond 2 s.e.", "attempts", "wall s", "CPU s",
+               "rollout s", "update s"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for record in records:
         cost = costs(record)
         for variant in variants(record):
             points = curve(record, variant)
             change = gain(record, variant)
-            lines.append(
-                f"| {record['name']} | {len(record['seeds'])} | {variant} | {100 * points[0][1]:.1f} ± "
-                f"{100 * points[0][2]:.1f} | {100 * points[-1][1]:.1f} ± {100 * points[-1][2]:.1f} | "
-                f"{100 * change.difference:+.1f} ± {100 * change.stderr:.1f} | "
-                f"{'yes' if change.beyond_two_stderr else 'no'} | {cost['wall_s']:.0f} | {cost['cpu_s']:.0f} | "
-                f"{cost['rollout_s']:.0f} | {cost['update_s']:.0f} |")
+            cells = [
+                record["name"], str(len(record["seeds"])), variant,
+                f"{100 * points[0][1]:.1f} ± {100 * points[0][2]:.1f}",
+                f"{100 * points[-1][1]:.1f} ± {100 * points[-1][2]:.1f}",
+                f"{100 * change.difference:+.1f} ± {100 * change.stderr:.1f}",
+                "yes" if change.beyond_two_stderr else "no",
+                *(f"{cost[key]:.0f}" for key in ("attempts", "wall_s", "cpu_s", "rollout_s", "update_s")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -109,11 +128,11 @@ def plot(records: list[dict], out: Path) -> None:
                           label=f"{record['name']} ({seeds} seed{'s' * (seeds > 1)}, ± 2 s.e.)")
             if seeds > 1:
                 for run in record["seeds"]:
-                    axis.plot([r["update"] for r in run["validation"]], [100 * r[variant] for r in run["validation"]],
-                              color=f"C{index}", alpha=0.3, lw=1)
+                    axis.plot([attempts_at(run, r["update"]) for r in run["validation"]],
+                              [100 * r[variant] for r in run["validation"]], color=f"C{index}", alpha=0.3, lw=1)
         metric = records[0]["metric"].split("/")[1].replace("_", " ")
         axis.set_title(f"{records[0]['task']}, validation {variant}")
-        axis.set_xlabel("update")
+        axis.set_xlabel("attempts played")
         axis.set_ylabel(f"{metric} (%)")
         axis.legend(fontsize=8)
     fig.tight_layout()

@@ -60,6 +60,7 @@ def read_updates(metrics_csv: Path, task: str) -> list[dict[str, float]]:
                 "approx_kl": float(row["train/approx_kl"]), "clip_fraction": float(row["train/clip_fraction"]),
                 "reward": float(row["train/reward"]), "rollout_s": float(row["time/rollout_s"]),
                 "update_s": float(row["time/update_s"]),
+                "env_steps": float(row["train/env_steps"]),  # attempts played so far (all ranks): the rollout budget
             })
     return rows
 

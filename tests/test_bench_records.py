@@ -150,9 +150,9 @@ def fake_learning_runs(monkeypatch) -> list[tuple[str, ...]]:
         seed = int(args[args.index("--seed_everything") + 1]) if "--seed_everything" in args else 0
         run.mkdir(parents=True)
         header = "train/update,train/success,train/episodes_finished,train/approx_kl,train/clip_fraction," \
-                 "train/reward,time/rollout_s,time/update_s"
+                 "train/reward,time/rollout_s,time/update_s,train/env_steps"
         (run / "metrics.csv").write_text(header + "\n" + "\n".join(
-            f"{u},{0.1 * u},10,0.01,0.1,-1,1,1" for u in range(4)) + "\n")
+            f"{u},{0.1 * u},10,0.01,0.1,-1,1,1,{16 * (u + 1)}" for u in range(4)) + "\n")
         for stage, step, epoch, value in (("sanity", 0, 0, 0.20), ("validate", 40, 3, 0.30 + 0.01 * seed)):
             metrics = {"id": {"success": value, "success_stderr": 0.05}}
             (run / "eval").mkdir(exist_ok=True)
@@ -192,8 +192,8 @@ def test_learning_runs_side_by_side_give_each_curve_its_gain_and_cost(tmp_path, 
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()
             if line.startswith("| three") or line.startswith("| one")}
     # three seeds: gains 0.10, 0.11, 0.12 -> +11.0 +- 0.6 over seeds (beyond); costs are means per seed
-    assert rows["three"][1:8] == ["3", "id", "20.0 ± 0.0", "31.0 ± 0.6", "+11.0 ± 0.6", "yes", "11"]
-    assert rows["three"][8] == "21" and rows["three"][9:11] == ["4", "4 |"]
+    assert rows["three"][1:7] == ["3", "id", "20.0 ± 0.0", "31.0 ± 0.6", "+11.0 ± 0.6", "yes"]
+    assert rows["three"][7:12] == ["64", "11", "21", "4", "4 |"]  # attempts, wall, CPU, rollout, update
     # one seed: 0.20 -> 0.30 with binomial errors 0.05 each: +10.0 +- 7.1, within two standard errors
     assert rows["one"][1:7] == ["1", "id", "20.0 ± 5.0", "30.0 ± 5.0", "+10.0 ± 7.1", "no"]
     assert (tmp_path / "both.png").stat().st_size > 0
