@@ -67,6 +67,13 @@ def in_range(low: float, high: float, low_open: bool = False, high_open: bool = 
     return rule
 
 
+def module_names(value: Any) -> str | None:
+    """A non-empty list of non-empty module names (whether the model has them is checked when it loads)."""
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        return f"must be a non-empty list of module names (or null), got {value!r}"
+    return None
+
+
 POSITIVE = in_range(0.0, math.inf, low_open=True, high_open=True)
 NONNEGATIVE = in_range(0.0, math.inf, high_open=True)
 FRACTION = in_range(0.0, 1.0)
@@ -103,6 +110,8 @@ RULES: dict[str, Rule] = {
     "gamma": FRACTION, "gae_lambda": FRACTION, "clip_eps": POSITIVE, "value_clip": NONNEGATIVE,
     "value_coef": NONNEGATIVE, "entropy_coef": NONNEGATIVE, "kl_coef": NONNEGATIVE, "max_grad_norm": NONNEGATIVE,
     "thought_coef": FRACTION, "value_lr_scale": POSITIVE, "buffer_ratio": NONNEGATIVE, "image_tokens": nonnegative_int,
+    # names
+    "modules_to_save": module_names,
 }
 
 

@@ -30,12 +30,18 @@ class LoraSettings:
         dropout: dropout on the adapter's input.
         target_modules: ``None`` targets the language model's attention and MLP linear layers only (never the
             vision tower); a string is a regex over full module names, a list names module suffixes.
+        modules_to_save: module-name suffixes (``embed_tokens``, ``lm_head``) trained in full beside the adapter
+            (peft's ``modules_to_save``): each costs a trainable copy of its weights, with their gradients and
+            AdamW states; the original stays as the KL reference. A name no module has, or a module LoRA adapts,
+            is refused when the model loads. Tied input and output embeddings stay tied: naming either trains one
+            shared copy.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         validate(self, "lora")

@@ -7,10 +7,12 @@ loaded from one refuses ``save_pretrained``."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -243,20 +245,105 @@ def checkpointing_in_eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Wrap ``model`` in a peft LoRA model; only the adapter weights stay trainable."""
+    """Wrap ``model`` in a peft LoRA model; only the adapter weights (and the copies of ``modules_to_save``, checked
+    first) stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    targets = settings.target_modules if settings.target_modules is not None else DEFAULT_LORA_TARGETS
+    saved = list(settings.modules_to_save) if settings.modules_to_save else None  # peft extends the list it gets
+    if saved is not None:
+        check_modules_to_save(model, saved, targets)
     lora = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules if settings.target_modules is not None else DEFAULT_LORA_TARGETS,
+        target_modules=targets,
         bias="none",
+        modules_to_save=saved,
+        **_weight_tying(model, saved),
     )
     with warnings.catch_warnings():
         # peft calls a transformers property deprecated in v5 (is_gradient_checkpointing): noise, not ours to fix.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def is_lora_target(name: str, targets: str | list[str]) -> bool:
+    """peft's rule for ``target_modules``: a string is a regex over the full module name, a list names suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in targets)
+
+
+def saved_module_names(model: nn.Module, saved: list[str]) -> list[str]:
+    """The full names of the modules ``modules_to_save`` names (peft's rule: the name itself, or a suffix after a
+    dot), outermost only."""
+    matches = [name for name, _ in model.named_modules() if any(_is_named(name, wanted) for wanted in saved)]
+    return [name for name in matches if not any(name.startswith(f"{outer}.") for outer in matches)]
+
+
+def check_modules_to_save(model: nn.Module, saved: list[str], targets: str | list[str]) -> None:
+    """Refuse, in one line, a ``modules_to_save`` name that no module has (peft would skip it silently and train
+    less than asked), or one that names a quantised module or one LoRA adapts (its copy could not train, or would
+    carry the adapter inside)."""
+    names = dict(model.named_modules())
+    adapted = [name for name in names if is_lora_target(name, targets)]
+    for wanted in saved:
+        matches = [name for name in names if _is_named(name, wanted)]
+        if not matches:
+            raise ValueError(
+                f"backbone.lora.modules_to_save: this model has no module named {wanted!r} (or ending in "
+                f"'.{wanted}'); its input and output embeddings are {_embedding_names(model)}"
+            )
+        for name in matches:
+            if any(inner == name or inner.startswith(f"{name}.") for inner in adapted):
+                raise ValueError(
+                    f"backbone.lora.modules_to_save: {name!r} is (or holds) a layer LoRA adapts "
+                    "(backbone.lora.target_modules): train it through the adapter or in full, not both"
+                )
+            if any(not param.dtype.is_floating_point for param in names[name].parameters()):
+                raise ValueError(f"backbone.lora.modules_to_save: {name!r} is quantised: a copy of it cannot train")
+
+
+def _is_named(name: str, wanted: str) -> bool:
+    return name == wanted or name.endswith(f".{wanted}")
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    """Whether the input and output embeddings are one matrix."""
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def _weight_tying(model: nn.Module, saved: list[str] | None) -> dict[str, bool]:
+    """peft's option that keeps the trained copy of tied input and output embeddings (SmolLM2, Gemma3) one matrix:
+    without it peft trains two separate copies, and a merged export, which stores the pair once, keeps one of them.
+    Given only when tied: some peft releases tie the copies of an untied model's embeddings too
+    (huggingface/peft#2944)."""
+    from peft import LoraConfig
+    from peft import __version__ as peft_version
+
+    if not saved or not _saves_tied_embeddings(model, saved):
+        return {}
+    if "ensure_weight_tying" not in {field.name for field in dataclasses.fields(LoraConfig)}:
+        raise ValueError(
+            "backbone.lora.modules_to_save: this model ties its input and output embeddings, and keeping their "
+            f"trained copy tied needs peft >= 0.18 (ensure_weight_tying); installed: {peft_version}"
+        )
+    return {"ensure_weight_tying": True}
+
+
+def _saves_tied_embeddings(model: nn.Module, saved: list[str]) -> bool:
+    if not ties_embeddings(model):
+        return False
+    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()}
+    return any(model.get_submodule(name) in embeddings for name in saved_module_names(model, saved))
+
+
+def _embedding_names(model: nn.Module) -> str:
+    embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    found = [repr(name) for name, module in model.named_modules() if id(module) in embeddings]
+    return " and ".join(found) if found else "unknown"
 
 
 def load_plain_model(path: str | Path, dtype: str = "float32") -> nn.Module:

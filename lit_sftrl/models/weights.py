@@ -2,13 +2,17 @@
 
 Names inside the wrapper look like ``model.base_model.model.<hf name with .base_layer>`` under LoRA and
 ``model.<hf name>`` under full fine-tuning; :func:`canonical_name` maps both to the plain Hugging Face name, so
-weights move between LoRA and full fine-tuning runs and exported directories.
+weights move between LoRA and full fine-tuning runs and exported directories. A module of LoRA's
+``modules_to_save`` holds its frozen original (``.original_module.``) and a trainable copy per adapter
+(``.modules_to_save.<adapter>.``): both map to the plain name; the copies, like the adapters' own weights, are
+also matched by their exact name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +21,7 @@ from torch import nn
 VALUE_HEAD_PREFIX = "value_head."
 _PEFT_PREFIX = "base_model.model."
 REFERENCE_ADAPTER = "reference"
+_PEFT_WRAPPERS = re.compile(r"\.(base_layer|original_module|modules_to_save\.[^.]+)\.")
 
 
 def canonical_name(name: str) -> str:
@@ -26,11 +31,22 @@ def canonical_name(name: str) -> str:
         name = name[len("model.") :]
     if name.startswith(_PEFT_PREFIX):
         name = name[len(_PEFT_PREFIX) :]
-    return name.replace(".base_layer.", ".")
+    return unwrapped_name(name)
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without peft's wrapper levels (a LoRA layer's base layer, a saved module's original or copy)."""
+    return _PEFT_WRAPPERS.sub(".", name)
 
 
 def is_adapter_key(name: str) -> bool:
-    return ".lora_" in name
+    """A weight peft adds (a LoRA matrix, the trainable copy of a saved module): it has no base counterpart."""
+    return ".lora_" in name or is_saved_copy_key(name)
+
+
+def is_saved_copy_key(name: str, adapter: str | None = None) -> bool:
+    """A weight of the trainable copy of a ``modules_to_save`` module (of ``adapter``, or of any adapter)."""
+    return f".modules_to_save.{adapter}." in name if adapter is not None else ".modules_to_save." in name
 
 
 def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,9 +67,10 @@ def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     # save_pretrained stores it once (two clones would double the embeddings on disk: +113 MB on SmolLM2-135M).
     copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
     for key, value in base.state_dict().items():
-        if is_adapter_key(key):
+        # A saved module is its active adapter's trained copy; its original is the base the copy replaces.
+        if ".original_module." in key or (is_adapter_key(key) and not is_saved_copy_key(key, adapter)):
             continue
-        key = key.replace(".base_layer.", ".")
+        key = unwrapped_name(key)
         delta = deltas.get(key)
         if delta is not None:
             merged[key] = value + delta.to(value.dtype)
@@ -69,9 +86,11 @@ def copy_by_canonical_name(module: nn.Module, state: dict[str, torch.Tensor], sk
     """Copy ``state`` (any naming: wrapper, peft or plain HF) into ``module``'s parameters matched by canonical
     name; adapter weights must match exactly. Returns how many tensors were copied; raises ValueError when a
     weight matches nothing, a target is quantised or a shape differs."""
-    params = {}
+    params, saved_copies = {}, {}
     for name, param in module.named_parameters():
         params[name if is_adapter_key(name) else canonical_name(name)] = param
+        if is_saved_copy_key(name):  # a plain weight loads into the saved module's copy too: training starts there
+            saved_copies.setdefault(canonical_name(name), []).append(param)
     copied, unmatched = 0, []
     with torch.no_grad():
         for key, value in state.items():
@@ -88,6 +107,8 @@ def copy_by_canonical_name(module: nn.Module, state: dict[str, torch.Tensor], sk
                     "(a quantised or different architecture?)"
                 )
             target.copy_(value)
+            for saved_copy in [] if is_adapter_key(key) else saved_copies.get(key, []):
+                saved_copy.copy_(value)
             copied += 1
     if unmatched or copied == 0:
         raise ValueError(
@@ -102,13 +123,16 @@ def merge_lora_state(
 ) -> dict[str, torch.Tensor]:
     """``state`` of a LoRA run (adapter weights under peft names) turned into full weights for ``module`` (a full
     fine-tuning backbone loaded from the same base): each adapted layer becomes its weight in ``module`` plus
-    ``B @ A * alpha / r`` (peft's merge, without rsLoRA). Other entries pass through unchanged."""
+    ``B @ A * alpha / r`` (peft's merge, without rsLoRA); a saved module's trained copy becomes that module's weight.
+    Other entries pass through unchanged."""
     params = {canonical_name(name): param for name, param in module.named_parameters()}
     merged, pairs = {}, {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key:
             layer, kind = key.split(".lora_")[0], key.split(".lora_")[1][0]
             pairs.setdefault(canonical_name(layer), {})[kind] = value
+        elif is_saved_copy_key(key):
+            merged[f"model.{canonical_name(key)}"] = value
         else:
             merged[key] = value
     for layer, pair in pairs.items():

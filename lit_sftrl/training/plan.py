@@ -16,7 +16,8 @@ frozen copy).
 What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` measures the tiny case):
 
 - weights in ``backbone.dtype`` (nf4: 0.5 byte per weight plus one fp32 scale per 64; int8: 1 byte) on the
-  quantisable linears (the vision tower and output layer stay float); LoRA adapters in fp32;
+  quantisable linears (the vision tower and output layer stay float); LoRA adapters in fp32, the copies of
+  ``lora.modules_to_save`` in ``backbone.dtype``;
 - gradients of the trainable weights in their dtype; AdamW keeps two states per trainable weight in its dtype;
 - activations kept for the backward of one micro-batch at the longest sequence: per decoder layer and token the
   saved inputs of every matmul and norm (``6 x hidden + 3 x kv width + 4 x intermediate`` values) plus, without a
@@ -32,7 +33,6 @@ What each row assumes (an estimate, not a measurement; ``bench/plan_memory.py`` 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +44,13 @@ from torch import nn
 from lit_sftrl.core.compute import FlopsCounter
 from lit_sftrl.core.validation import check_values, config_value
 from lit_sftrl.models.config import BackboneConfig
-from lit_sftrl.models.loading import DEFAULT_LORA_TARGETS, auto_model_class, is_vision_module
+from lit_sftrl.models.loading import (
+    DEFAULT_LORA_TARGETS,
+    auto_model_class,
+    is_lora_target,
+    is_vision_module,
+    saved_module_names,
+)
 
 Sharding = Literal["replicated", "zero2", "sharded"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -155,17 +161,21 @@ def lora_parameters(model: nn.Module, backbone: BackboneConfig) -> int:
     """Adapter weights peft would add: ``r x (in + out)`` per targeted linear layer (peft's matching rules)."""
     lora = backbone.lora
     targets = lora.target_modules if lora.target_modules is not None else DEFAULT_LORA_TARGETS
-
-    def targeted(name: str) -> bool:
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith(f".{t}") for t in targets)
-
     return sum(
         lora.r * (module.in_features + module.out_features)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and targeted(name)
+        if isinstance(module, nn.Linear) and is_lora_target(name, targets)
     )
+
+
+def saved_parameters(model: nn.Module, backbone: BackboneConfig) -> int:
+    """Weights of the trainable copies ``lora.modules_to_save`` adds (tied embeddings share one copy)."""
+    saved = backbone.lora.modules_to_save if backbone.lora is not None else None
+    if not saved:
+        return 0
+    params = {id(p): p.numel() for name in saved_module_names(model, saved)
+              for p in model.get_submodule(name).parameters()}
+    return sum(params.values())
 
 
 def weight_bytes(model: nn.Module, backbone: BackboneConfig) -> float:
@@ -184,10 +194,10 @@ def weight_bytes(model: nn.Module, backbone: BackboneConfig) -> float:
 
 
 def trainable_parameters(model: nn.Module, backbone: BackboneConfig) -> int:
-    """Weights the optimizer updates (the value head apart): LoRA's adapters, or every weight but a frozen
-    vision tower."""
+    """Weights the optimizer updates (the value head apart): LoRA's adapters and the copies of its
+    ``modules_to_save``, or every weight but a frozen vision tower."""
     if backbone.lora is not None:
-        return lora_parameters(model, backbone)
+        return lora_parameters(model, backbone) + saved_parameters(model, backbone)
     return sum(p.numel() for name, p in model.named_parameters()
                if not (backbone.freeze_vision and is_vision_module(name)))
 
@@ -203,15 +213,18 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
     state_shards = s.devices if s.sharding in ("zero2", "sharded") else 1
     parameters = sum(p.numel() for p in model.parameters())
     trainable = trainable_parameters(model, backbone)
-    adapter_bytes = 4 * trainable if backbone.lora is not None else 0  # peft keeps adapters in fp32
-    trainable_bytes = 4 if backbone.lora is not None else DTYPE_BYTES[backbone.dtype]
+    # Bytes per trainable weight: peft keeps adapters in fp32; the copies of modules_to_save keep the model's dtype.
+    saved = saved_parameters(model, backbone)
+    trainable_bytes = (4 * (trainable - saved) + DTYPE_BYTES[backbone.dtype] * saved if backbone.lora is not None
+                       else DTYPE_BYTES[backbone.dtype] * trainable)
     weights = weight_bytes(model, backbone)
-    rows: dict[str, float] = {"weights": (weights + adapter_bytes) / shards}
+    added_bytes = trainable_bytes if backbone.lora is not None else 0  # adapters and copies beside the base weights
+    rows: dict[str, float] = {"weights": (weights + added_bytes) / shards}
     notes = []
     if s.sharding == "sharded":
         rows["layers all-gathered"] = 2 * _largest_layer_parameters(model) * DTYPE_BYTES[s.compute_dtype]
-    rows["gradients"] = trainable * trainable_bytes / state_shards
-    rows["optimizer (AdamW)"] = ADAMW_STATES * trainable * trainable_bytes / state_shards
+    rows["gradients"] = trainable_bytes / state_shards
+    rows["optimizer (AdamW)"] = ADAMW_STATES * trainable_bytes / state_shards
     if s.kind == "ppo":
         head = text.hidden_size * (value_head_hidden or 256) + 2 * (value_head_hidden or 256) + 1
         rows["value head"] = head * 4 * (2 + ADAMW_STATES)  # fp32 weights, gradients, AdamW; small: counted whole
