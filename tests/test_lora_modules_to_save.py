@@ -72,6 +72,19 @@ def test_qlora_trains_a_float_saved_module_and_refuses_a_quantised_one(tiny, cha
         make(tiny, lora=lora, quantization="nf4")
 
 
+def test_the_command_line_refuses_a_misspelt_name_before_anything_runs(tiny, tmp_path, monkeypatch):
+    from lit_sftrl.cli import run
+    from lit_sftrl.models import backbone
+
+    monkeypatch.setattr(backbone.Backbone, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    lora = {"r": 4, "modules_to_save": ["lm_head", "embed_tokenz"]}
+    with pytest.raises(SystemExit) as exit_info:
+        run(["fit", "--config", str(REPO / "configs/virl_l_sft.yaml"), "--model.init_args.backbone.path", str(tiny),
+             "--model.init_args.backbone.lora", json.dumps(lora), "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert "model.backbone.lora.modules_to_save: this model has no module named 'embed_tokenz'" in exit_info.value.code
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("names", [[], [""], "lm_head"])
 def test_a_malformed_list_is_refused_by_the_config(names):
     with pytest.raises(ValueError, match="^lora.modules_to_save: must be a non-empty list of module names"):

@@ -442,6 +442,9 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     if backbone_path and not Path(backbone_path).exists() and not TINY_NAME.match(Path(backbone_path).name):
         problems.append(("model.backbone.path",
                          f"{backbone_path!r} does not exist (tiny-<family>[-small] names are built on first use)"))
+    saved_modules = _saved_modules_problem(model)
+    if saved_modules:
+        problems.append(("model.backbone.lora.modules_to_save", saved_modules))
     init_from = config_value(model, "init_from")
     if init_from and not Path(init_from).exists():
         problems.append(("model.init_from", f"{init_from!r} does not exist"))
@@ -510,6 +513,25 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
         except (OSError, ValueError) as error:
             problems.append(("data.llava_json", str(error)))
     return problems
+
+
+def _saved_modules_problem(model: Any) -> str | None:
+    """``backbone.lora.modules_to_save`` against the architecture at ``backbone.path`` (its config.json, on the meta
+    device: no weights read), so that a misspelt name is refused before the run directory is made. A tiny model not
+    built yet, a GGUF file, and quantised modules are checked when the model loads."""
+    saved = config_value(model, "backbone.lora.modules_to_save")
+    path = config_value(model, "backbone.path")
+    if not saved or not path or is_gguf(path) or not (Path(path) / "config.json").is_file():
+        return None
+    from lit_sftrl.models.loading import DEFAULT_LORA_TARGETS, check_modules_to_save
+    from lit_sftrl.training.plan import meta_model
+
+    targets = config_value(model, "backbone.lora.target_modules")
+    try:
+        check_modules_to_save(meta_model(str(path)), list(saved), DEFAULT_LORA_TARGETS if targets is None else targets)
+    except ValueError as error:
+        return str(error).partition(": ")[2]
+    return None
 
 
 def _route_folder_problem(folder: str, task: TaskConfig) -> str | None:
