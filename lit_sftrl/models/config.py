@@ -32,9 +32,9 @@ class LoraSettings:
             vision tower); a string is a regex over full module names, a list names module suffixes.
         modules_to_save: module-name suffixes (``embed_tokens``, ``lm_head``) trained in full beside the adapter
             (peft's ``modules_to_save``): each costs a trainable copy of its weights, with their gradients and
-            AdamW states; the original stays as the KL reference. A name no module has, or a module LoRA adapts,
-            is refused when the model loads. Tied input and output embeddings stay tied: naming either trains one
-            shared copy.
+            AdamW states; the original stays as the KL reference. A name no module has, a module LoRA adapts or
+            a quantised one is refused before training. Tied input and output embeddings stay tied: naming
+            either trains one shared copy.
     """
 
     r: int = 16
