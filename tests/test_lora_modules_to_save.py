@@ -205,6 +205,7 @@ def test_a_cli_run_trains_the_saved_modules_and_exports(tiny, tmp_path, monkeypa
     from transformers import AutoModelForImageTextToText
 
     from lit_sftrl.cli import run
+    from lit_sftrl.models.loading import logical_num_parameters
 
     monkeypatch.chdir(REPO)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]}
@@ -214,7 +215,10 @@ def test_a_cli_run_trains_the_saved_modules_and_exports(tiny, tmp_path, monkeypa
          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "2",
          "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)])
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    checkpoint = torch.load(ckpt, weights_only=False)
+    # FLOPs count the base architecture: each copy stands in for its original in the forward, it adds no compute.
+    assert checkpoint["flops"]["num_parameters"] == logical_num_parameters(str(tiny))
+    state = checkpoint["state_dict"]
     base = AutoModelForImageTextToText.from_pretrained(tiny)
     for copy, original in ((EMBED_COPY, base.get_input_embeddings()), (HEAD_COPY, base.lm_head)):
         assert not torch.equal(state[f"backbone.{copy}"], original.weight), copy  # three steps moved it

@@ -231,7 +231,8 @@ def plan_run(path: str | Path, backbone: BackboneConfig, settings: PlanSettings,
     if s.kl_reference:
         rows["KL reference"] = 0.0 if backbone.lora is not None else weights / shards  # a frozen copy
         if backbone.lora is not None:
-            notes.append("KL reference under LoRA: the adapter disabled (a second adapter when init_from)")
+            anchor = "a second adapter" + (" and copy of modules_to_save" if saved else "")
+            notes.append(f"KL reference under LoRA: the adapter disabled ({anchor} when init_from)")
         elif s.sharding == "sharded":  # scored on the whole copy, like the rollout on the whole model
             rows["reference: whole weights"] = parameters * DTYPE_BYTES[s.compute_dtype]
     rows["activations"] = _activation_bytes(model, text, vision, backbone, s)
