@@ -147,9 +147,12 @@ def test_init_from_a_run_with_saved_modules(tiny, chats, images, tmp_path):
     sft = trained(tiny, chats, images)
     expected = prompt_logits(sft.model, sft, prompts)
     ckpt = lightning_checkpoint(sft, tmp_path / "sft.ckpt")
-    for lora in (SAVED, None):  # the same LoRA settings; full fine-tuning (adapter merged, copies as the weights)
+    adapter = export_checkpoint(ckpt, tmp_path / "adapter", merge_lora=False)
+    # The same LoRA settings, from the checkpoint and from its adapter-only export; full fine-tuning (the adapter
+    # merged, the copies as the modules' weights).
+    for lora, source in ((SAVED, ckpt), (SAVED, adapter), (None, ckpt)):
         target = make(tiny, lora=lora)
-        load_weights_for_init(target, ckpt)
+        load_weights_for_init(target, source)
         torch.testing.assert_close(prompt_logits(target.model, target, prompts), expected, atol=1e-5, rtol=0)
     # A merged export into LoRA with saved modules: the originals (the reference) and the copies both start there.
     target = make(tiny, lora=SAVED)
