@@ -417,6 +417,21 @@ def test_reference_none_refuses(tiny_dir_factory, chats):
         backbone.score([(chats[0], None)], [torch.tensor([5, 6])], reference=True)
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_quantisation_keeps_the_vision_side_and_the_output_layer_in_float(tiny_dir, quantization):
+    import bitsandbytes as bnb
+
+    from lit_sftrl.models.loading import is_vision_module
+
+    backbone = make(tiny_dir, lora=LORA, quantization=quantization)
+    packed = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    quantised = [name for name, module in backbone.model.named_modules() if isinstance(module, packed)]
+    assert any("language_model" in name for name in quantised)  # the decoder's linears are quantised
+    vision = [name for name, module in backbone.model.named_modules()
+              if isinstance(module, torch.nn.Linear) and is_vision_module(name)]
+    assert vision and not [name for name in quantised if is_vision_module(name) or name.endswith("lm_head")]
+
+
 def test_nf4_qlora_generates_then_trains(tiny_dir, chats, images):
     backbone = make(tiny_dir, lora=LORA, quantization="nf4", value_head=True)
     assert backbone.num_parameters == make(tiny_dir).num_parameters  # logical count, not packed storage

@@ -174,8 +174,10 @@ def _quantization_config(config: BackboneConfig):
     from transformers import BitsAndBytesConfig
 
     # Keep the vision side and the output layer in float: int8 on Mllama's vision tower breaks (docs/stack.md), and
-    # they are a small share of the weights.
-    skip = [*VISION_MODULES, "lm_head"]
+    # they are a small share of the weights. transformers matches a skip name from the start of a module's full
+    # name or as its suffix, so a plain "vision_model" missed "model.vision_model.<...>.q_proj": each name is a
+    # pattern under any parent.
+    skip = [rf"(?:.*\.)?{name}" for name in (*VISION_MODULES, "lm_head")]
     if config.quantization == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
