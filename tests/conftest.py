@@ -29,6 +29,13 @@ TEST_CORPUS = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (stable otherwise): pytest-xdist's workers then start on the long end-to-end runs
+    side by side and fill the rest of the time with the short tests, instead of one worker finishing the long ones
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread_and_clean_argv():
     """One intra-op thread: tiny models gain nothing from more, and on a shared 2-core machine OpenMP threads

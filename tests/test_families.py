@@ -92,6 +92,7 @@ SMALL_RUN = ("--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "f
 
 # Both families and both layouts, crossed: past loading (tested for all four above) the layout changes nothing.
 @pytest.mark.parametrize(("family", "layout"), [("qwen2_vl", "v5"), ("qwen2_5_vl", "hub")])
+@pytest.mark.slow
 def test_qwen_through_validate_sft_ppo_and_export(qwen_factory, family, layout, tmp_path, monkeypatch):
     """The command line, as a user runs it: validate zero-shot, LoRA SFT, full fine-tuning PPO initialised from the
     LoRA run (the adapter merges in), export; the export reloads in plain transformers. Evaluation runs once, in

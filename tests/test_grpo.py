@@ -67,6 +67,7 @@ def test_a_checkpoint_of_the_other_kind_of_rollout_is_refused_with_one_line():
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+@pytest.mark.slow
 def test_critic_free_estimators_raise_the_reward_of_the_toy_task_like_ppo(estimator, tiny, tmp_path):
     """The same toy, learning rate and budget as PPO's test in test_ppo.py, from chance to >= 0.9 of the maximum."""
     L.seed_everything(0)
@@ -196,6 +197,7 @@ def ddp_reinforce_pp(tiny: str, root: Path, max_epochs: int, *extra: str) -> lis
             for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_reinforce_pp_numbers_groups_per_rank_normalises_over_both_and_resumes_exactly(
     tiny, tmp_path
 ):

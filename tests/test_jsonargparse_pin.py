@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_console_shows_no_deprecation_warning_of_the_cli_stack(tmp_path):
     # A fit that parses, instantiates the parser's classes' instantiators and stops at the project's config check
     # (nothing is built), and a tool that parses and instantiates: every jsonargparse call the commands make.

@@ -101,6 +101,7 @@ def test_a_damaged_last_checkpoint_names_the_newest_whole_one(tmp_path, model_di
     assert "--ckpt_path " + str(run_dir / "checkpoints" / "epoch=0-step=2.ckpt") in str(exit_info.value.code)
 
 
+@pytest.mark.slow
 def test_a_resume_under_another_config_is_refused_listing_the_keys_unless_allowed(tmp_path, model_dir):
     """``--ckpt_path last`` with another batch size and task variant used to train on and replace config.yaml.
     Now refused naming both keys; ``--allow_config_change true`` trains on and keeps the old config beside the

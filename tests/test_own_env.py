@@ -233,6 +233,7 @@ def ppo_rows(folder: Path, model: Path, task: dict) -> dict[str, float]:
     return {key: float(value) for key, value in rows[0].items() if value}
 
 
+@pytest.mark.slow
 def test_ppo_with_a_reward_wrapper_from_yaml_logs_its_components(tmp_path, tiny_dir_factory):
     model = tiny_dir_factory("mllama")
     plain = ppo_rows(tmp_path / "plain", model, TASK)
@@ -267,6 +268,7 @@ def documented_commands() -> list[str]:
     return [line for block in blocks for line in block.splitlines() if line.startswith("lit-sftrl fit")]
 
 
+@pytest.mark.slow
 def test_the_example_trains_with_the_command_its_page_prints(tmp_path, tiny_dir_factory):
     """The documented command, run as printed through the console script from the repository root (the example's
     module is found from the current directory), at tiny sizes through overrides only; then the PPO command

@@ -125,6 +125,7 @@ def toy_module(tiny: str, lr: float, max_new_tokens: int, ppo: PPOConfig, init_f
 # ----------------------------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward_of_a_toy_task_from_chance_to_the_maximum(tiny, tmp_path):
     L.seed_everything(0)
     ppo = PPOConfig(ppo_epochs=4, minibatch_size=16, micro_batch_size=16, clip_eps=0.2)
@@ -305,6 +306,7 @@ def test_resuming_a_ppo_run_continues_from_the_saved_update_exactly(tiny, tmp_pa
 # ----------------------------------------------------------------------------------------------- DDP
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_run_has_different_episodes_and_identical_weights(tiny, tmp_path):
     out = tmp_path / "probe"
     probe = json.dumps({"class_path": "ppo_rank_probe.PPORankProbe", "init_args": {"out": str(out)}})

@@ -45,6 +45,7 @@ def unbroken(tmp_path_factory, tiny_dir_factory) -> Path:
 
 
 @pytest.mark.parametrize("moment", ["between updates", "mid-update"])
+@pytest.mark.slow
 def test_ctrl_c_during_ppo_resumes_exactly(moment, unbroken, tmp_path, tiny_dir_factory, monkeypatch):
     from lit_sftrl.training.ppo import PPOModule
 

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from bench import kill_resume
 from lit_sftrl.run import progress
 from lit_sftrl.run.progress import Phase, RunProgressBar
@@ -63,6 +65,7 @@ def test_the_epoch_bar_names_updates_and_never_reads_minus_two():
     assert description(3, automatic=True) == "Epoch 0/2"
 
 
+@pytest.mark.slow
 def test_a_ppo_fit_off_a_terminal_prints_progress_and_no_noise(tmp_path, tiny_dir_factory):
     run = tmp_path / "run"
     args = [kill_resume.lit_sftrl_bin(), "fit", "--config", str(REPO / "configs/gp_l_ppo.yaml"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import red_team
 
 
+@pytest.mark.slow
 def test_red_team_cases_are_refused_in_one_line_and_hold(capsys):
     results = red_team.main(["--only", "make-tiny-full", "lr-nan", "--json"])
     printed = json.loads(capsys.readouterr().out)

@@ -83,6 +83,7 @@ def test_a_write_that_dies_midway_leaves_the_previous_checkpoint_whole(tmp_path,
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_last(tmp_path, model_dir):
     """Kill -9 once a checkpoint exists and a step beyond it ran; resume; compare."""
     run, config = _config(tmp_path, model_dir)
@@ -212,6 +213,7 @@ def test_damaged_last_checkpoint_is_refused(real_checkpoint, tmp_path, model_dir
     assert "last.ckpt" in message and "truncated or corrupted" in message and "--ckpt_path" in message
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_from_the_shell_gives_one_line_and_no_traceback(real_checkpoint, tmp_path, model_dir):
     """As a user meets them: a process each for the LightningCLI path (``--ckpt_path`` used to end in torch's
     traceback) and the tool path (export); exit status and stderr. ``--model.init_from`` fails on the same

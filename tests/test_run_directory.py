@@ -35,6 +35,7 @@ def test_default_root_dir_alone_moves_the_whole_run(config, tmp_path):
     assert (root / "metrics.csv").is_file()
 
 
+@pytest.mark.slow
 def test_a_second_fit_into_a_run_directory_is_refused(config, tmp_path):
     root = tmp_path / "run"
     _fit(config, "--trainer.default_root_dir", str(root))

@@ -182,6 +182,7 @@ def recorded(folder: Path) -> dict[str, list]:
     return {path.name: read_json(path) for path in sorted(folder.glob("*.json"))}
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_fit_matches_an_uninterrupted_one(tmp_path, tiny):
     steps, every, kill = 6, 3, 4
 
@@ -241,6 +242,7 @@ def ddp_fit(run_dir: Path, tiny: Path, *extra: str) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
     from lit_sftrl.data.datamodules import ExpertSource, SFTBatches
     from lit_sftrl.data.tasks import TaskConfig
@@ -276,6 +278,7 @@ def test_two_process_cpu_ddp_gives_each_rank_different_episodes(tmp_path, tiny):
     assert checkpoint["tokens_seen"] == checkpoint["flops"]["train_tokens"] == tokens
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_validation_plays_each_episode_once(tmp_path, tiny):
     run_dir = tmp_path / "ddp"
     # 3 chunks of one episode on 2 ranks: Lightning's DistributedSampler would pad rank 1 with a repeated chunk.

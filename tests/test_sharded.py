@@ -57,6 +57,20 @@ def rows(run_dir: Path, keys: list[str]) -> list[dict[str, float]]:
         return [{k: float(row[k]) for k in keys} for row in csv.DictReader(handle) if row.get(keys[0])]
 
 
+def every_update_config(tmp_path: Path) -> Path:
+    """A config that keeps each update's checkpoint (a resume starts from the first; one run fewer than stopping
+    a run after one update and resuming it)."""
+    config = tmp_path / "every_update.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: lit_sftrl.run.checkpoint_io.RunCheckpoint\n"
+                      "      init_args: {every_n_epochs: 1, save_on_train_epoch_end: true, save_top_k: -1,"
+                      " save_last: true}\n")
+    return config
+
+
+def first_update_checkpoint(run_dir: Path) -> Path:
+    return min((run_dir / "checkpoints").glob("epoch=*.ckpt"), key=lambda path: path.stat().st_mtime)
+
+
 def assert_close(sharded: list[dict[str, float]], reference: list[dict[str, float]]) -> None:
     assert len(sharded) == len(reference) > 0
     for ours, theirs in zip(sharded, reference):
@@ -78,7 +92,8 @@ def test_sharded_ppo_matches_ddp_resumes_exactly_exports_and_inits(tmp_path, tin
     )
 
     model = ["--model.init_args.backbone.path", str(tiny_dir_factory("mllama"))]
-    sharded = fit(tmp_path / "fsdp", *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "2")
+    sharded = fit(tmp_path / "fsdp", *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "2",
+                  "--config", str(every_update_config(tmp_path)))
     ddp = fit(tmp_path / "ddp", *PPO, *model, *DDP_CPU, "--trainer.max_epochs", "2")
     keys = [*PPO_STATS, "train/rollout_tokens"]
     assert_close(rows(sharded, keys), rows(ddp, keys))  # update 2 rolls out from the weights update 1 left
@@ -87,10 +102,11 @@ def test_sharded_ppo_matches_ddp_resumes_exactly_exports_and_inits(tmp_path, tin
     last = sharded / "checkpoints" / "last.ckpt"
     assert sorted(p.name for p in last.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
-    resumed = tmp_path / "resumed"
-    fit(resumed, *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "1")
-    fit(resumed, *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "2", "--ckpt_path", "last")
-    assert rows(resumed, keys) == rows(sharded, keys)  # exact: the same episodes, weights, optimizer state
+    # Resumed from the sharded checkpoint of update 1: update 2 is the unbroken run's, exactly (the same episodes,
+    # weights and optimizer state).
+    resumed = fit(tmp_path / "resumed", *PPO, *model, *FSDP_CPU, "--trainer.max_epochs", "2",
+                  "--ckpt_path", str(first_update_checkpoint(sharded)))
+    assert rows(resumed, keys) == rows(sharded, keys)[1:]
 
     # The sharded checkpoint reads back whole in one process: the same weights as DDP's, and exports.
     ours = load_backbone_from_lightning_checkpoint(last).trainable_state_dict()
@@ -166,11 +182,7 @@ def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_ex
     # A constant learning rate: a cosine schedule's length follows max_epochs, which a resume may not change.
     args = [*PPO_VL, "--model.init_args.backbone.path", str(llava), "--model.init_args.ppo.kl_coef", "0.1",
             "--model.init_args.optim.schedule", "constant", "--trainer.max_epochs", "2"]
-    every_update = tmp_path / "every_update.yaml"  # keep each update's checkpoint: the resume starts from the first
-    every_update.write_text("trainer:\n  callbacks:\n    - class_path: lit_sftrl.run.checkpoint_io.RunCheckpoint\n"
-                            "      init_args: {every_n_epochs: 1, save_on_train_epoch_end: true, save_top_k: -1,"
-                            " save_last: true}\n")
-    sharded = fit(tmp_path / "fsdp", *args, *FSDP_CPU, "--config", str(every_update))
+    sharded = fit(tmp_path / "fsdp", *args, *FSDP_CPU, "--config", str(every_update_config(tmp_path)))
     ddp = fit(tmp_path / "ddp", *args, *DDP_CPU)
     keys = [*PPO_STATS, "train/kl_to_reference", "train/rollout_tokens"]
     assert_close(rows(sharded, keys), rows(ddp, keys))
@@ -185,8 +197,7 @@ def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_ex
     vision = [k for k in before if "vision_tower" in k]
     assert vision and any(not torch.equal(ours[k], before[k]) for k in vision)
 
-    first_update = min((sharded / "checkpoints").glob("epoch=*.ckpt"), key=lambda path: path.stat().st_mtime)
-    resumed = fit(tmp_path / "resumed", *args, *FSDP_CPU, "--ckpt_path", str(first_update))
+    resumed = fit(tmp_path / "resumed", *args, *FSDP_CPU, "--ckpt_path", str(first_update_checkpoint(sharded)))
     assert rows(resumed, keys) == rows(sharded, keys)[1:]  # exact; the frozen reference re-made from the base model
 
 

@@ -43,6 +43,7 @@ def configs(tmp_path, tiny_dir_factory) -> tuple[Path, Path]:
     return small_config(tmp_path / "sft", tiny, steps=2, validate=True), small_rl_config(tmp_path, tiny)
 
 
+@pytest.mark.slow
 def test_a_study_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, configs):
     sft_config, rl_config = configs
     out = tmp_path / "study"
@@ -144,6 +145,7 @@ def test_the_shipped_study_configs_parse(monkeypatch):
     assert config.rl_overrides[:2] == ["--model.init_args.ppo.advantage", "grpo"]
 
 
+@pytest.mark.slow
 def test_the_grpo_study_config_runs_its_rl_arm_through_the_cli(tmp_path, tiny_dir_factory, monkeypatch):
     """configs/study/virl_l_grpo.yaml as a user runs it, shrunk by command-line overrides (a small synthetic city,
     2 Init steps, one GRPO update of 8 attempts of a few tokens), up to its first RL seed: a critic-free fit from
@@ -175,6 +177,7 @@ def test_the_grpo_study_config_runs_its_rl_arm_through_the_cli(tmp_path, tiny_di
     assert (out / "rl_seed0" / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_stages_run_as_lit_sftrl_subprocesses_by_default_and_count_their_cpu(tmp_path, configs, tiny_dir_factory):
     """The default: each stage is the recorded ``lit-sftrl`` command in its own process; its CPU seconds are the
     child's. (The base's test alone, to stay short.)"""
@@ -201,6 +204,7 @@ def test_a_misspelt_study_key_is_named_in_short(tmp_path, configs, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_study_of_two_seeds_runs_each_arm_twice_from_one_init_and_reports_over_seeds(tmp_path, configs, capsys):
     """``seeds: 2`` through the command line: two RL and two continued SFT fits from the one Init, each seed's own
     training seeds, each SFT seed matched to its RL seed's FLOPs, every test on the same episodes; ``results``
