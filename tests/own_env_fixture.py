@@ -60,20 +60,6 @@ class NoExpert(AddEnv):
     expert_answer = None
 
 
-class FormatPenalty(gym.Wrapper):
-    """Shapes the reward: ``penalty`` for an answer that is no number, reported as components."""
-
-    def __init__(self, env, penalty: float = -0.5) -> None:
-        super().__init__(env)
-        self.penalty = penalty
-
-    def step(self, action):
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        shaping = 0.0 if info["well_formed"] else self.penalty
-        info = {**info, "reward_components": {"task": float(reward), "format": shaping}}
-        return observation, reward + shaping, terminated, truncated, info
-
-
 class LengthBonusAdd(AddEnv):
     """AddEnv whose reward also counts the answer's length modulo 3: the samples of an untrained tiny model, which
     never add up, still earn rewards that differ (what tests of advantage normalisation need)."""

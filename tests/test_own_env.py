@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = "tests.own_env_fixture"
 TASK = {"name": "add", "env": f"{FIXTURE}:AddEnv", "env_kwargs": {"attempts": 2},
         "variants": {"id": {"digits": 1}, "three_digit": {"digits": 3}}}
-WRAPPER = {"wrapper": f"{FIXTURE}:FormatPenalty", "kwargs": {"penalty": -0.5}}
+WRAPPER = {"wrapper": "examples.own_env.shaping:FormatPenalty", "kwargs": {"penalty": -0.5}}  # the how-to's
 TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "enable_progress_bar": False,
            "enable_model_summary": False, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
 
