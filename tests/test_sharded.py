@@ -154,15 +154,27 @@ def test_sharded_sft_matches_ddp_and_starts_sharded_ppo(tmp_path, tiny_dir_facto
 
 
 def test_sharded_ppo_with_lora_and_kl_reference_matches_ddp(tmp_path, tiny_dir_factory):
-    """LoRA adapters sharded with their frozen base weights; the KL reference is the adapter disabled."""
+    """LoRA adapters sharded with their frozen base weights, and the output layer trained in full beside them
+    (``modules_to_save``); the KL reference is the adapter disabled, the original output layer."""
     lora = ["--model.init_args.backbone.path", str(tiny_dir_factory("mllama")), "--trainer.max_epochs", "2",
             "--model.init_args.backbone.lora.r", "4", "--model.init_args.backbone.lora.alpha", "8",
-            "--model.init_args.backbone.lora.dropout", "0.0", "--model.init_args.ppo.kl_coef", "0.1"]
+            "--model.init_args.backbone.lora.dropout", "0.0", "--model.init_args.backbone.lora.modules_to_save",
+            "[lm_head]", "--model.init_args.ppo.kl_coef", "0.1"]
     sharded = fit(tmp_path / "fsdp", *PPO, *lora, *FSDP_CPU)
     ddp = fit(tmp_path / "ddp", *PPO, *lora, *DDP_CPU)
     keys = [*PPO_STATS, "train/kl_to_reference", "train/rollout_tokens"]
     assert_close(rows(sharded, keys), rows(ddp, keys))
     assert rows(sharded, keys)[-1]["train/kl_to_reference"] > 0  # the adapter moved away from the reference
+    # The trained copy of the output layer, gathered from the shards, is DDP's, and moved off the original.
+    from lit_sftrl.models.export import load_backbone_from_lightning_checkpoint
+
+    ours, theirs = (load_backbone_from_lightning_checkpoint(run / "checkpoints" / "last.ckpt").state_dict()
+                    for run in (sharded, ddp))
+    copies = {k: v for k, v in ours.items() if ".modules_to_save." in k}
+    assert copies and all(torch.allclose(v, theirs[k], atol=1e-6) for k, v in copies.items())
+    original = {k: v for k, v in ours.items() if ".original_module." in k}
+    assert len(original) == len(copies) and all(not torch.equal(a, b) for a, b in zip(original.values(),
+                                                                                     copies.values()))
 
 
 def test_llava_sharded_ppo_with_a_frozen_kl_reference_matches_ddp_and_resumes_exactly(tmp_path, tiny_dir_factory):
