@@ -218,7 +218,7 @@ def test_a_cli_run_trains_the_saved_modules_and_exports(tiny, tmp_path, monkeypa
          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", "--data.init_args.batch_size", "2",
          "--trainer.default_root_dir", str(run_dir), "--trainer.logger.init_args.save_dir", str(run_dir)])
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint = torch.load(ckpt, weights_only=True)
     # FLOPs count the base architecture: each copy stands in for its original in the forward, it adds no compute.
     assert checkpoint["flops"]["num_parameters"] == logical_num_parameters(str(tiny))
     state = checkpoint["state_dict"]
